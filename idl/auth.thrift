@@ -23,6 +23,10 @@ struct Principal {
   // The token's `jti`.
   4: string token_id
   5: string client_id
+  // Added to the contract: the token's `iss`, and its `aud` (space separated
+  // when several), so that a remote verifier can check both.
+  6: optional string issuer
+  7: optional string audience
 }
 
 service Auth {
