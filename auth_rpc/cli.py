@@ -1,0 +1,169 @@
+"""``auth-rpc``: serve the Auth service and manage its users, clients and keys.
+
+    auth-rpc serve --data-dir DIR [--host H] [--port P] [--http-port P] [--issuer URL]
+                   [--audience AUD] [--alg ALG] [--hs256-secret-file FILE] [--access-ttl S]
+    auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--password-stdin]
+    auth-rpc add-client ID --data-dir DIR [--scope "..."]
+    auth-rpc rotate-key --data-dir DIR
+
+Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from auth_rpc.errors import AuthError
+from auth_rpc.runner import configure_logging, run_until_signal
+from auth_rpc.server import AuthServer, bind_socket
+from auth_rpc.serving import ServerSettings, TLSServerConfig
+from auth_rpc.service import AuthService, AuthSettings
+
+__all__ = ["main"]
+
+DEFAULT_USER_SCOPE = "posts:read posts:write"
+DEFAULT_CLIENT_SCOPE = "posts:read"
+ALGORITHMS = ("EdDSA", "RS256", "ES256", "HS256")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="auth-rpc", description="The Auth service: RFC 9068 access tokens over Thrift and HTTP."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def data_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--data-dir", required=True, type=Path, help="where keys and the database live")
+
+    serve = sub.add_parser("serve", help="run the Auth service (Thrift and HTTP)")
+    data_dir(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=9090, help="Thrift port (default 9090; 0 = any free)")
+    serve.add_argument("--http-port", type=int, default=9080, help="HTTP port (default 9080; 0 = any free)")
+    serve.add_argument("--issuer", help="the iss of issued tokens (default http://HOST:HTTP-PORT)")
+    serve.add_argument("--audience", default="posts", help="the aud of issued tokens (default posts)")
+    serve.add_argument("--alg", default="EdDSA", choices=ALGORITHMS, help="signing algorithm")
+    serve.add_argument("--hs256-secret-file", type=Path, help="the HS256 secret (>= 32 bytes)")
+    serve.add_argument("--access-ttl", type=int, default=900, help="access token lifetime, seconds")
+    serve.add_argument("--framed", action="store_true", help="framed Thrift transport")
+    serve.add_argument("--tls-cert", help="TLS certificate (PEM) for the Thrift listener")
+    serve.add_argument("--tls-key", help="TLS private key (PEM)")
+    serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
+    serve.add_argument("--max-connections", type=int, default=2048)
+    serve.add_argument("--log-level", default="INFO")
+
+    add_user = sub.add_parser("add-user", help="create a user")
+    add_user.add_argument("name")
+    data_dir(add_user)
+    add_user.add_argument("--scope", default=DEFAULT_USER_SCOPE, help=f"default {DEFAULT_USER_SCOPE!r}")
+    add_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+
+    add_client = sub.add_parser("add-client", help="register a service client; prints its secret")
+    add_client.add_argument("client_id")
+    data_dir(add_client)
+    add_client.add_argument("--scope", default=DEFAULT_CLIENT_SCOPE, help=f"default {DEFAULT_CLIENT_SCOPE!r}")
+
+    rotate = sub.add_parser("rotate-key", help="make a new signing key")
+    data_dir(rotate)
+    rotate.add_argument("--alg", choices=ALGORITHMS, help="algorithm of the new key (default: current)")
+    return parser
+
+
+def _settings(args: argparse.Namespace, issuer: str) -> AuthSettings:
+    return AuthSettings(
+        data_dir=args.data_dir,
+        issuer=issuer,
+        audience=args.audience,
+        alg=args.alg,
+        hs256_secret_file=args.hs256_secret_file,
+        access_ttl_s=args.access_ttl,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    if args.alg == "HS256" and args.hs256_secret_file is None:
+        raise SystemExit("auth-rpc: error: --alg HS256 needs --hs256-secret-file")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("auth-rpc: error: --tls-cert and --tls-key go together")
+    http_sock = bind_socket(args.host, args.http_port)
+    http_port = http_sock.getsockname()[1]
+    issuer = args.issuer or f"http://{args.host}:{http_port}"
+    service = AuthService.open(_settings(args, issuer))
+    tls = TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
+    server = AuthServer(
+        service, host=args.host, port=args.port, http_sock=http_sock, settings=settings
+    ).start()
+
+    def stop() -> None:
+        server.stop()
+        service.close()
+
+    return run_until_signal(
+        f"auth-rpc ready: thrift={args.host}:{server.port} http={server.http_url} "
+        f"issuer={issuer} audience={args.audience}",
+        stop,
+    )
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Repeat password: ") != password:
+            raise SystemExit("auth-rpc: error: passwords do not match")
+    if not password:
+        raise SystemExit("auth-rpc: error: empty password")
+    return password
+
+
+def _admin_service(args: argparse.Namespace) -> AuthService:
+    # Admin commands need no issuer: they do not mint tokens.
+    return AuthService.open(AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "add-user":
+            password = _read_password(args.password_stdin)
+            service = _admin_service(args)
+            try:
+                service.add_user(args.name, password, args.scope.split())
+            finally:
+                service.close()
+            print(f"user {args.name!r} created with scope {args.scope!r}")
+            return 0
+        if args.command == "add-client":
+            service = _admin_service(args)
+            try:
+                secret = service.add_client(args.client_id, args.scope.split())
+            finally:
+                service.close()
+            print(f"client {args.client_id!r} registered with scope {args.scope!r}; its secret:")
+            print(secret)
+            return 0
+        if args.command == "rotate-key":
+            service = _admin_service(args)
+            try:
+                kid = service.rotate_key()
+            finally:
+                service.close()
+            print(f"new signing key {kid}; the previous key verifies until its tokens expire")
+            return 0
+    except (AuthError, ValueError, OSError) as exc:
+        message = exc.message if isinstance(exc, AuthError) else str(exc)
+        print(f"auth-rpc: error: {message}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)  # argparse only allows the commands above
+
+
+if __name__ == "__main__":
+    sys.exit(main())

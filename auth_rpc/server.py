@@ -1,0 +1,173 @@
+"""The Auth service process: one :class:`AuthService`, two listeners.
+
+The Thrift listener (``service Auth``) runs on :class:`auth_rpc.serving.RpcServer`;
+the HTTP listener (JWKS, metadata, ``/token``, ``/introspect``, ``/revoke``,
+``/healthz``) is the WSGI app of :mod:`auth_rpc.http` served by waitress in the
+same process. Both share the one service, so a revocation through either is
+seen by both at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from typing import Any
+
+import waitress
+
+from auth_rpc.handler import AuthHandler
+from auth_rpc.http import make_app
+from auth_rpc.idl import auth_thrift
+from auth_rpc.serving import RpcServer, ServerSettings
+from auth_rpc.service import AuthService
+
+__all__ = ["AuthServer", "HttpListener", "bind_socket"]
+
+log = logging.getLogger("auth_rpc.server")
+
+
+def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port=0`` picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class HttpListener:
+    """A WSGI app served by waitress from a background thread."""
+
+    def __init__(
+        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
+        sock: socket.socket | None = None,
+    ) -> None:
+        self._sock = sock if sock is not None else bind_socket(host, port)
+        self.host = host
+        self.port: int = self._sock.getsockname()[1]
+        self._server = waitress.create_server(
+            app,
+            sockets=[self._sock],
+            threads=threads,
+            ident="auth-rpc",
+            # waitress logs the peer of every failed request; it never logs bodies.
+            expose_tracebacks=False,
+            channel_timeout=30,
+            asyncore_loop_timeout=0.2,
+            connection_limit=1000,
+            max_request_body_size=1024 * 1024,
+            clear_untrusted_proxy_headers=True,
+        )
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> HttpListener:
+        self._thread = threading.Thread(target=self._run, name="auth-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except OSError:
+            # waitress's loop raises EBADF once close() has closed the sockets
+            # under it; anything else while running is logged.
+            if self._thread is not None and not getattr(self, "_closing", False):
+                log.exception("HTTP listener stopped")
+
+    def stop(self) -> None:
+        """Stop accepting, close every connection, join the serving thread."""
+        self._closing = True
+        server = self._server
+        server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
+        for channel in list(server._map.values()):  # waitress keeps no public list
+            try:
+                channel.close()
+            except OSError:
+                pass
+        server.close()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+class AuthServer:
+    """The Auth service on a Thrift port and an HTTP port.
+
+    ``start()`` binds both (``port=0`` picks free ports) and serves from
+    background threads; ``stop()`` stops both gracefully. The caller owns the
+    :class:`AuthService` and closes it after ``stop()``.
+    """
+
+    def __init__(
+        self,
+        service: AuthService,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        http_host: str | None = None,
+        http_port: int = 0,
+        http_sock: socket.socket | None = None,
+        settings: ServerSettings | None = None,
+    ) -> None:
+        self.service = service
+        self.host = host
+        self._rpc = RpcServer(
+            auth_thrift.Auth, AuthHandler(service), host=host, port=port,
+            settings=settings, name="auth",
+        )
+        http_host = http_host or host
+        self._http_sock = http_sock if http_sock is not None else bind_socket(http_host, http_port)
+        base = f"http://{http_host}:{self._http_sock.getsockname()[1]}"
+        self._http = HttpListener(
+            make_app(service, base_url=base), host=http_host, sock=self._http_sock
+        )
+        self._started = False
+
+    def start(self) -> AuthServer:
+        self._rpc.start()
+        self._http.start()
+        self._started = True
+        return self
+
+    @property
+    def port(self) -> int:
+        return self._rpc.port
+
+    @property
+    def http_port(self) -> int:
+        return self._http.port
+
+    @property
+    def http_url(self) -> str:
+        return self._http.url
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.http_url}/.well-known/jwks.json"
+
+    @property
+    def introspect_url(self) -> str:
+        return f"{self.http_url}/introspect"
+
+    def stop(self, grace_s: float | None = None) -> None:
+        if not self._started:
+            return
+        self._started = False
+        self._rpc.stop(grace_s)
+        self._http.stop()
+
+    def __enter__(self) -> AuthServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
