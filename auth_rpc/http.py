@@ -277,7 +277,7 @@ class AuthHttpApp:
     def _jwks(self, environ: WSGIEnvironment) -> _Response:
         # RFC 7517 section 5: "A JWK Set is a JSON object that represents a set
         # of JWKs. The JSON object MUST have a "keys" member".
-        jwks = self._service.jwks()
+        jwks: dict[str, Any] = self._call(self._service.jwks)
         if not isinstance(jwks.get("keys"), list):
             raise TypeError("the service's JWK Set has no keys list")
         return _Response(200, jwks, cache=f"public, max-age={JWKS_MAX_AGE_S}")
@@ -397,10 +397,11 @@ class AuthHttpApp:
         token = _required(form, "token")
         try:
             self._service.revoke(token)
-        except errors.TokenRejected:
+        except (errors.TokenRejected, errors.InvalidInput):
             # RFC 7009 2.2: "The authorization server responds with HTTP status
             # code 200 if the token has been revoked successfully or if the
-            # client submitted an invalid token."
+            # client submitted an invalid token." (A missing token was refused
+            # above, so InvalidInput here is about a malformed token.)
             pass
         except errors.AuthError as exc:
             raise oauth_error_for(exc) from exc
