@@ -1,0 +1,727 @@
+"""``posts-client``: log in to the Auth service and use the Posts service.
+
+Usage::
+
+    posts-client [--auth HOST:PORT] [--posts HOST:PORT] [--framed]
+                 [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
+                 COMMAND ...
+
+    login USERNAME [--password-stdin]   log in; the tokens are saved (mode 0600)
+    logout                              revoke the tokens and delete the token file
+    whoami [--json]                     Auth.validate of the saved token
+    create --title T (--body B | --body-file F|-) [--json]
+    list [--limit N] [--before ID] [--json]
+    get ID [--json]
+    update ID [--title T] [--body B | --body-file F|-] [--json]
+    delete ID
+
+Addresses: ``--auth`` (else ``$POSTS_CLIENT_AUTH``, else the address saved at
+login, else ``127.0.0.1:9090``) and ``--posts`` (else ``$POSTS_CLIENT_POSTS``,
+else saved, else ``127.0.0.1:9091``). ``login`` saves the addresses and the
+connection options, so later commands need none of them. The saved tokens are
+only ever sent to the Auth service they came from: with a different
+``--auth``, a command says "not logged in" instead.
+
+The token file is ``tokens.json`` in ``$POSTS_CLIENT_CONFIG_DIR`` if set, else
+in the platform's configuration directory for ``posts-client``. Tokens are
+refreshed shortly before they expire (and once when a call is refused as
+unauthenticated), and a rotated refresh token is saved at once. Two
+``posts-client`` processes refreshing the same saved login at the same moment
+would present one refresh token twice, which the Auth service treats as theft
+(the whole login is revoked); log in again if that happens.
+
+Exit codes: 0 success; 1 other error (a server's internal error, an unusable
+token file); 2 usage; 3 unauthenticated (including not logged in); 4
+permission denied; 5 not found; 6 invalid argument; 7 unavailable (connection
+refused, timeout, TLS failure, or a dependency of the service down); 8 rate
+limited; 130 interrupted. Expected errors print one line on standard error:
+``posts-client: error: not found: post 42``. Tokens and passwords are never
+printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from thriftpy2.thrift import TApplicationException
+
+from auth_rpc.idl import common_thrift
+from auth_rpc.transport import TLSClientConfig, parse_hostport
+from client.config import (
+    ConfigError,
+    SavedLogin,
+    default_config_dir,
+    delete_login,
+    load_login,
+    save_login,
+    token_file,
+)
+from client.session import (
+    DEFAULT_AUTH_PORT,
+    DEFAULT_POSTS_PORT,
+    ClientError,
+    Endpoint,
+    NotLoggedIn,
+    ProtocolError,
+    Session,
+    Tokens,
+    TransportError,
+    connect_auth,
+)
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_FORBIDDEN",
+    "EXIT_INTERRUPTED",
+    "EXIT_INVALID",
+    "EXIT_NOT_FOUND",
+    "EXIT_OK",
+    "EXIT_RATE_LIMITED",
+    "EXIT_UNAUTHENTICATED",
+    "EXIT_UNAVAILABLE",
+    "EXIT_USAGE",
+    "main",
+]
+
+PROG = "posts-client"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNAUTHENTICATED = 3
+EXIT_FORBIDDEN = 4
+EXIT_NOT_FOUND = 5
+EXIT_INVALID = 6
+EXIT_UNAVAILABLE = 7
+EXIT_RATE_LIMITED = 8
+EXIT_INTERRUPTED = 130
+
+DEFAULT_AUTH = f"127.0.0.1:{DEFAULT_AUTH_PORT}"
+DEFAULT_POSTS = f"127.0.0.1:{DEFAULT_POSTS_PORT}"
+
+_LOGIN_HINT = f"run: {PROG} login USERNAME"
+
+
+class _Failure(Exception):
+    """An expected failure: one line for standard error and an exit code."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Log in to the Auth service and use the Posts service.",
+        epilog=(
+            "exit codes: 0 ok, 1 error, 2 usage, 3 unauthenticated, 4 permission denied, "
+            "5 not found, 6 invalid argument, 7 unavailable, 8 rate limited"
+        ),
+    )
+    parser.add_argument(
+        "--auth", metavar="HOST:PORT",
+        help=f"Auth service (default: $POSTS_CLIENT_AUTH, the saved login, {DEFAULT_AUTH})",
+    )
+    parser.add_argument(
+        "--posts", metavar="HOST:PORT",
+        help=f"Posts service (default: $POSTS_CLIENT_POSTS, the saved login, {DEFAULT_POSTS})",
+    )
+    parser.add_argument(
+        "--framed", action="store_true", default=None, help="use the framed transport"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=None,
+        help="use TLS, trusting the system's certificate authorities",
+    )
+    parser.add_argument("--tls-ca", metavar="FILE", help="use TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", metavar="FILE", help="client certificate's key")
+    parser.add_argument(
+        "--timeout", metavar="SECONDS", type=_positive_float, default=5.0,
+        help="per-call timeout (default 5)",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    login = commands.add_parser("login", help="log in and save the tokens")
+    login.add_argument("username")
+    login.add_argument(
+        "--password-stdin", action="store_true",
+        help="read the password from the first line of standard input",
+    )
+
+    commands.add_parser("logout", help="revoke the saved tokens and delete them")
+
+    whoami = commands.add_parser("whoami", help="show who the saved token belongs to")
+    _add_json(whoami)
+
+    create = commands.add_parser("create", help="create a post")
+    create.add_argument("--title", required=True)
+    _add_body(create, required=True)
+    _add_json(create)
+
+    listing = commands.add_parser("list", help="list posts, newest first")
+    listing.add_argument(
+        "--limit", type=_non_negative_int, default=0, help="1..100 (default: the server's, 20)"
+    )
+    listing.add_argument(
+        "--before", type=_non_negative_int, default=0, metavar="ID",
+        help="only posts older than ID (the next page)",
+    )
+    _add_json(listing)
+
+    get = commands.add_parser("get", help="show one post")
+    get.add_argument("post_id", metavar="ID", type=_positive_int)
+    _add_json(get)
+
+    update = commands.add_parser(
+        "update", help="change a post's title and/or body (what is not given is kept)"
+    )
+    update.add_argument("post_id", metavar="ID", type=_positive_int)
+    update.add_argument("--title")
+    _add_body(update, required=False)
+    _add_json(update)
+
+    delete = commands.add_parser("delete", help="delete a post")
+    delete.add_argument("post_id", metavar="ID", type=_positive_int)
+    return parser
+
+
+def _add_json(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+
+
+def _add_body(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--body")
+    group.add_argument(
+        "--body-file", metavar="FILE", help="read the body from FILE ('-': standard input)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"out of range: {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError("must be more than 0 and at most 3600")
+    return value
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclasses.dataclass
+class _Context:
+    args: argparse.Namespace
+    env: Mapping[str, str]
+    path: Path
+    stdin: TextIO
+    stdout: TextIO
+    stderr: TextIO
+    parser: argparse.ArgumentParser
+
+    def usage(self, message: str) -> NoReturn:
+        self.parser.error(message)  # exits 2
+
+    # -- connection settings: flag, then environment, then the saved login, then default
+
+    def address(self, which: str, saved: SavedLogin | None) -> str:
+        flag = getattr(self.args, which)
+        env = self.env.get(f"POSTS_CLIENT_{which.upper()}")
+        saved_value = getattr(saved, which) if saved is not None else None
+        default = DEFAULT_AUTH if which == "auth" else DEFAULT_POSTS
+        value = flag or env or saved_value or default
+        try:
+            host, port = parse_hostport(value)
+        except ValueError as exc:
+            source = f"--{which}" if flag else f"$POSTS_CLIENT_{which.upper()}" if env else which
+            self.usage(f"{source}: {exc}")
+        return Endpoint(host=host, port=port).address
+
+    def connection_options(self, saved: SavedLogin | None) -> dict[str, Any]:
+        args = self.args
+        if bool(args.tls_cert) != bool(args.tls_key):
+            self.usage("--tls-cert and --tls-key go together")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            value = getattr(args, name)
+            if value is not None and not os.path.isfile(value):
+                self.usage(f"--{name.replace('_', '-')}: no such file: {value}")
+        explicit_tls = args.tls or args.tls_ca or args.tls_cert
+        if explicit_tls or saved is None:
+            ca, cert, key = args.tls_ca, args.tls_cert, args.tls_key
+            use_tls = bool(explicit_tls)
+        else:
+            ca, cert, key = saved.tls_ca, saved.tls_cert, saved.tls_key
+            use_tls = bool(ca or cert)
+        framed = args.framed if args.framed is not None else bool(saved and saved.framed)
+        return {
+            "framed": framed,
+            "tls_ca": ca if use_tls else None,
+            "tls_cert": cert if use_tls else None,
+            "tls_key": key if use_tls else None,
+            "use_tls": use_tls,
+        }
+
+    def endpoint(self, address: str, options: Mapping[str, Any]) -> Endpoint:
+        tls = None
+        if options["use_tls"]:
+            tls = TLSClientConfig(
+                ca_file=options["tls_ca"], cert_file=options["tls_cert"],
+                key_file=options["tls_key"],
+            )
+        return Endpoint.parse(
+            address, tls=tls, framed=options["framed"], timeout_s=self.args.timeout,
+        )
+
+    # -- the saved login
+
+    def load(self) -> SavedLogin | None:
+        return load_login(self.path)
+
+    def session(self) -> tuple[Session, SavedLogin, Endpoint]:
+        """The saved login as a session, and the Posts endpoint to use with it."""
+        saved = self.load()
+        if saved is None:
+            raise NotLoggedIn(f"not logged in; {_LOGIN_HINT}")
+        auth = self.address("auth", saved)
+        if auth != saved.auth:
+            # The tokens go only to the Auth service that issued them.
+            raise NotLoggedIn(f"not logged in at {auth} (logged in at {saved.auth}); {_LOGIN_HINT}")
+        options = self.connection_options(saved)
+        posts_endpoint = self.endpoint(self.address("posts", saved), options)
+        tokens = Tokens(
+            access_token=saved.access_token,
+            refresh_token=saved.refresh_token,
+            expires_at=saved.expires_at,
+            lifetime_s=saved.lifetime_s,
+            scope=saved.scope,
+        )
+        current = [saved]
+
+        def _save(new: Tokens) -> None:
+            # Rotation: the old refresh token is dead now; keep the new one at once.
+            updated = dataclasses.replace(
+                current[0],
+                access_token=new.access_token,
+                refresh_token=new.refresh_token or current[0].refresh_token,
+                expires_at=new.expires_at,
+                lifetime_s=new.lifetime_s,
+                scope=new.scope or current[0].scope,
+            )
+            save_login(self.path, updated)
+            current[0] = updated
+
+        session = Session(self.endpoint(auth, options), tokens, on_tokens=_save)
+        return session, saved, posts_endpoint
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.stdout)
+
+    def print_json(self, value: object) -> None:
+        json.dump(value, self.stdout, indent=2, ensure_ascii=False)
+        self.stdout.write("\n")
+
+    def note(self, text: str) -> None:
+        print(f"{PROG}: {_printable(text)}", file=self.stderr)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _cmd_login(ctx: _Context) -> int:
+    args = ctx.args
+    try:
+        previous = ctx.load()
+    except ConfigError:
+        previous = None  # replaced below
+    auth = ctx.address("auth", previous)
+    posts = ctx.address("posts", previous)
+    options = ctx.connection_options(previous)
+    password = _read_password(ctx, args.username)
+    session = Session.login(ctx.endpoint(auth, options), args.username, password)
+    del password
+    tokens = session.tokens
+    save_login(
+        ctx.path,
+        SavedLogin(
+            auth=auth,
+            posts=posts,
+            subject=args.username,
+            access_token=tokens.access_token,
+            refresh_token=tokens.refresh_token,
+            expires_at=tokens.expires_at,
+            lifetime_s=tokens.lifetime_s,
+            scope=tokens.scope,
+            framed=options["framed"],
+            tls_ca=_absolute(options["tls_ca"]),
+            tls_cert=_absolute(options["tls_cert"]),
+            tls_key=_absolute(options["tls_key"]),
+        ),
+    )
+    if previous is not None and previous.auth == auth and previous.refresh_token:
+        _revoke_quietly(ctx.endpoint(auth, options), previous.refresh_token)
+    ctx.print(
+        f"logged in as {_printable(args.username)} at {auth} "
+        f"(scope: {_printable(tokens.scope) or '-'}; "
+        f"access token valid for {_duration(tokens.lifetime_s)})"
+    )
+    return EXIT_OK
+
+
+def _read_password(ctx: _Context, username: str) -> str:
+    if ctx.args.password_stdin:
+        line = ctx.stdin.readline()
+        if not line:
+            raise _Failure(EXIT_INVALID, "no password on standard input")
+        return line.rstrip("\r\n")
+    try:
+        return getpass.getpass(f"Password for {username}: ")
+    except EOFError:
+        raise _Failure(EXIT_INVALID, "no password given") from None
+
+
+def _revoke_quietly(endpoint: Endpoint, token: str) -> None:
+    """Best effort: revoke the refresh token of a login being replaced."""
+    try:
+        with connect_auth(
+            endpoint.host, endpoint.port, tls=endpoint.tls, framed=endpoint.framed,
+            timeout_s=endpoint.timeout_s, connect_timeout_s=endpoint.connect_timeout_s,
+        ) as client:
+            client.revoke(token)
+    except (ClientError, common_thrift.InvalidArgument, common_thrift.Unavailable):
+        pass
+
+
+def _cmd_logout(ctx: _Context) -> int:
+    saved = ctx.load()
+    if saved is None:
+        ctx.note("not logged in; nothing to do")
+        return EXIT_OK
+    session, _, _ = ctx.session()
+    try:
+        session.logout()
+    except (ClientError, common_thrift.Unavailable, common_thrift.InvalidArgument) as exc:
+        delete_login(ctx.path)
+        code, message = _describe(exc)
+        raise _Failure(
+            code, f"the saved tokens are deleted, but could not be revoked: {message}"
+        ) from exc
+    delete_login(ctx.path)
+    ctx.print(f"logged out ({_printable(saved.subject)})")
+    return EXIT_OK
+
+
+def _cmd_whoami(ctx: _Context) -> int:
+    session, saved, _ = ctx.session()
+    principal = session.validate()
+    scopes = [str(s) for s in (principal.scopes or [])]
+    info = {
+        "subject": principal.subject,
+        "scopes": scopes,
+        "expires_at": principal.expires_at,
+        "client_id": principal.client_id or "",
+        "token_id": principal.token_id or "",
+        "auth": saved.auth,
+    }
+    if ctx.args.json:
+        ctx.print_json(info)
+        return EXIT_OK
+    left = principal.expires_at - time.time()
+    ctx.print(f"subject:  {_printable(principal.subject)}")
+    ctx.print(f"scopes:   {_printable(' '.join(scopes)) or '-'}")
+    ctx.print(
+        f"expires:  {_utc(principal.expires_at)} UTC (in {_duration(max(left, 0))})"
+    )
+    if principal.client_id:
+        ctx.print(f"client:   {_printable(principal.client_id)}")
+    ctx.print(f"auth:     {saved.auth}")
+    return EXIT_OK
+
+
+def _cmd_create(ctx: _Context) -> int:
+    body = _read_body(ctx)
+    session, _, endpoint = ctx.session()
+    with session.posts(endpoint) as posts:
+        post = posts.create_post(title=ctx.args.title, body=body)
+    if ctx.args.json:
+        ctx.print_json(_post_json(post))
+    else:
+        ctx.print(f"created post {post.id}")
+    return EXIT_OK
+
+
+def _cmd_list(ctx: _Context) -> int:
+    session, _, endpoint = ctx.session()
+    with session.posts(endpoint) as posts:
+        page = posts.list_posts(limit=ctx.args.limit, before_id=ctx.args.before)
+    items = list(page.posts or [])
+    if ctx.args.json:
+        ctx.print_json(
+            {"posts": [_post_json(p) for p in items], "next_before_id": page.next_before_id or 0}
+        )
+        return EXIT_OK
+    if not items:
+        ctx.print("(no posts)")
+    else:
+        rows = [
+            (str(p.id), _cell(p.author, 20), _utc(p.updated_at / 1000), _cell(p.title, 60))
+            for p in items
+        ]
+        header = ("ID", "AUTHOR", "UPDATED (UTC)", "TITLE")
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        for row in [header, *rows]:
+            ctx.print(
+                f"{row[0]:>{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:<{widths[2]}}  {row[3]}"
+            )
+    if page.next_before_id:
+        ctx.note(f"more: {PROG} list --before {page.next_before_id}")
+    return EXIT_OK
+
+
+def _cmd_get(ctx: _Context) -> int:
+    session, _, endpoint = ctx.session()
+    with session.posts(endpoint) as posts:
+        post = posts.get_post(post_id=ctx.args.post_id)
+    if ctx.args.json:
+        ctx.print_json(_post_json(post))
+        return EXIT_OK
+    ctx.print(f"id:       {post.id}")
+    ctx.print(f"author:   {_printable(post.author)}")
+    ctx.print(f"title:    {_printable(post.title)}")
+    ctx.print(f"created:  {_utc(post.created_at / 1000)} UTC")
+    ctx.print(f"updated:  {_utc(post.updated_at / 1000)} UTC")
+    ctx.print()
+    ctx.print(_printable(post.body or "", keep_newlines=True))
+    return EXIT_OK
+
+
+def _cmd_update(ctx: _Context) -> int:
+    args = ctx.args
+    if args.title is None and args.body is None and args.body_file is None:
+        ctx.usage("update: give --title, --body or --body-file")
+    body = _read_body(ctx) if args.body is not None or args.body_file is not None else None
+    session, _, endpoint = ctx.session()
+    with session.posts(endpoint) as posts:
+        title = args.title
+        if title is None or body is None:
+            current = posts.get_post(post_id=args.post_id)
+            title = current.title if title is None else title
+            body = current.body if body is None else body
+        post = posts.update_post(post_id=args.post_id, title=title, body=body)
+    if args.json:
+        ctx.print_json(_post_json(post))
+    else:
+        ctx.print(f"updated post {post.id}")
+    return EXIT_OK
+
+
+def _cmd_delete(ctx: _Context) -> int:
+    session, _, endpoint = ctx.session()
+    with session.posts(endpoint) as posts:
+        posts.delete_post(post_id=ctx.args.post_id)
+    ctx.print(f"deleted post {ctx.args.post_id}")
+    return EXIT_OK
+
+
+_COMMANDS: dict[str, Callable[[_Context], int]] = {
+    "login": _cmd_login,
+    "logout": _cmd_logout,
+    "whoami": _cmd_whoami,
+    "create": _cmd_create,
+    "list": _cmd_list,
+    "get": _cmd_get,
+    "update": _cmd_update,
+    "delete": _cmd_delete,
+}
+
+
+def _read_body(ctx: _Context) -> str:
+    args = ctx.args
+    if args.body is not None:
+        return str(args.body)
+    if args.body_file == "-":
+        return ctx.stdin.read()
+    try:
+        with open(args.body_file, encoding="utf-8") as handle:
+            return handle.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise _Failure(EXIT_INVALID, f"cannot read {args.body_file}: {reason.lower()}") from exc
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _post_json(post: Any) -> dict[str, Any]:
+    return {
+        "id": post.id,
+        "author": post.author,
+        "title": post.title,
+        "body": post.body,
+        "created_at": post.created_at,
+        "updated_at": post.updated_at,
+    }
+
+
+def _printable(text: str, *, keep_newlines: bool = False) -> str:
+    """``text`` with control characters (terminal escapes) replaced, for display."""
+    allowed = "\n\t" if keep_newlines else ""
+    return "".join(
+        c if c.isprintable() or c in allowed else "\N{REPLACEMENT CHARACTER}" for c in str(text)
+    )
+
+
+def _cell(text: str, width: int) -> str:
+    text = _printable(text or "")
+    return text if len(text) <= width else text[: width - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def _utc(seconds: float) -> str:
+    try:
+        return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):
+        return "?"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
+
+
+def _absolute(path: str | None) -> str | None:
+    return os.path.abspath(path) if path else None
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _message(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return _printable(str(text))
+
+
+def _describe(exc: BaseException) -> tuple[int, str]:
+    """The exit code and one-line message for an expected failure."""
+    if isinstance(exc, _Failure):
+        return exc.code, _printable(exc.message)
+    if isinstance(exc, NotLoggedIn):
+        return EXIT_UNAUTHENTICATED, _message(exc)
+    if isinstance(exc, common_thrift.Unauthenticated):
+        return EXIT_UNAUTHENTICATED, f"unauthenticated: {_message(exc)} ({_LOGIN_HINT})"
+    if isinstance(exc, common_thrift.PermissionDenied):
+        return EXIT_FORBIDDEN, f"permission denied: {_message(exc)}"
+    if isinstance(exc, common_thrift.NotFound):
+        return EXIT_NOT_FOUND, f"not found: {_message(exc)}"
+    if isinstance(exc, common_thrift.InvalidArgument):
+        return EXIT_INVALID, f"invalid argument: {_message(exc)}"
+    if isinstance(exc, common_thrift.Unavailable):
+        return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}"
+    if isinstance(exc, TransportError):
+        return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}"
+    if isinstance(exc, common_thrift.RateLimited):
+        wait_s = max(int(exc.retry_after_ms or 0), 0) / 1000
+        return EXIT_RATE_LIMITED, f"rate limited: {_message(exc)} (retry after {wait_s:g} s)"
+    if isinstance(exc, TApplicationException):
+        return EXIT_ERROR, f"server error: {_message(exc)}"
+    if isinstance(exc, (ProtocolError, ConfigError, ClientError)):
+        return EXIT_ERROR, _message(exc)
+    if isinstance(exc, OSError):
+        return EXIT_ERROR, f"{_printable(exc.strerror or str(exc))}"
+    raise exc
+
+
+_EXPECTED = (
+    _Failure,
+    ClientError,
+    ConfigError,
+    TApplicationException,
+    OSError,
+    common_thrift.Unauthenticated,
+    common_thrift.PermissionDenied,
+    common_thrift.NotFound,
+    common_thrift.InvalidArgument,
+    common_thrift.Unavailable,
+    common_thrift.RateLimited,
+)
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    stdin: TextIO | None = None,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+) -> int:
+    """Run ``posts-client``; returns the exit code (see the module docstring)."""
+    env = os.environ if env is None else env
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    configured = env.get("POSTS_CLIENT_CONFIG_DIR")
+    config_dir = Path(configured) if configured else default_config_dir()
+    ctx = _Context(
+        args=args,
+        env=env,
+        path=token_file(config_dir),
+        stdin=stdin or sys.stdin,
+        stdout=stdout or sys.stdout,
+        stderr=stderr or sys.stderr,
+        parser=parser,
+    )
+    try:
+        return _COMMANDS[args.command](ctx)
+    except SystemExit as exc:  # ctx.usage()
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=ctx.stderr)
+        return EXIT_INTERRUPTED
+    except _EXPECTED as exc:
+        code, message = _describe(exc)
+        print(f"{PROG}: error: {message}", file=ctx.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

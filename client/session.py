@@ -1,0 +1,950 @@
+"""Client connections and the token-attaching session.
+
+Two layers:
+
+- :func:`connect_auth` and :func:`connect_posts` open one Thrift connection
+  and yield a thin wrapper: the IDL's methods, nothing added. The IDL's typed
+  exceptions (``common_thrift.Unauthenticated`` and the rest) come through
+  unchanged; a connection that cannot be made or that breaks raises
+  :class:`TransportError`.
+- :class:`Session` holds a login (a password login or OAuth client
+  credentials) and hands out :class:`TokenClient` objects (``session.posts()``)
+  whose methods are the service's methods *without* the ``token`` argument:
+  ``posts.list_posts(limit=10)``. The session attaches the current access
+  token to every call, refreshes it shortly before it expires, and on
+  ``Unauthenticated`` renews it once and retries the call once (never more).
+
+Retry rule for a dropped connection (at most once for writes):
+
+- the connection could not be opened: :class:`TransportError`, nothing was sent;
+- the request could not be sent in full: the server cannot have acted on it,
+  so the call is retried once on a new connection;
+- the request was sent but no reply came (connection reset or closed): a
+  read-only method (``get_*``, ``list_*``) is retried once on a new
+  connection; any other method raises :class:`ConnectionLost`, because the
+  server may have done it;
+- a timeout is never retried (:class:`TransportError`, or
+  :class:`ConnectionLost` for a write whose request was sent).
+
+A pooled connection that the server has closed while it sat idle is noticed
+before it is used (and an idle one older than ``max_idle_s`` is not reused),
+so a write is not lost to a stale connection.
+
+Nothing here logs or shows a token, a password or a client secret: the
+token fields of :class:`Tokens` are left out of its ``repr``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from thriftpy2.protocol.exc import TProtocolException
+from thriftpy2.thrift import TApplicationException, TDecodeException, TException, TType
+from thriftpy2.transport import TTransportException
+
+from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
+from auth_rpc.transport import TLSClientConfig, open_client, parse_hostport
+
+__all__ = [
+    "DEFAULT_AUTH_PORT",
+    "DEFAULT_POSTS_PORT",
+    "ClientError",
+    "ConnectionLost",
+    "Endpoint",
+    "NotLoggedIn",
+    "ProtocolError",
+    "Session",
+    "TokenClient",
+    "Tokens",
+    "TransportError",
+    "connect_auth",
+    "connect_posts",
+]
+
+log = logging.getLogger("client.session")
+
+DEFAULT_AUTH_PORT = 9090
+DEFAULT_POSTS_PORT = 9091
+
+_Clock = Callable[[], float]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ClientError(Exception):
+    """Base of the errors the client raises itself (not sent by a server)."""
+
+
+class TransportError(ClientError):
+    """The service could not be reached or the connection broke.
+
+    Connection refused, timeout, TLS failure (including a certificate or
+    hostname that does not verify), or a connection closed mid-call. The
+    underlying exception is the ``__cause__``.
+    """
+
+
+class ConnectionLost(TransportError):
+    """The connection broke after a write was sent: the server may have done it.
+
+    Writes are sent at most once, so this call was not retried; look before
+    trying again (for example list the posts).
+    """
+
+
+class NotLoggedIn(ClientError):
+    """There is no login to use (never logged in, or logged out)."""
+
+
+class ProtocolError(ClientError):
+    """A service answered with something that breaks the contract."""
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a service listens and how to talk to it. Times in seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_AUTH_PORT
+    tls: TLSClientConfig | ssl.SSLContext | None = None
+    framed: bool = False
+    timeout_s: float = 5.0
+    connect_timeout_s: float = 2.0
+
+    @classmethod
+    def parse(cls, hostport: str, **options: Any) -> Endpoint:
+        """``"host:port"`` (``"[::1]:port"``, ``":port"``) as an endpoint.
+
+        Raises ``ValueError`` when malformed.
+        """
+        host, port = parse_hostport(hostport)
+        return cls(host=host, port=port, **options)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def open(self, service: ModuleType) -> _Connection:
+        """A new connection to ``service`` here; raises :class:`TransportError`."""
+        try:
+            client = open_client(
+                service,
+                self.host,
+                self.port,
+                framed=self.framed,
+                tls=self.tls,
+                timeout_s=self.timeout_s,
+                connect_timeout_s=self.connect_timeout_s,
+            )
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {self.address}: {_reason(exc)}") from exc
+        return _Connection(client, service, self)
+
+
+def _as_endpoint(value: Endpoint | str, default_port: int) -> Endpoint:
+    if isinstance(value, Endpoint):
+        return value
+    if ":" not in value:
+        return Endpoint(host=value, port=default_port)
+    return Endpoint.parse(value)
+
+
+def _reason(exc: BaseException) -> str:
+    """A short, token-free description of a transport failure."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate verification failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    if isinstance(exc, TTransportException):
+        return exc.message or "connection closed"
+    return str(exc) or type(exc).__name__
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return True
+    return isinstance(exc, TTransportException) and exc.type == TTransportException.TIMED_OUT
+
+
+# --------------------------------------------------------------------------- one connection
+
+_TRANSPORT_FAILURES = (TTransportException, OSError, TProtocolException, TDecodeException, EOFError)
+
+
+class _CallFailed(Exception):
+    """A call broke in transit; ``sent`` tells whether the request went out in full."""
+
+    def __init__(self, cause: BaseException, *, sent: bool) -> None:
+        super().__init__(_reason(cause))
+        self.cause = cause
+        self.sent = sent
+
+
+class _Connection:
+    """One thriftpy2 client plus what the pool needs to know about it."""
+
+    def __init__(self, client: Any, service: ModuleType, endpoint: Endpoint) -> None:
+        self._client = client
+        self.service = service
+        self.endpoint = endpoint
+        self.idle_since = time.monotonic()
+
+    def call(self, method: str, arguments: dict[str, Any]) -> Any:
+        """Send one call and read its reply.
+
+        IDL exceptions and ``TApplicationException`` propagate (the connection
+        stays usable); a transport failure raises :class:`_CallFailed`.
+        """
+        # TClient._req is _send then _recv; calling them apart tells a
+        # failure before the request left from one after it did.
+        try:
+            self._client._send(method, **arguments)
+        except _TRANSPORT_FAILURES as exc:
+            raise _CallFailed(exc, sent=False) from exc
+        try:
+            return self._client._recv(method)
+        except _TRANSPORT_FAILURES as exc:
+            raise _CallFailed(exc, sent=True) from exc
+
+    def peer_closed(self) -> bool:
+        """True when the idle connection has been closed by the server.
+
+        No reply is pending on an idle Thrift connection, so anything
+        readable (end of file, a TLS close_notify, stray bytes) means it is
+        no longer usable.
+        """
+        sock = getattr(getattr(self._client, "_iprot", None), "trans", None)
+        sock = getattr(sock, "sock", None)
+        if not isinstance(sock, socket.socket):
+            return False  # cannot tell: let the call find out
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            if hasattr(select, "poll"):
+                poller = select.poll()
+                poller.register(sock, select.POLLIN | select.POLLPRI)
+                return bool(poller.poll(0))
+            readable, _, _ = select.select([sock], [], [], 0)
+            return bool(readable)
+        except (OSError, ValueError):
+            return True
+
+    def close(self) -> None:
+        with suppress(OSError, TTransportException):
+            self._client.close()
+
+
+def _transport_error(
+    endpoint: Endpoint, method: str, failure: _CallFailed, *, may_have_run: bool
+) -> TransportError:
+    if may_have_run:
+        return ConnectionLost(
+            f"connection to {endpoint.address} lost during {method} ({failure}); "
+            "the server may or may not have done it"
+        )
+    return TransportError(f"connection to {endpoint.address} failed during {method}: {failure}")
+
+
+# --------------------------------------------------------------------------- arguments
+
+_ZERO: dict[int, Callable[[], Any]] = {
+    TType.BOOL: lambda: False,
+    TType.BYTE: lambda: 0,
+    TType.I16: lambda: 0,
+    TType.I32: lambda: 0,
+    TType.I64: lambda: 0,
+    TType.DOUBLE: lambda: 0.0,
+    TType.STRING: lambda: "",
+    TType.LIST: list,
+    TType.SET: set,
+    TType.MAP: dict,
+}
+
+
+@dataclass(frozen=True)
+class _Signature:
+    method: str
+    names: tuple[str, ...]  # in field-id order, the token argument left out
+    zero: dict[str, Callable[[], Any] | None]
+    token_name: str | None
+
+    @classmethod
+    def of(cls, service: ModuleType, method: str, *, token_name: str | None) -> _Signature:
+        spec = getattr(service, f"{method}_args").thrift_spec
+        names: list[str] = []
+        zero: dict[str, Callable[[], Any] | None] = {}
+        found_token = None
+        for fid in sorted(spec):
+            ttype, name = spec[fid][0], spec[fid][1]
+            if token_name is not None and name == token_name and ttype == TType.STRING:
+                found_token = name
+                continue
+            names.append(name)
+            zero[name] = _ZERO.get(ttype)
+        return cls(method, tuple(names), zero, found_token)
+
+    def bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Positional and keyword arguments as a dict; omitted ones get zero values.
+
+        Raises ``TypeError`` like a Python function would.
+        """
+        if len(args) > len(self.names):
+            raise TypeError(
+                f"{self.method}() takes {len(self.names)} arguments ({len(args)} given)"
+            )
+        bound = dict(zip(self.names, args, strict=False))
+        for name, value in kwargs.items():
+            if name not in self.zero:
+                raise TypeError(f"{self.method}() got an unexpected keyword argument {name!r}")
+            if name in bound:
+                raise TypeError(f"{self.method}() got multiple values for argument {name!r}")
+            bound[name] = value
+        for name in self.names:
+            if name not in bound:
+                make = self.zero[name]
+                if make is None:
+                    raise TypeError(f"{self.method}() missing required argument {name!r}")
+                bound[name] = make()
+        return bound
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(service: ModuleType, method: str, token_name: str | None) -> _Signature:
+    return _Signature.of(service, method, token_name=token_name)
+
+
+# --------------------------------------------------------------------------- thin wrappers
+
+
+class _ThinClient:
+    """One connection; the IDL's methods; no retries."""
+
+    _service: ModuleType
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        arguments = _signature(self._service, method, None).bind(args, kwargs)
+        try:
+            return self._conn.call(method, arguments)
+        except _CallFailed as failure:
+            raise _transport_error(
+                self._conn.endpoint, method, failure, may_have_run=failure.sent
+            ) from failure.cause
+
+    def close(self) -> None:
+        """Close the connection."""
+        self._conn.close()
+
+
+class AuthClient(_ThinClient):
+    """``service Auth`` over one connection (see ``idl/auth.thrift``)."""
+
+    _service = auth_thrift.Auth
+
+    def login(self, username: str, password: str) -> Any:
+        """A ``TokenPair``; raises Unauthenticated, RateLimited, InvalidArgument, Unavailable."""
+        return self._call("login", username, password)
+
+    def refresh(self, refresh_token: str) -> Any:
+        """A new ``TokenPair`` (rotation); raises Unauthenticated, InvalidArgument, Unavailable."""
+        return self._call("refresh", refresh_token)
+
+    def client_token(self, client_id: str, client_secret: str, scope: str = "") -> Any:
+        """A ``TokenPair`` for a service client; raises as :meth:`login`."""
+        return self._call("client_token", client_id, client_secret, scope)
+
+    def validate(self, token: str) -> Any:
+        """The token's ``Principal``; raises Unauthenticated, Unavailable."""
+        return self._call("validate", token)
+
+    def revoke(self, token: str) -> None:
+        """Revoke an access or refresh token (idempotent); raises InvalidArgument, Unavailable."""
+        self._call("revoke", token)
+
+    def jwks(self) -> str:
+        """The JWK Set as JSON."""
+        result: str = self._call("jwks")
+        return result
+
+
+class PostsConnection(_ThinClient):
+    """``service Posts`` over one connection: every method takes the token first.
+
+    Methods are looked up in the IDL, so ``conn.list_posts(token, limit=10)``
+    works for every method, including ones added later. Omitted arguments are
+    sent as zero values (``0``, ``""``).
+    """
+
+    _service = posts_thrift.Posts
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name in self._service.thrift_services:
+            return functools.partial(self._call, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._service.thrift_services))
+
+
+@contextmanager
+def connect_auth(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_AUTH_PORT,
+    *,
+    tls: TLSClientConfig | ssl.SSLContext | None = None,
+    timeout_s: float = 5.0,
+    connect_timeout_s: float = 2.0,
+    framed: bool = False,
+) -> Iterator[AuthClient]:
+    """One connection to the Auth service, closed on exit.
+
+    Raises :class:`TransportError` when it cannot connect (refused, timeout,
+    TLS failure); the IDL's exceptions come through unchanged.
+    """
+    endpoint = Endpoint(host, port, tls, framed, timeout_s, connect_timeout_s)
+    client = AuthClient(endpoint.open(auth_thrift.Auth))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextmanager
+def connect_posts(
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_POSTS_PORT,
+    *,
+    tls: TLSClientConfig | ssl.SSLContext | None = None,
+    timeout_s: float = 5.0,
+    connect_timeout_s: float = 2.0,
+    framed: bool = False,
+) -> Iterator[PostsConnection]:
+    """One connection to the Posts service, closed on exit (the caller passes tokens).
+
+    Raises :class:`TransportError` when it cannot connect; the IDL's
+    exceptions come through unchanged.
+    """
+    endpoint = Endpoint(host, port, tls, framed, timeout_s, connect_timeout_s)
+    client = PostsConnection(endpoint.open(posts_thrift.Posts))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@contextmanager
+def _auth_at(endpoint: Endpoint) -> Iterator[AuthClient]:
+    client = AuthClient(endpoint.open(auth_thrift.Auth))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """A token pair as the client keeps it. The tokens are left out of ``repr``."""
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)  # "" for client-credentials tokens
+    expires_at: float  # unix seconds
+    lifetime_s: float
+    scope: str = ""
+    token_type: str = "Bearer"  # noqa: S105  # the token type name, not a secret
+
+    @classmethod
+    def from_pair(cls, pair: Any, *, now: float) -> Tokens:
+        """Check an ``auth_thrift.TokenPair``; raises :class:`ProtocolError` if malformed."""
+        access = getattr(pair, "access_token", None)
+        refresh = getattr(pair, "refresh_token", None) or ""
+        expires_in = getattr(pair, "expires_in", None)
+        token_type = getattr(pair, "token_type", None) or "Bearer"
+        scope = getattr(pair, "scope", None) or ""
+        if not isinstance(access, str) or not access:
+            raise ProtocolError("the Auth service returned no access token")
+        if not isinstance(refresh, str) or not isinstance(scope, str):
+            raise ProtocolError("the Auth service returned a malformed token pair")
+        if not isinstance(expires_in, int) or expires_in <= 0:
+            raise ProtocolError("the Auth service returned a bad expires_in")
+        # RFC 6750 section 4: the token type value is case insensitive.
+        if not isinstance(token_type, str) or token_type.lower() != "bearer":
+            raise ProtocolError(f"unsupported token type {token_type!r}")
+        return cls(access, refresh, now + expires_in, float(expires_in), scope, "Bearer")
+
+    def refresh_due(self, now: float, margin_s: float) -> bool:
+        """True from ``min(margin_s, 10 % of the lifetime)`` before expiry on."""
+        margin = min(margin_s, self.lifetime_s * 0.1)
+        return now >= self.expires_at - margin
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class Session:
+    """A login that attaches, refreshes and renews access tokens by itself.
+
+    Make one with :meth:`login` (username and password) or :meth:`for_client`
+    (OAuth client credentials), or from saved :class:`Tokens`. Safe to share
+    between threads: one lock guards the tokens, so N threads that find the
+    token due trigger one refresh.
+
+    ``on_tokens`` is called (under the lock) with every new :class:`Tokens`,
+    so a caller can save a rotated refresh token at once; if it raises, the
+    call that triggered the refresh raises too.
+    """
+
+    def __init__(
+        self,
+        auth: Endpoint | str,
+        tokens: Tokens,
+        *,
+        client_credentials: tuple[str, str, str] | None = None,
+        clock: _Clock = time.time,
+        refresh_margin_s: float = 60.0,
+        retry_refresh_after_s: float = 5.0,
+        on_tokens: Callable[[Tokens], None] | None = None,
+    ) -> None:
+        self.auth = _as_endpoint(auth, DEFAULT_AUTH_PORT)
+        self._tokens: Tokens | None = tokens
+        self._credentials = client_credentials  # (client_id, client_secret, scope)
+        self._clock = clock
+        self._margin_s = refresh_margin_s
+        self._retry_after_s = retry_refresh_after_s
+        self._next_early_attempt = float("-inf")
+        self._on_tokens = on_tokens
+        self._lock = threading.Lock()
+        self._clients: list[TokenClient] = []
+
+    def __repr__(self) -> str:
+        return f"<Session auth={self.auth.address} logged_in={self._tokens is not None}>"
+
+    # -- making one
+
+    @classmethod
+    def login(
+        cls, auth: Endpoint | str, username: str, password: str, **options: Any
+    ) -> Session:
+        """Log in with a password (``Auth.login``).
+
+        Raises ``Unauthenticated`` (wrong username or password), ``RateLimited``,
+        ``InvalidArgument``, ``Unavailable``, :class:`TransportError`,
+        :class:`ProtocolError`. ``options`` are those of the constructor.
+        """
+        endpoint = _as_endpoint(auth, DEFAULT_AUTH_PORT)
+        clock: _Clock = options.get("clock", time.time)
+        with _auth_at(endpoint) as client:
+            pair = client.login(username, password)
+        tokens = Tokens.from_pair(pair, now=clock())
+        session = cls(endpoint, tokens, **options)
+        if session._on_tokens is not None:
+            session._on_tokens(tokens)
+        return session
+
+    @classmethod
+    def for_client(
+        cls,
+        auth: Endpoint | str,
+        client_id: str,
+        client_secret: str,
+        scope: str = "",
+        **options: Any,
+    ) -> Session:
+        """Obtain a service token with OAuth client credentials (``Auth.client_token``).
+
+        Client tokens have no refresh token: when one is due or rejected, the
+        session asks for a new one with the same credentials (kept in memory
+        only). Raises as :meth:`login`.
+        """
+        endpoint = _as_endpoint(auth, DEFAULT_AUTH_PORT)
+        clock: _Clock = options.get("clock", time.time)
+        with _auth_at(endpoint) as client:
+            pair = client.client_token(client_id, client_secret, scope)
+        tokens = Tokens.from_pair(pair, now=clock())
+        session = cls(
+            endpoint, tokens, client_credentials=(client_id, client_secret, scope), **options
+        )
+        if session._on_tokens is not None:
+            session._on_tokens(tokens)
+        return session
+
+    # -- tokens
+
+    @property
+    def tokens(self) -> Tokens:
+        """The current tokens; raises :class:`NotLoggedIn` after :meth:`logout`."""
+        tokens = self._tokens
+        if tokens is None:
+            raise NotLoggedIn("logged out")
+        return tokens
+
+    def _can_renew(self, tokens: Tokens) -> bool:
+        return self._credentials is not None or bool(tokens.refresh_token)
+
+    def access_token(self) -> str:
+        """The access token to send now, refreshed first if it is due.
+
+        If an early refresh fails because the Auth service is unreachable
+        (or busy) while the current token is still valid, the current one is
+        used (and the refresh tried again after ``retry_refresh_after_s``).
+        Raises :class:`NotLoggedIn`, and what :meth:`refresh` raises.
+        """
+        tokens = self.tokens
+        if not tokens.refresh_due(self._clock(), self._margin_s):
+            return tokens.access_token
+        with self._lock:
+            tokens = self.tokens
+            now = self._clock()
+            if not tokens.refresh_due(now, self._margin_s) or not self._can_renew(tokens):
+                return tokens.access_token
+            still_valid = now < tokens.expires_at
+            if still_valid and now < self._next_early_attempt:
+                return tokens.access_token
+            try:
+                return self._renew_locked(tokens).access_token
+            except (TransportError, common_thrift.Unavailable, common_thrift.RateLimited) as exc:
+                if not still_valid:
+                    raise
+                self._next_early_attempt = now + self._retry_after_s
+                log.warning(
+                    "could not refresh the access token early (%s); using the current one",
+                    type(exc).__name__,
+                )
+                return tokens.access_token
+
+    def refresh(self) -> Tokens:
+        """Renew the tokens now (refresh grant, or new client credentials token).
+
+        Raises :class:`NotLoggedIn` when there is nothing to renew with,
+        ``Unauthenticated`` (refresh token expired, revoked or reused),
+        ``InvalidArgument``, ``Unavailable``, :class:`TransportError`,
+        :class:`ProtocolError`.
+        """
+        with self._lock:
+            tokens = self.tokens
+            if not self._can_renew(tokens):
+                raise NotLoggedIn("no refresh token to renew the access token with")
+            return self._renew_locked(tokens)
+
+    def _renew_after_rejection(self, rejected: str) -> str | None:
+        """A new access token after ``rejected`` was refused; ``None`` if none can be had."""
+        with self._lock:
+            tokens = self.tokens
+            if tokens.access_token != rejected:
+                return tokens.access_token  # another thread renewed it meanwhile
+            if not self._can_renew(tokens):
+                return None
+            return self._renew_locked(tokens).access_token
+
+    def _renew_locked(self, tokens: Tokens) -> Tokens:
+        with _auth_at(self.auth) as client:
+            if self._credentials is not None:
+                client_id, secret, scope = self._credentials
+                pair = client.client_token(client_id, secret, scope)
+            else:
+                pair = client.refresh(tokens.refresh_token)
+        new = Tokens.from_pair(pair, now=self._clock())
+        if not new.refresh_token and tokens.refresh_token and self._credentials is None:
+            raise ProtocolError("the Auth service returned no refresh token on refresh")
+        self._tokens = new
+        self._next_early_attempt = float("-inf")
+        log.debug("access token renewed; expires in %.0f s", new.lifetime_s)
+        if self._on_tokens is not None:
+            self._on_tokens(new)
+        return new
+
+    def with_token(self, call: Callable[[str], Any]) -> Any:
+        """Run ``call(access_token)``; on ``Unauthenticated`` renew once and retry once.
+
+        If the retry is refused too, that ``Unauthenticated`` propagates. If
+        the renewal itself is refused, its ``Unauthenticated`` propagates.
+        """
+        token = self.access_token()
+        try:
+            return call(token)
+        except common_thrift.Unauthenticated:
+            renewed = self._renew_after_rejection(token)
+            if renewed is None:
+                raise
+        return call(renewed)
+
+    def validate(self) -> Any:
+        """``Auth.validate`` of the current access token: its ``Principal``.
+
+        Raises ``Unauthenticated``, ``Unavailable``, :class:`TransportError`,
+        :class:`NotLoggedIn`.
+        """
+
+        def _validate(token: str) -> Any:
+            with _auth_at(self.auth) as client:
+                return client.validate(token)
+
+        return self.with_token(_validate)
+
+    # -- clients
+
+    def client(
+        self,
+        service: ModuleType,
+        endpoint: Endpoint | str,
+        *,
+        read_only: frozenset[str] | None = None,
+        max_connections: int = 8,
+        max_idle_s: float = 30.0,
+    ) -> TokenClient:
+        """A :class:`TokenClient` for any service whose methods take ``token`` first."""
+        client = TokenClient(
+            self,
+            service,
+            _as_endpoint(endpoint, DEFAULT_POSTS_PORT),
+            read_only=read_only,
+            max_connections=max_connections,
+            max_idle_s=max_idle_s,
+        )
+        with self._lock:
+            self._clients.append(client)
+        return client
+
+    def posts(
+        self,
+        endpoint: Endpoint | str = f"127.0.0.1:{DEFAULT_POSTS_PORT}",
+        **options: Any,
+    ) -> TokenClient:
+        """A client of ``service Posts``: ``posts.list_posts(limit=10)``."""
+        return self.client(posts_thrift.Posts, endpoint, **options)
+
+    # -- ending
+
+    def logout(self) -> None:
+        """Revoke the refresh token and the access token (``Auth.revoke``), forget them.
+
+        The tokens are forgotten even if revoking fails. Raises
+        ``InvalidArgument``, ``Unavailable``, :class:`TransportError`.
+        """
+        with self._lock:
+            tokens = self._tokens
+            self._tokens = None
+            self._credentials = None
+        if tokens is None:
+            return
+        with _auth_at(self.auth) as client:
+            if tokens.refresh_token:
+                client.revoke(tokens.refresh_token)
+            client.revoke(tokens.access_token)
+
+    def close(self) -> None:
+        """Close the connections of every client made by this session."""
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- pooled client
+
+
+class _Pool:
+    """Up to ``max_connections`` connections to one endpoint, each used by one call at a time."""
+
+    def __init__(
+        self, service: ModuleType, endpoint: Endpoint, max_connections: int, max_idle_s: float
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self._service = service
+        self._endpoint = endpoint
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._idle: list[_Connection] = []
+        self._lock = threading.Lock()
+        self._max_idle_s = max_idle_s
+        self._closed = False
+        self.opened = 0  # connections made so far (tests, metrics)
+
+    def acquire(self) -> _Connection:
+        """A usable connection (pooled or new); raises :class:`TransportError`."""
+        self._slots.acquire()
+        try:
+            while True:
+                with self._lock:
+                    if self._closed:
+                        raise ClientError("client is closed")
+                    conn = self._idle.pop() if self._idle else None
+                if conn is None:
+                    break
+                if time.monotonic() - conn.idle_since > self._max_idle_s or conn.peer_closed():
+                    conn.close()
+                    continue
+                return conn
+            conn = self._endpoint.open(self._service)
+            with self._lock:
+                self.opened += 1
+            return conn
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def release(self, conn: _Connection) -> None:
+        conn.idle_since = time.monotonic()
+        with self._lock:
+            if self._closed:
+                conn.close()
+            else:
+                self._idle.append(conn)
+        self._slots.release()
+
+    def discard(self, conn: _Connection) -> None:
+        """Close a broken connection, and the idle ones too (they likely broke alike)."""
+        conn.close()
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for other in idle:
+            other.close()
+        self._slots.release()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+_DEFAULT_READ_PREFIXES = ("get_", "list_")
+
+
+class TokenClient:
+    """A service whose methods take ``token`` first, with the token filled in.
+
+    Methods come from the IDL: ``posts.create_post(title="t", body="b")``
+    (positional or keyword; omitted numbers and strings are sent as ``0`` and
+    ``""``). Each call takes a connection from a small pool (a thriftpy2
+    client is not thread-safe, so a connection serves one call at a time),
+    so one client may be shared by many threads.
+
+    Raises the IDL's exceptions unchanged, :class:`TransportError`,
+    :class:`ConnectionLost` (see the module docstring for the retry rule),
+    :class:`NotLoggedIn`, and ``TypeError`` for bad arguments.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        service: ModuleType,
+        endpoint: Endpoint,
+        *,
+        read_only: frozenset[str] | None = None,
+        max_connections: int = 8,
+        max_idle_s: float = 30.0,
+    ) -> None:
+        self._session = session
+        self._service = service
+        self.endpoint = endpoint
+        methods = tuple(service.thrift_services)
+        self._read_only = (
+            frozenset(read_only)
+            if read_only is not None
+            else frozenset(m for m in methods if m.startswith(_DEFAULT_READ_PREFIXES))
+        )
+        self._pool = _Pool(service, endpoint, max_connections, max_idle_s)
+
+    @property
+    def connections_opened(self) -> int:
+        """How many connections this client has opened (reconnections included)."""
+        return self._pool.opened
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if not name.startswith("_") and name in self._service.thrift_services:
+            return functools.partial(self._invoke, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(self._service.thrift_services))
+
+    def _invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        signature = _signature(self._service, method, "token")
+        arguments = signature.bind(args, kwargs)
+        token_name = signature.token_name
+        if token_name is None:
+            return self._call(method, arguments)
+
+        def _with(token: str) -> Any:
+            return self._call(method, {token_name: token, **arguments})
+
+        return self._session.with_token(_with)
+
+    def _call(self, method: str, arguments: dict[str, Any]) -> Any:
+        read_only = method in self._read_only
+        for attempt in (1, 2):
+            conn = self._pool.acquire()
+            try:
+                result = conn.call(method, arguments)
+            except _CallFailed as failure:
+                self._pool.discard(conn)
+                may_have_run = failure.sent and not read_only
+                if attempt == 2 or may_have_run or _is_timeout(failure.cause):
+                    raise _transport_error(
+                        self.endpoint, method, failure, may_have_run=may_have_run
+                    ) from failure.cause
+                log.info("connection to %s broke (%s); retrying %s once on a new one",
+                         self.endpoint.address, failure, method)
+                continue
+            except Exception as exc:
+                if _is_thrift_reply(exc):
+                    self._pool.release(conn)  # a full reply was read: still usable
+                else:
+                    self._pool.discard(conn)
+                raise
+            except BaseException:
+                self._pool.discard(conn)  # interrupted mid-call: state unknown
+                raise
+            self._pool.release(conn)
+            return result
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        """Close the pooled connections; calls in flight finish first."""
+        self._pool.close()
+
+    def __enter__(self) -> TokenClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_thrift_reply(exc: BaseException) -> bool:
+    """An exception decoded from a complete reply (IDL exception or TApplicationException)."""
+    return isinstance(exc, (TException, TApplicationException)) and not isinstance(
+        exc, _TRANSPORT_FAILURES
+    )
