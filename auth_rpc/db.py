@@ -1,0 +1,266 @@
+"""SQLite storage: one connection, a lock, short transactions, versioned schema.
+
+The database file lives in the data directory (mode 0600). It runs in WAL mode
+with ``synchronous=FULL``: a transaction that returned has reached the disk,
+so whatever a caller is told is done (a user made, a token revoked, a refresh
+token rotated) survives a crash.
+
+Thread safety: the Thrift and HTTP servers call from many threads. The
+:class:`Database` holds one connection behind a re-entrant lock; every use is a
+short critical section (no password hashing or network I/O inside).
+Read-modify-write goes through :meth:`Database.transaction`, which starts with
+``BEGIN IMMEDIATE`` so that it also excludes writers in other processes (the
+``auth-rpc`` admin commands). The lock is re-entrant so that a store method
+called inside another store's transaction joins it.
+
+Schema versions: ``PRAGMA user_version`` holds the number of migrations
+applied; :data:`MIGRATIONS` lists them in order, and :meth:`Database.open`
+applies the missing ones in one transaction. Add a migration by appending to
+the tuple, never by editing one that shipped.
+
+Only this module and the small store classes (``accounts.AccountStore``,
+``keys.KeyStore``, ``tokens.RefreshStore``, ``tokens.RevocationStore``) speak
+SQL, so that another store (PostgreSQL) can replace them later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from auth_rpc.errors import DependencyUnavailable
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database"]
+
+log = logging.getLogger("auth_rpc.db")
+
+#: Ordered migrations; the n-th (1-based) brings the schema to version n.
+MIGRATIONS: tuple[str, ...] = (
+    # 1: users, clients, signing keys, refresh token families, revocations.
+    """
+    CREATE TABLE users (
+        username      TEXT PRIMARY KEY NOT NULL,
+        password_hash TEXT NOT NULL,
+        scopes        TEXT NOT NULL,
+        created_at    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE clients (
+        client_id   TEXT PRIMARY KEY NOT NULL,
+        secret_hash TEXT NOT NULL,
+        scopes      TEXT NOT NULL,
+        created_at  INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE signing_keys (
+        kid           TEXT PRIMARY KEY NOT NULL,
+        alg           TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        superseded_at INTEGER,
+        max_ttl_s     INTEGER NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE refresh_families (
+        family_id  TEXT PRIMARY KEY NOT NULL,
+        subject    TEXT NOT NULL,
+        client_id  TEXT NOT NULL,
+        scopes     TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        revoked_at INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX refresh_families_expires ON refresh_families (expires_at);
+
+    CREATE TABLE refresh_tokens (
+        token_hash BLOB PRIMARY KEY NOT NULL,
+        family_id  TEXT NOT NULL REFERENCES refresh_families (family_id) ON DELETE CASCADE,
+        issued_at  INTEGER NOT NULL,
+        used_at    INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id);
+
+    CREATE TABLE family_access_tokens (
+        jti        TEXT PRIMARY KEY NOT NULL,
+        family_id  TEXT NOT NULL REFERENCES refresh_families (family_id) ON DELETE CASCADE,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX family_access_tokens_family ON family_access_tokens (family_id);
+
+    CREATE TABLE revoked_tokens (
+        jti        TEXT PRIMARY KEY NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX revoked_tokens_expires ON revoked_tokens (expires_at);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_UNAVAILABLE = "database unavailable"
+
+
+class Database:
+    """One SQLite connection shared by all threads, behind a lock.
+
+    Every ``sqlite3.Error`` raised inside :meth:`transaction` or :meth:`read`
+    becomes :class:`~auth_rpc.errors.DependencyUnavailable` (logged without
+    parameters); other exceptions roll the transaction back and pass through.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._lock = threading.RLock()
+        self._depth = 0
+        self.path = path
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        migrations: tuple[str, ...] = MIGRATIONS,
+    ) -> Database:
+        """Open (creating with mode 0600) the database at ``path`` and migrate it.
+
+        Raises :class:`DependencyUnavailable` if SQLite fails, ``ValueError``
+        if the file's schema is newer than ``migrations`` knows.
+        """
+        path = Path(path)
+        try:
+            # Create the file ourselves so that it (and SQLite's -wal and -shm
+            # files, which copy its mode) is never readable by others.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+            conn = sqlite3.connect(
+                str(path),
+                timeout=busy_timeout_s,
+                isolation_level=None,  # autocommit; transactions are explicit
+                check_same_thread=False,  # shared behind Database._lock
+            )
+        except (sqlite3.Error, OSError) as exc:
+            log.error("cannot open the database: %s", type(exc).__name__)
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        db = cls(conn, path)
+        try:
+            with db._locked() as c:
+                c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    log.warning("SQLite refused WAL mode (journal_mode=%s)", mode)
+                c.execute("PRAGMA synchronous = FULL")
+                c.execute("PRAGMA foreign_keys = ON")
+            db._migrate(migrations)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _migrate(self, migrations: tuple[str, ...]) -> None:
+        with self.transaction() as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > len(migrations):
+                raise ValueError(
+                    f"database schema version {version} is newer than this program "
+                    f"(knows {len(migrations)}); upgrade auth-rpc"
+                )
+            for number in range(version + 1, len(migrations) + 1):
+                log.info("migrating the database schema to version %d", number)
+                for statement in _statements(migrations[number - 1]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {number}")
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the open database."""
+        with self.read() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    @contextmanager
+    def _locked(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._conn is None:
+                raise DependencyUnavailable("database closed")
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                log.error("database error: %s", type(exc).__name__)
+                raise DependencyUnavailable(_UNAVAILABLE) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """A ``BEGIN IMMEDIATE`` transaction: committed on success, else rolled back.
+
+        Nested use on the same thread joins the outer transaction. Raises
+        :class:`DependencyUnavailable` on any SQLite error.
+        """
+        with self._locked() as conn:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield conn
+                finally:
+                    self._depth -= 1
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
+            try:
+                yield conn
+            except BaseException:
+                self._depth = 0
+                if conn.in_transaction:
+                    try:
+                        conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        log.error("rollback failed")
+                raise
+            self._depth = 0
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads (autocommit statements, or inside a transaction).
+
+        Raises :class:`DependencyUnavailable` on any SQLite error.
+        """
+        with self._locked() as conn:
+            yield conn
+
+    def ping(self) -> bool:
+        """Whether the database answers a trivial query."""
+        try:
+            with self.read() as conn:
+                conn.execute("SELECT 1").fetchone()
+        except DependencyUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the connection; later calls raise :class:`DependencyUnavailable`. Idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except sqlite3.Error:  # pragma: no cover - nothing useful to do
+                log.warning("error while closing the database")
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would COMMIT our transaction)."""
+    parts: list[str] = []
+    buffer = ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                parts.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        raise ValueError("incomplete SQL statement in a migration")
+    return parts

@@ -1,0 +1,86 @@
+"""The Thrift handler of ``service Auth``: adapts :class:`AuthService` to the IDL.
+
+Each method is wrapped by :func:`auth_rpc.rpc_errors.map_errors`, so internal
+errors leave as the IDL's exceptions. A client may omit a string field
+(thriftpy2 then passes ``None``): it is treated as empty and refused as the
+method declares (``InvalidArgument``, or ``Unauthenticated`` for
+``validate``). ``revoke`` and ``jwks`` declare no ``Unauthenticated``, and
+``jwks`` declares nothing at all: they never raise one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from auth_rpc.idl import auth_thrift
+from auth_rpc.principal import Principal
+from auth_rpc.rpc_errors import map_errors
+from auth_rpc.service import AuthService, IssuedTokens
+
+__all__ = ["AuthHandler", "principal_to_thrift", "tokens_to_thrift"]
+
+log = logging.getLogger("auth_rpc.handler")
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def tokens_to_thrift(tokens: IssuedTokens) -> Any:
+    """``IssuedTokens`` as an ``auth_thrift.TokenPair``."""
+    return auth_thrift.TokenPair(
+        access_token=tokens.access_token,
+        refresh_token=tokens.refresh_token,
+        token_type=tokens.token_type,
+        expires_in=tokens.expires_in,
+        scope=tokens.scope,
+    )
+
+
+def principal_to_thrift(principal: Principal) -> Any:
+    """A :class:`Principal` as an ``auth_thrift.Principal`` (scopes sorted)."""
+    return auth_thrift.Principal(
+        subject=principal.subject,
+        scopes=sorted(principal.scopes),
+        expires_at=principal.expires_at,
+        token_id=principal.token_id,
+        client_id=principal.client_id,
+        issuer=principal.issuer,
+        audience=" ".join(principal.audience),
+    )
+
+
+class AuthHandler:
+    """Implements ``service Auth`` over one :class:`AuthService`."""
+
+    def __init__(self, service: AuthService) -> None:
+        self._service = service
+
+    @map_errors
+    def login(self, username: str | None, password: str | None) -> Any:
+        return tokens_to_thrift(self._service.login(_text(username), _text(password)))
+
+    @map_errors
+    def refresh(self, refresh_token: str | None) -> Any:
+        return tokens_to_thrift(self._service.refresh(_text(refresh_token)))
+
+    @map_errors
+    def client_token(
+        self, client_id: str | None, client_secret: str | None, scope: str | None
+    ) -> Any:
+        return tokens_to_thrift(
+            self._service.client_token(_text(client_id), _text(client_secret), _text(scope))
+        )
+
+    @map_errors
+    def validate(self, token: str | None) -> Any:
+        return principal_to_thrift(self._service.validate(_text(token)))
+
+    @map_errors
+    def revoke(self, token: str | None) -> None:
+        self._service.revoke(_text(token))
+
+    def jwks(self) -> str:
+        return json.dumps(self._service.jwks(), separators=(",", ":"), sort_keys=True)

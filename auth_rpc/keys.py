@@ -1,0 +1,552 @@
+"""Signing keys: made on first start, kept 0600 in the data dir, rotated, published.
+
+A :class:`SigningKey` is one key loaded in memory (never re-parsed per call):
+its ``kid``, its ``alg`` and the private key object (for HS256, the secret
+bytes). The algorithm belongs to the key, so a token is verified with the
+algorithm of the key its ``kid`` names - from our configuration, never from
+the token's header (RFC 8725 section 2.1).
+
+Files: ``DATA_DIR/keys/<kid>.pem`` (PKCS #8 PEM, mode 0600, directory 0700);
+the ``signing_keys`` table records each key's algorithm, when it was made,
+when a newer key superseded it, and the longest access-token lifetime it was
+used with. A superseded key keeps verifying, and stays in the JWK Set, until
+``superseded_at + max_ttl_s + RETIRE_SLACK_S``: by then every token it signed
+has expired. After that its row and file are deleted.
+
+HS256: the secret comes from a file given in the settings (at least 32
+bytes), is never written to the data dir and never published: the JWK Set
+holds public keys only, so in HS256 mode it is empty (or lists only
+asymmetric keys still retiring from before a switch to HS256).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from auth_rpc.db import Database
+from auth_rpc.errors import DependencyUnavailable
+
+__all__ = [
+    "ALGORITHMS",
+    "MIN_HS256_SECRET_BYTES",
+    "RETIRE_SLACK_S",
+    "KeyManager",
+    "KeyStore",
+    "SigningKey",
+    "read_hs256_secret",
+]
+
+log = logging.getLogger("auth_rpc.keys")
+
+ALGORITHMS = ("EdDSA", "RS256", "ES256", "HS256")
+ASYMMETRIC = ("EdDSA", "RS256", "ES256")
+MIN_HS256_SECRET_BYTES = 32
+RSA_BITS = 2048
+#: Extra time a superseded key lives beyond its longest token lifetime
+#: (leeway of validators, and the delay before another process sees a rotation).
+RETIRE_SLACK_S = 60
+_KID_MAX = 128
+
+
+def read_hs256_secret(path: Path) -> bytes:
+    """The HS256 secret in ``path``: its bytes, without a trailing newline.
+
+    Raises ``ValueError`` if it is shorter than 32 bytes (RFC 7518 section
+    3.2: a key of the same size as the hash output or larger), ``OSError`` if
+    the file cannot be read.
+    """
+    data = Path(path).read_bytes()
+    secret = data.rstrip(b"\r\n")
+    if len(secret) < MIN_HS256_SECRET_BYTES:
+        raise ValueError(
+            f"the HS256 secret in {path} is {len(secret)} bytes; at least "
+            f"{MIN_HS256_SECRET_BYTES} random bytes are required"
+        )
+    return secret
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One signing key in memory.
+
+    ``private_key`` is an ``Ed25519PrivateKey`` (EdDSA), an ``RSAPrivateKey``
+    of at least 2048 bits (RS256), a P-256 ``EllipticCurvePrivateKey`` (ES256)
+    or the secret ``bytes`` (HS256, at least 32). Make one in a test with
+    :meth:`generate`. ``repr()`` never shows the key.
+    """
+
+    kid: str
+    alg: str
+    private_key: Any = field(repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.kid or len(self.kid) > _KID_MAX:
+            raise ValueError("kid must be 1..128 characters")
+        expected: dict[str, type | tuple[type, ...]] = {
+            "EdDSA": ed25519.Ed25519PrivateKey,
+            "RS256": rsa.RSAPrivateKey,
+            "ES256": ec.EllipticCurvePrivateKey,
+            "HS256": bytes,
+        }
+        if self.alg not in expected:
+            raise ValueError(f"unsupported algorithm {self.alg!r}; choose one of {ALGORITHMS}")
+        if not isinstance(self.private_key, expected[self.alg]):
+            raise ValueError(f"the key does not suit {self.alg}")
+        key: Any = self.private_key
+        if self.alg == "RS256" and key.key_size < RSA_BITS:
+            raise ValueError(f"RS256 keys need at least {RSA_BITS} bits")
+        if self.alg == "ES256" and not isinstance(key.curve, ec.SECP256R1):
+            raise ValueError("ES256 keys must be on the P-256 curve")
+        if self.alg == "HS256" and len(key) < MIN_HS256_SECRET_BYTES:
+            raise ValueError(
+                f"the HS256 secret is {len(key)} bytes; at least "
+                f"{MIN_HS256_SECRET_BYTES} are required"
+            )
+
+    @classmethod
+    def generate(cls, alg: str = "EdDSA", *, kid: str | None = None) -> SigningKey:
+        """A new random key for ``alg`` (``kid`` defaults to the RFC 7638 thumbprint).
+
+        Raises ``ValueError`` for an unknown algorithm.
+        """
+        private: Any
+        if alg == "EdDSA":
+            private = ed25519.Ed25519PrivateKey.generate()
+        elif alg == "RS256":
+            private = rsa.generate_private_key(public_exponent=65537, key_size=RSA_BITS)
+        elif alg == "ES256":
+            private = ec.generate_private_key(ec.SECP256R1())
+        elif alg == "HS256":
+            return cls.hs256(secrets.token_bytes(32), kid=kid)
+        else:
+            raise ValueError(f"unsupported algorithm {alg!r}; choose one of {ALGORITHMS}")
+        return cls(kid=kid or _thumbprint(_public_jwk(alg, private.public_key())), alg=alg,
+                   private_key=private)
+
+    @classmethod
+    def hs256(cls, secret: bytes, *, kid: str | None = None) -> SigningKey:
+        """An HS256 key; ``kid`` defaults to a digest that does not reveal the secret.
+
+        Raises ``ValueError`` if the secret is under 32 bytes.
+        """
+        if kid is None:
+            kid = "hs-" + _b64url(hashlib.sha256(b"auth-rpc hs256 kid\0" + secret).digest()[:12])
+        return cls(kid=kid, alg="HS256", private_key=bytes(secret))
+
+    @classmethod
+    def from_pem(cls, pem: bytes, *, kid: str, alg: str) -> SigningKey:
+        """Load a PKCS #8 PEM private key. Raises ``ValueError`` if it does not suit ``alg``."""
+        private = serialization.load_pem_private_key(pem, password=None)
+        return cls(kid=kid, alg=alg, private_key=private)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.alg == "HS256"
+
+    @property
+    def verification_key(self) -> Any:
+        """What PyJWT verifies with: the public key object (the secret for HS256)."""
+        if self.symmetric:
+            return self.private_key
+        return self.private_key.public_key()
+
+    def private_pem(self) -> bytes:
+        """The private key as unencrypted PKCS #8 PEM. Raises ``ValueError`` for HS256."""
+        if self.symmetric:
+            raise ValueError("an HS256 secret has no PEM form")
+        pem: bytes = self.private_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return pem
+
+    def public_pem(self) -> bytes:
+        """The public key as SubjectPublicKeyInfo PEM (for a local verifier).
+
+        Raises ``ValueError`` for HS256.
+        """
+        if self.symmetric:
+            raise ValueError("an HS256 secret has no public key")
+        pem: bytes = self.verification_key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return pem
+
+    def public_jwk(self) -> dict[str, str] | None:
+        """The public JWK (RFC 7517) with ``kid``, ``alg`` and ``use``; ``None`` for HS256."""
+        if self.symmetric:
+            return None
+        jwk = _public_jwk(self.alg, self.verification_key)
+        jwk.update({"kid": self.kid, "alg": self.alg, "use": "sig"})
+        return jwk
+
+
+def _public_jwk(alg: str, public_key: Any) -> dict[str, str]:
+    converter: Any = {"EdDSA": OKPAlgorithm, "RS256": RSAAlgorithm, "ES256": ECAlgorithm}[alg]
+    jwk: dict[str, str] = converter.to_jwk(public_key, as_dict=True)
+    return jwk
+
+
+def _thumbprint(jwk: Mapping[str, str]) -> str:
+    """RFC 7638 JWK thumbprint (SHA-256, base64url)."""
+    required = {
+        "OKP": ("crv", "kty", "x"),
+        "RSA": ("e", "kty", "n"),
+        "EC": ("crv", "kty", "x", "y"),
+    }
+    members = {name: jwk[name] for name in required[jwk["kty"]]}
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+    return _b64url(hashlib.sha256(canonical).digest())
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    """A row of ``signing_keys``."""
+
+    kid: str
+    alg: str
+    created_at: int
+    superseded_at: int | None
+    max_ttl_s: int
+
+    def retire_at(self) -> float | None:
+        """When the key stops verifying (``None`` while it is the signer)."""
+        if self.superseded_at is None:
+            return None
+        return self.superseded_at + self.max_ttl_s + RETIRE_SLACK_S
+
+
+class KeyStore:
+    """Key files in ``keys_dir`` (0600) and their rows in ``signing_keys``."""
+
+    def __init__(self, db: Database, keys_dir: Path) -> None:
+        self._db = db
+        self.keys_dir = keys_dir
+
+    def ensure_dir(self) -> None:
+        """Create ``keys_dir`` with mode 0700 (tightening it if it exists)."""
+        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.keys_dir, 0o700)
+
+    def records(self) -> list[KeyRecord]:
+        """Every key row, oldest first. Raises DependencyUnavailable."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT kid, alg, created_at, superseded_at, max_ttl_s FROM signing_keys "
+                "ORDER BY created_at, kid"
+            ).fetchall()
+        return [KeyRecord(*row) for row in rows]
+
+    def load(self, record: KeyRecord) -> SigningKey:
+        """Read and parse one key file. Raises DependencyUnavailable if it is missing or bad."""
+        path = self._path(record.kid)
+        try:
+            return SigningKey.from_pem(path.read_bytes(), kid=record.kid, alg=record.alg)
+        except (OSError, ValueError, TypeError) as exc:
+            log.error("cannot load signing key %s: %s", record.kid, type(exc).__name__)
+            raise DependencyUnavailable("signing key unavailable") from exc
+
+    def add(self, key: SigningKey, *, now: int, max_ttl_s: int, supersede: bool = True) -> None:
+        """Write ``key`` (0600, fsynced) and record it; older signers become superseded.
+
+        Raises DependencyUnavailable (database) or OSError (file).
+        """
+        self.ensure_dir()
+        path = self._path(key.kid)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, key.private_pem())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.keys_dir)
+        try:
+            with self._db.transaction() as conn:
+                if supersede:
+                    conn.execute(
+                        "UPDATE signing_keys SET superseded_at = ? WHERE superseded_at IS NULL",
+                        (now,),
+                    )
+                conn.execute(
+                    "INSERT INTO signing_keys (kid, alg, created_at, superseded_at, max_ttl_s) "
+                    "VALUES (?, ?, ?, NULL, ?)",
+                    (key.kid, key.alg, now, max_ttl_s),
+                )
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+
+    def supersede_all(self, *, now: int) -> None:
+        """Mark every current signer superseded (switching to an HS256 secret)."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE signing_keys SET superseded_at = ? WHERE superseded_at IS NULL", (now,)
+            )
+
+    def note_ttl(self, kid: str, ttl_s: int) -> None:
+        """Record that ``kid`` signs tokens living up to ``ttl_s`` (keeps the maximum)."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE signing_keys SET max_ttl_s = MAX(max_ttl_s, ?) WHERE kid = ?", (ttl_s, kid)
+            )
+
+    def delete(self, kid: str) -> None:
+        """Forget a retired key: its row, then its file."""
+        with self._db.transaction() as conn:
+            conn.execute("DELETE FROM signing_keys WHERE kid = ?", (kid,))
+        self._path(kid).unlink(missing_ok=True)
+
+    def fingerprint(self) -> tuple[tuple[str, int | None], ...]:
+        """A cheap summary that changes whenever keys are added or superseded."""
+        with self._db.read() as conn:
+            rows = conn.execute(
+                "SELECT kid, superseded_at FROM signing_keys ORDER BY kid"
+            ).fetchall()
+        return tuple((str(k), s) for k, s in rows)
+
+    def _path(self, kid: str) -> Path:
+        if not kid.replace("-", "").replace("_", "").isalnum():
+            raise ValueError("unexpected characters in a kid")
+        return self.keys_dir / f"{kid}.pem"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - not every platform opens directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class KeyRing:
+    """An immutable snapshot: the signer and every key that still verifies."""
+
+    signer: SigningKey | None
+    keys: Mapping[str, SigningKey]
+    records: Mapping[str, KeyRecord]
+    fingerprint: tuple[tuple[str, int | None], ...]
+
+
+class KeyManager:
+    """Owns the key ring of one service: loading, rotation, retirement, lookups.
+
+    Thread safe: lookups read an immutable :class:`KeyRing` swapped atomically.
+    A rotation made by another process (``auth-rpc rotate-key``) is picked up
+    within ``reload_interval_s`` (checked on use), or at once when a token
+    names an unknown ``kid`` (at most once a second).
+    """
+
+    def __init__(
+        self,
+        store: KeyStore,
+        *,
+        alg: str,
+        access_ttl_s: int,
+        clock: Callable[[], float],
+        hs256_key: SigningKey | None = None,
+        reload_interval_s: float = 5.0,
+    ) -> None:
+        if alg not in ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {alg!r}; choose one of {ALGORITHMS}")
+        if alg == "HS256" and hs256_key is None:
+            raise ValueError("HS256 needs a secret file (hs256_secret_file)")
+        self._store = store
+        self.alg = alg
+        self._access_ttl_s = access_ttl_s
+        self._clock = clock
+        self._hs256 = hs256_key
+        self._reload_interval_s = reload_interval_s
+        self._lock = threading.Lock()
+        self._ring = KeyRing(None, {}, {}, ())
+        self._checked_at = float("-inf")
+        self._unknown_kid_at = float("-inf")
+
+    # -- loading ---------------------------------------------------------
+
+    def start(self, *, create: bool) -> None:
+        """Load the keys; with ``create``, make a signing key of ``alg`` if none is current.
+
+        Making a key of another algorithm than the current signer's is a
+        rotation (the old key retires after its tokens expire). Raises
+        DependencyUnavailable, OSError.
+        """
+        now = int(self._clock())
+        self._store.ensure_dir()
+        if create:
+            current = [r for r in self._store.records() if r.superseded_at is None]
+            if self.alg == "HS256":
+                if current:
+                    log.info("switching to HS256; current asymmetric keys retire")
+                    self._store.supersede_all(now=now)
+            elif not any(r.alg == self.alg for r in current):
+                key = SigningKey.generate(self.alg)
+                self._store.add(key, now=now, max_ttl_s=self._access_ttl_s)
+                log.info("made signing key %s (%s)", key.kid, key.alg)
+        self.reload(force=True)
+        signer = self._ring.signer
+        if signer is not None and not signer.symmetric:
+            self._store.note_ttl(signer.kid, self._access_ttl_s)
+
+    def reload(self, *, force: bool = False) -> None:
+        """Re-read the key table if it changed (or ``force``); drop retired keys."""
+        with self._lock:
+            self._checked_at = time.monotonic()
+            fingerprint = self._store.fingerprint()
+            if not force and fingerprint == self._ring.fingerprint:
+                self._retire_locked()
+                return
+            old = self._ring.keys
+            now = self._clock()
+            records: dict[str, KeyRecord] = {}
+            keys: dict[str, SigningKey] = {}
+            for record in self._store.records():
+                retire_at = record.retire_at()
+                if retire_at is not None and now > retire_at:
+                    self._forget(record.kid)
+                    continue
+                records[record.kid] = record
+                keys[record.kid] = old.get(record.kid) or self._store.load(record)
+            signer: SigningKey | None
+            if self._hs256 is not None:
+                signer = self._hs256
+                keys[signer.kid] = signer
+            else:
+                current = [r for r in records.values() if r.superseded_at is None]
+                signer = keys[current[-1].kid] if current else None
+            self._ring = KeyRing(signer, keys, records, fingerprint)
+
+    def _retire_locked(self) -> None:
+        now = self._clock()
+        ring = self._ring
+        expired = [
+            kid for kid, r in ring.records.items()
+            if (at := r.retire_at()) is not None and now > at
+        ]
+        if not expired:
+            return
+        for kid in expired:
+            self._forget(kid)
+        keys = {k: v for k, v in ring.keys.items() if k not in expired}
+        records = {k: v for k, v in ring.records.items() if k not in expired}
+        self._ring = KeyRing(ring.signer, keys, records, self._store.fingerprint())
+
+    def _forget(self, kid: str) -> None:
+        try:
+            self._store.delete(kid)
+            log.info("retired signing key %s", kid)
+        except (DependencyUnavailable, OSError, sqlite3.Error):
+            log.warning("could not delete retired signing key %s", kid)
+
+    def _maybe_reload(self) -> None:
+        if time.monotonic() - self._checked_at < self._reload_interval_s:
+            return
+        try:
+            self.reload()
+        except DependencyUnavailable:
+            log.warning("key reload failed; keeping the loaded keys")
+
+    # -- use ---------------------------------------------------------------
+
+    def signer(self) -> SigningKey:
+        """The current signing key. Raises DependencyUnavailable if there is none."""
+        self._maybe_reload()
+        signer = self._ring.signer
+        if signer is None:
+            raise DependencyUnavailable("no signing key")
+        return signer
+
+    def find(self, kid: str) -> SigningKey | None:
+        """The key named ``kid`` if it still verifies, else ``None``."""
+        self._maybe_reload()
+        ring = self._ring
+        key = ring.keys.get(kid)
+        if key is None:
+            now = time.monotonic()
+            if now - self._unknown_kid_at >= 1.0:
+                self._unknown_kid_at = now
+                try:
+                    self.reload()
+                except DependencyUnavailable:
+                    return None
+                ring = self._ring
+                key = ring.keys.get(kid)
+            if key is None:
+                return None
+        record = ring.records.get(kid)
+        retire_at = record.retire_at() if record is not None else None
+        if retire_at is not None and self._clock() > retire_at:
+            return None
+        return key
+
+    def jwks(self) -> dict[str, object]:
+        """The JWK Set (RFC 7517): public keys that still verify, newest first.
+
+        Never contains an HS256 secret; empty in HS256 mode unless older
+        asymmetric keys are still retiring. Never raises (serves the loaded
+        keys if the database cannot be read).
+        """
+        self._maybe_reload()
+        ring = self._ring
+        now = self._clock()
+        entries: list[tuple[int, dict[str, str]]] = []
+        for kid, key in ring.keys.items():
+            record = ring.records.get(kid)
+            if record is None:
+                continue
+            retire_at = record.retire_at()
+            if retire_at is not None and now > retire_at:
+                continue
+            jwk = key.public_jwk()
+            if jwk is not None:
+                entries.append((record.created_at, jwk))
+        entries.sort(key=lambda e: e[0], reverse=True)
+        return {"keys": [jwk for _, jwk in entries]}
+
+    def rotate(self, alg: str | None = None) -> str:
+        """Make a new signing key; it signs from now on. Returns its ``kid``.
+
+        ``alg`` defaults to the current signer's algorithm (or the configured
+        one). Raises ``ValueError`` for HS256 (replace the secret file
+        instead) or an unknown algorithm; DependencyUnavailable, OSError.
+        """
+        if alg is None:
+            current = self._ring.signer
+            alg = current.alg if current is not None else self.alg
+        if alg == "HS256":
+            raise ValueError(
+                "an HS256 secret cannot be rotated here: write a new secret file and restart"
+            )
+        if alg not in ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {alg!r}; choose one of {ALGORITHMS}")
+        key = SigningKey.generate(alg)
+        self._store.add(key, now=int(self._clock()), max_ttl_s=self._access_ttl_s)
+        log.info("rotated to signing key %s (%s)", key.kid, key.alg)
+        self.reload(force=True)
+        return key.kid

@@ -1,0 +1,510 @@
+"""AuthService: the one facade both edges (Thrift handler, HTTP app) adapt.
+
+Every public method raises only :mod:`auth_rpc.errors` classes (admin
+operations and :meth:`AuthService.open` also ``ValueError`` / ``OSError`` for
+bad configuration). A database failure becomes
+:class:`~auth_rpc.errors.DependencyUnavailable`, never a crash.
+
+Tokens issued:
+
+- ``login``: an access token whose ``sub`` is the username and whose
+  ``client_id`` is :data:`USER_CLIENT_ID` (``"auth-rpc"``: the Thrift
+  ``login`` carries no client identity; the HTTP password grant may pass the
+  authenticated client's id instead), plus a refresh token starting a new
+  family.
+- ``refresh``: a rotated refresh token and a new access token with the
+  family's scopes (intersected with the user's current scopes; optionally
+  narrowed), same ``client_id``.
+- ``client_token``: an access token whose ``sub`` and ``client_id`` are the
+  client id; no refresh token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from auth_rpc.accounts import (
+    AccountStore,
+    check_client_id,
+    check_password,
+    check_scopes,
+    check_username,
+    parse_scope,
+)
+from auth_rpc.db import Database
+from auth_rpc.errors import (
+    DependencyUnavailable,
+    InvalidCredentials,
+    InvalidInput,
+    TokenRejected,
+)
+from auth_rpc.keys import ALGORITHMS, KeyManager, KeyStore, SigningKey, read_hs256_secret
+from auth_rpc.passwords import SecretHasher
+from auth_rpc.principal import Principal
+from auth_rpc.throttle import Throttle
+from auth_rpc.tokens import (
+    LEEWAY_S,
+    MAX_TOKEN_BYTES,
+    AccessTokenChecker,
+    Family,
+    RefreshStore,
+    RevocationStore,
+    Rotation,
+    hash_refresh_token,
+    mint_access_token,
+    new_jti,
+    new_refresh_token,
+    principal_from_claims,
+)
+
+__all__ = ["DB_FILENAME", "USER_CLIENT_ID", "AuthService", "AuthSettings", "IssuedTokens"]
+
+log = logging.getLogger("auth_rpc.service")
+
+#: The ``client_id`` claim of tokens issued by ``login`` (no client is named).
+USER_CLIENT_ID = "auth-rpc"
+DB_FILENAME = "auth.sqlite3"
+LOGIN_FAILED = "invalid username or password"
+CLIENT_FAILED = "invalid client credentials"
+_PURGE_INTERVAL_S = 600
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Configuration of one Auth service. Raises ``ValueError`` when out of range."""
+
+    data_dir: Path
+    issuer: str
+    audience: str = "posts"
+    alg: str = "EdDSA"  # EdDSA | RS256 | ES256 | HS256
+    hs256_secret_file: Path | None = None  # required for HS256; >= 32 bytes
+    access_ttl_s: int = 900
+    refresh_ttl_s: int = 14 * 86400
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.hs256_secret_file is not None:
+            object.__setattr__(self, "hs256_secret_file", Path(self.hs256_secret_file))
+        if self.alg not in ALGORITHMS:
+            raise ValueError(f"unsupported algorithm {self.alg!r}; choose one of {ALGORITHMS}")
+        if self.alg == "HS256" and self.hs256_secret_file is None:
+            raise ValueError("HS256 needs hs256_secret_file (a secret of at least 32 bytes)")
+        if not self.issuer:
+            raise ValueError("issuer must not be empty")
+        if not self.audience:
+            raise ValueError("audience must not be empty")
+        if not 1 <= self.access_ttl_s <= 86400:
+            raise ValueError("access_ttl_s must be 1..86400 seconds")
+        if not 1 <= self.refresh_ttl_s <= 366 * 86400:
+            raise ValueError("refresh_ttl_s must be 1..31622400 seconds")
+
+
+@dataclass(frozen=True)
+class IssuedTokens:
+    """What a successful login, refresh or client-credentials grant returns.
+
+    ``repr()`` leaves the tokens out, so that logging one is harmless.
+    """
+
+    access_token: str = field(repr=False)
+    refresh_token: str = field(repr=False)  # "" for client-credentials tokens
+    expires_in: int  # seconds
+    scope: str  # space separated
+    token_type: str = "Bearer"  # noqa: S105 - the OAuth token type, not a secret
+
+
+def _prepare_data_dir(path: Path) -> None:
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.stat()
+    if st.st_mode & 0o077 and st.st_uid == os.getuid():
+        log.info("restricting the data directory to its owner (mode 0700)")
+        os.chmod(path, 0o700)
+
+
+def _narrow(granted: tuple[str, ...], requested: tuple[str, ...]) -> tuple[str, ...]:
+    if not requested:
+        return granted
+    if not set(requested) <= set(granted):
+        raise InvalidInput("scope", "asks for more than was granted")
+    return requested
+
+
+class AuthService:
+    """Users, clients, keys and tokens of one Auth service (see the module docstring).
+
+    Thread safe. Make one with :meth:`open`; :meth:`close` it at the end.
+    """
+
+    def __init__(
+        self,
+        settings: AuthSettings,
+        *,
+        db: Database,
+        keys: KeyManager,
+        hasher: SecretHasher,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.issuer = settings.issuer
+        self.audience = settings.audience
+        self._db = db
+        self._keys = keys
+        self._hasher = hasher
+        self._clock = clock
+        self._accounts = AccountStore(db)
+        self._refresh = RefreshStore(db)
+        self._revocations = RevocationStore(db)
+        self._checker = AccessTokenChecker(
+            issuer=settings.issuer,
+            audience=settings.audience,
+            find_key=keys.find,
+            clock=clock,
+            is_revoked=self._revocations.is_revoked,
+        )
+        self._login_throttle = Throttle(clock=clock, what="logins")
+        self._client_throttle = Throttle(clock=clock, what="client authentications")
+        self._purged_at = float("-inf")
+        self._purge_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        settings: AuthSettings,
+        *,
+        clock: Callable[[], float] = time.time,
+        create_key: bool = True,
+        hasher: SecretHasher | None = None,
+    ) -> AuthService:
+        """Open the service on ``settings.data_dir``, making dir, database and key on first start.
+
+        ``create_key=False`` (admin commands) never makes or switches a
+        signing key. Raises ``ValueError`` (bad settings, short HS256 secret,
+        newer schema), ``OSError`` (data dir, key or secret file),
+        DependencyUnavailable (database).
+        """
+        hs256_key = None
+        if settings.alg == "HS256":
+            assert settings.hs256_secret_file is not None  # AuthSettings checks it
+            hs256_key = SigningKey.hs256(read_hs256_secret(settings.hs256_secret_file))
+        _prepare_data_dir(settings.data_dir)
+        db = Database.open(settings.data_dir / DB_FILENAME)
+        try:
+            keys = KeyManager(
+                KeyStore(db, settings.data_dir / "keys"),
+                alg=settings.alg,
+                access_ttl_s=settings.access_ttl_s,
+                clock=clock,
+                hs256_key=hs256_key,
+            )
+            keys.start(create=create_key)
+            service = cls(settings, db=db, keys=keys, hasher=hasher or SecretHasher(), clock=clock)
+        except BaseException:
+            db.close()
+            raise
+        log.info("auth service open (alg %s, schema version %d)", settings.alg, db.schema_version)
+        return service
+
+    # -- grants ------------------------------------------------------------
+
+    def login(
+        self, username: str, password: str, scope: str = "", *, client_id: str = USER_CLIENT_ID
+    ) -> IssuedTokens:
+        """Password grant: an access token and a refresh token (a new family).
+
+        ``scope`` narrows the user's scopes (``""`` = all of them). Raises
+        InvalidCredentials (one message for an unknown user and a wrong
+        password), Throttled, InvalidInput, DependencyUnavailable.
+        """
+        username = check_username(username)
+        check_password(password)
+        requested = parse_scope(scope)
+        with self._login_throttle.attempt(username) as attempt:
+            user = self._accounts.get_user(username)
+            ok = self._hasher.verify(user.password_hash if user else None, password)
+            if not ok or user is None:
+                attempt.failed()
+                log.info("login failed")
+                raise InvalidCredentials(LOGIN_FAILED)
+            attempt.succeeded()
+        scopes = _narrow(user.scopes, requested)
+        if self._hasher.needs_rehash(user.password_hash):
+            new_hash = self._hasher.hash(password)
+            self._accounts.set_password_hash(username, user.password_hash, new_hash)
+        now = int(self._clock())
+        self._maybe_purge(now)
+        family = Family(
+            family_id=secrets.token_urlsafe(16),
+            subject=username,
+            client_id=client_id,
+            scopes=scopes,
+            created_at=now,
+            expires_at=now + self.settings.refresh_ttl_s,
+        )
+        access, jti, exp = self._mint(username, scopes, client_id, now)
+        refresh = new_refresh_token()
+        self._refresh.start_family(
+            family, token_hash=hash_refresh_token(refresh), access_jti=jti, access_expires_at=exp
+        )
+        log.info("login succeeded for %r", username)
+        return IssuedTokens(access, refresh, self.settings.access_ttl_s, " ".join(scopes))
+
+    def refresh(self, refresh_token: str, scope: str = "") -> IssuedTokens:
+        """Refresh grant: rotate ``refresh_token`` and issue a new access token.
+
+        Keeps the family's scopes (those the user still has), narrowed by
+        ``scope`` if given. Raises TokenRejected (unknown, expired, revoked,
+        or reused - which revokes the family), InvalidInput,
+        DependencyUnavailable.
+        """
+        token = self._check_token_input(refresh_token, "refresh_token")
+        requested = parse_scope(scope)
+        now = int(self._clock())
+        self._maybe_purge(now)
+        issued: dict[str, Any] = {}
+
+        def issue(family: Family) -> Rotation:
+            user = self._accounts.get_user(family.subject)
+            if user is None:  # the user was deleted since the login
+                raise TokenRejected("invalid refresh token")
+            current = tuple(s for s in family.scopes if s in set(user.scopes))
+            scopes = _narrow(current, requested)
+            access, jti, exp = self._mint(family.subject, scopes, family.client_id, now)
+            new_refresh = new_refresh_token()
+            issued.update(access=access, refresh=new_refresh, scope=" ".join(scopes))
+            return Rotation(hash_refresh_token(new_refresh), jti, exp)
+
+        self._refresh.rotate(hash_refresh_token(token), now=now, issue=issue)
+        return IssuedTokens(
+            issued["access"], issued["refresh"], self.settings.access_ttl_s, issued["scope"]
+        )
+
+    def client_token(self, client_id: str, client_secret: str, scope: str = "") -> IssuedTokens:
+        """Client-credentials grant: an access token for the client itself, no refresh token.
+
+        ``scope`` narrows the client's scopes (``""`` = all). Raises
+        InvalidCredentials, Throttled, InvalidInput, DependencyUnavailable.
+        """
+        client_id = check_client_id(client_id)
+        check_password(client_secret, "client_secret")
+        requested = parse_scope(scope)
+        granted = self._authenticate_client(client_id, client_secret)
+        scopes = _narrow(granted, requested)
+        now = int(self._clock())
+        access, _, _ = self._mint(client_id, scopes, client_id, now)
+        log.info("client token issued to %r", client_id)
+        return IssuedTokens(access, "", self.settings.access_ttl_s, " ".join(scopes))
+
+    def authenticate_client(self, client_id: str, client_secret: str) -> str:
+        """Check a client's credentials (HTTP Basic on /introspect and /revoke).
+
+        Returns the client id. Raises InvalidCredentials (also for malformed
+        input), Throttled, DependencyUnavailable.
+        """
+        try:
+            client_id = check_client_id(client_id)
+            check_password(client_secret, "client_secret")
+        except InvalidInput as exc:
+            raise InvalidCredentials(CLIENT_FAILED) from exc
+        self._authenticate_client(client_id, client_secret)
+        return client_id
+
+    def _authenticate_client(self, client_id: str, client_secret: str) -> tuple[str, ...]:
+        with self._client_throttle.attempt(client_id) as attempt:
+            client = self._accounts.get_client(client_id)
+            ok = self._hasher.verify(client.secret_hash if client else None, client_secret)
+            if not ok or client is None:
+                attempt.failed()
+                log.info("client authentication failed")
+                raise InvalidCredentials(CLIENT_FAILED)
+            attempt.succeeded()
+        return client.scopes
+
+    def _mint(
+        self, subject: str, scopes: Iterable[str], client_id: str, now: int
+    ) -> tuple[str, str, int]:
+        key = self._keys.signer()
+        jti = new_jti()
+        ttl = self.settings.access_ttl_s
+        token = mint_access_token(
+            key, issuer=self.issuer, audience=self.audience, subject=subject, scopes=scopes,
+            client_id=client_id, ttl_s=ttl, now=now, jti=jti,
+        )
+        return token, jti, now + ttl
+
+    # -- checking ----------------------------------------------------------
+
+    def validate(self, token: str) -> Principal:
+        """The :class:`Principal` of a valid access token of ours.
+
+        Raises TokenRejected (with a short generic reason; malformed, too
+        long, bad signature, unknown key, expired, wrong type, issuer or
+        audience, revoked, a refresh token), DependencyUnavailable.
+        """
+        self._check_open()
+        return self._checker.check(token)
+
+    #: :class:`auth_rpc.principal.TokenVerifier` compatibility.
+    def verify(self, token: str) -> Principal:
+        """Same as :meth:`validate`."""
+        return self.validate(token)
+
+    def introspect(self, token: str) -> dict[str, object]:
+        """RFC 7662 introspection response for ``token``.
+
+        An access token that :meth:`validate` accepts gives ``active: true``
+        with ``scope``, ``client_id``, ``username``, ``sub``, ``exp``,
+        ``iat``, ``nbf``, ``iss``, ``aud``, ``jti`` and ``token_type``
+        (``"Bearer"``). Anything else - including refresh tokens, which are
+        only ever presented to this service - gives ``{"active": False}``.
+        Raises DependencyUnavailable only.
+        """
+        try:
+            self._check_open()
+            claims = self._checker.decode(token)
+        except TokenRejected:
+            return {"active": False}
+        principal = principal_from_claims(claims)
+        body: dict[str, object] = {
+            "active": True,
+            "scope": " ".join(sorted(principal.scopes)),
+            "client_id": principal.client_id,
+            "sub": principal.subject,
+            "exp": principal.expires_at,
+            "iat": claims["iat"],
+            "iss": principal.issuer,
+            "aud": claims["aud"],
+            "jti": principal.token_id,
+            "token_type": "Bearer",
+        }
+        if "nbf" in claims:
+            body["nbf"] = claims["nbf"]
+        if principal.client_id == USER_CLIENT_ID:
+            body["username"] = principal.subject
+        return body
+
+    def revoke(self, token: str) -> None:
+        """Revoke an access token (its ``jti``, until it expires) or a refresh token (its family).
+
+        RFC 7009 section 2.2: "invalid tokens do not cause an error" - an
+        unknown, expired or foreign token is a no-op. Idempotent. Raises
+        InvalidInput (empty, or over 8 KiB), DependencyUnavailable.
+        """
+        token = self._check_token_input(token, "token")
+        now = int(self._clock())
+        self._maybe_purge(now)
+        if token.count(".") == 2:
+            try:
+                claims = self._checker.decode(token, check_time=False, check_revoked=False)
+            except TokenRejected:
+                return
+            if claims["exp"] + LEEWAY_S > now:
+                self._revocations.revoke(claims["jti"], expires_at=int(claims["exp"]))
+                log.info("access token revoked")
+            return
+        if self._refresh.revoke_by_token(hash_refresh_token(token), now=now):
+            log.info("refresh token family revoked")
+
+    def _check_token_input(self, token: object, field_name: str) -> str:
+        self._check_open()
+        if not isinstance(token, str) or not token:
+            raise InvalidInput(field_name, "must not be empty")
+        if len(token) > MAX_TOKEN_BYTES:
+            raise InvalidInput(field_name, f"longer than {MAX_TOKEN_BYTES} bytes")
+        return token
+
+    def jwks(self) -> dict[str, object]:
+        """The RFC 7517 JWK Set: public keys only (empty for an HS256 secret). Never raises."""
+        return self._keys.jwks()
+
+    def signing_key(self) -> SigningKey:
+        """The current signing key (for a test token factory). Raises DependencyUnavailable."""
+        return self._keys.signer()
+
+    # -- admin -------------------------------------------------------------
+
+    def add_user(self, name: str, password: str, scopes: Iterable[str] | str = ()) -> None:
+        """Create a user with ``scopes``. Raises InvalidInput (bad or taken name, bad
+        password or scopes), DependencyUnavailable."""
+        name = check_username(name)
+        check_password(password)
+        granted = check_scopes(scopes)
+        self._check_open()
+        self._accounts.add_user(name, self._hasher.hash(password), granted, now=int(self._clock()))
+        log.info("user %r created", name)
+
+    def add_client(self, client_id: str, scopes: Iterable[str] | str = ()) -> str:
+        """Register a service client; returns its secret (shown once, stored hashed).
+
+        Raises InvalidInput (bad or taken id, bad scopes), DependencyUnavailable.
+        """
+        client_id = check_client_id(client_id)
+        granted = check_scopes(scopes)
+        self._check_open()
+        secret = secrets.token_urlsafe(32)
+        self._accounts.add_client(
+            client_id, self._hasher.hash(secret), granted, now=int(self._clock())
+        )
+        log.info("client %r registered", client_id)
+        return secret
+
+    def rotate_key(self, alg: str | None = None) -> str:
+        """Make a new signing key (``alg`` defaults to the current one's); returns its kid.
+
+        The previous key keeps verifying, and stays in the JWK Set, until its
+        tokens have expired. Raises ``ValueError`` (HS256, unknown alg),
+        ``OSError``, DependencyUnavailable.
+        """
+        self._check_open()
+        return self._keys.rotate(alg)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def healthy(self) -> bool:
+        """Whether the service can serve: database answers and a signing key is loaded."""
+        if self._closed or not self._db.ping():
+            return False
+        try:
+            self._keys.signer()
+        except DependencyUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the database. Idempotent; later calls raise DependencyUnavailable."""
+        self._closed = True
+        self._db.close()
+
+    def __enter__(self) -> AuthService:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DependencyUnavailable("service closed")
+
+    def _maybe_purge(self, now: int) -> None:
+        if now - self._purged_at < _PURGE_INTERVAL_S:
+            return
+        if not self._purge_lock.acquire(blocking=False):
+            return
+        try:
+            self._purged_at = now
+            removed = self._revocations.purge(now=now)
+            self._refresh.purge(now=now)
+            if removed:
+                log.debug("purged %d expired revocations", removed)
+        except DependencyUnavailable:
+            log.warning("purging expired rows failed; will retry")
+        finally:
+            self._purge_lock.release()

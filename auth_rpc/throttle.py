@@ -1,0 +1,164 @@
+"""Throttling of guesses: per username for logins, per client id for client tokens.
+
+The rule: after ``limit`` (5) failures within ``window_s`` (15 minutes), the
+next attempt must wait ``base_delay_s * 2 ** (failures - limit)`` seconds
+after the last failure (60 s, 120 s, 240 s, ...), capped at ``max_delay_s``
+(15 minutes). Attempts refused while waiting are not counted, do not check
+the password, and cost nothing. Failures older than the window are forgotten
+and a success resets the key, so the real owner is never locked out for
+good: at worst they wait out the delay an attacker's guesses earned.
+
+The rule is the same for existing and unknown names (the key is the name as
+given), so a refusal reveals nothing about whether an account exists.
+
+Concurrency: while a key has failures, no more attempts may be in flight at
+once than failures remain before the limit, so that parallel guesses cannot
+overshoot it.
+
+State is in memory and bounded: at most ``max_keys`` names are tracked; when
+full, names whose failures aged out are dropped first, then the names whose
+last failure is oldest. The state is lost on restart (an attacker gains at
+most ``limit`` guesses per restart). ``clock`` is injected for tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from auth_rpc.errors import Throttled
+
+__all__ = ["Attempt", "Throttle"]
+
+log = logging.getLogger("auth_rpc.throttle")
+
+
+@dataclass
+class _Entry:
+    failures: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    in_flight: int = 0
+
+
+class Attempt:
+    """One guess in progress; report its outcome with :meth:`succeeded` or :meth:`failed`."""
+
+    __slots__ = ("outcome",)
+
+    def __init__(self) -> None:
+        self.outcome: bool | None = None
+
+    def succeeded(self) -> None:
+        self.outcome = True
+
+    def failed(self) -> None:
+        self.outcome = False
+
+
+class Throttle:
+    """Failure counting with growing delays, per key (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        limit: int = 5,
+        window_s: float = 15 * 60,
+        base_delay_s: float = 60.0,
+        max_delay_s: float = 15 * 60,
+        max_keys: int = 50_000,
+        clock: Callable[[], float] = time.time,
+        what: str = "attempts",
+    ) -> None:
+        if limit < 1 or window_s <= 0 or base_delay_s <= 0 or max_delay_s < base_delay_s:
+            raise ValueError("invalid throttle settings")
+        self.limit = limit
+        self.window_s = window_s
+        self.base_delay_s = base_delay_s
+        self.max_delay_s = max_delay_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._what = what
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def delay_s(self, failures: int) -> float:
+        """The wait after the last failure when ``failures`` happened within the window."""
+        if failures < self.limit:
+            return 0.0
+        return min(self.max_delay_s, self.base_delay_s * 2 ** min(failures - self.limit, 30))
+
+    def _prune(self, entry: _Entry, now: float) -> None:
+        while entry.failures and entry.failures[0] <= now - self.window_s:
+            entry.failures.popleft()
+
+    def check(self, key: str) -> None:
+        """Raise Throttled if an attempt for ``key`` must wait now."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._refuse_if_needed(entry, self._clock())
+
+    def _refuse_if_needed(self, entry: _Entry, now: float) -> None:
+        self._prune(entry, now)
+        count = len(entry.failures)
+        if count >= self.limit:
+            wait = entry.failures[-1] + self.delay_s(count) - now
+            if wait > 0:
+                raise Throttled(f"too many failed {self._what}; retry later",
+                                max(1, math.ceil(wait * 1000)))
+        if count and entry.in_flight >= max(1, self.limit - count):
+            raise Throttled(f"too many concurrent {self._what}; retry later", 1000)
+
+    @contextmanager
+    def attempt(self, key: str) -> Iterator[Attempt]:
+        """Guard one guess: raises Throttled first if it must wait.
+
+        The body reports the outcome on the yielded :class:`Attempt`; an
+        unreported outcome (an exception) counts as neither.
+        """
+        now = self._clock()
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._refuse_if_needed(entry, now)
+            else:
+                entry = _Entry()
+                self._entries[key] = entry
+            entry.in_flight += 1
+        attempt = Attempt()
+        try:
+            yield attempt
+        finally:
+            with self._lock:
+                entry.in_flight -= 1
+                if attempt.outcome is False:
+                    entry.failures.append(self._clock())
+                    self._entries[key] = entry  # re-insert if evicted meanwhile
+                    self._entries.move_to_end(key)
+                    if len(entry.failures) >= self.limit:
+                        log.info("throttling %s after %d failures", self._what, len(entry.failures))
+                elif attempt.outcome is True:
+                    entry.failures.clear()
+                if not entry.failures and entry.in_flight == 0:
+                    self._entries.pop(key, None)
+                self._evict(self._clock())
+
+    def _evict(self, now: float) -> None:
+        if len(self._entries) <= self.max_keys:
+            return
+        for key in list(self._entries):
+            entry = self._entries[key]
+            self._prune(entry, now)
+            if not entry.failures and entry.in_flight == 0:
+                del self._entries[key]
+        while len(self._entries) > self.max_keys:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)

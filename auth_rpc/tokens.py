@@ -1,0 +1,452 @@
+"""Access tokens (RFC 9068 JWTs) and refresh tokens (opaque, rotated, in families).
+
+Access tokens: header ``typ: at+jwt``, ``alg``, ``kid``; claims ``iss``,
+``sub``, ``aud``, ``exp``, ``iat``, ``nbf``, ``jti`` (144 random bits),
+``scope`` (space separated) and ``client_id``. :func:`mint_access_token` makes
+one; :class:`AccessTokenChecker` checks one as RFC 8725 and RFC 9068 ask.
+
+Refresh tokens: ``secrets.token_urlsafe(32)`` (256 random bits), stored only
+as SHA-256 hashes in :class:`RefreshStore`. Each login starts a *family*; every
+refresh marks the presented token used and adds a new one to the family, in
+one transaction. Presenting a used token revokes the family and every access
+token issued from it (RFC 9700 section 4.14.2). A family lives
+``refresh_ttl_s`` from the login, however often it is rotated.
+
+:class:`RevocationStore` keeps revoked access-token ids on disk until the
+token would have expired anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from auth_rpc.db import Database
+from auth_rpc.errors import TokenRejected
+from auth_rpc.keys import SigningKey
+from auth_rpc.principal import Principal
+
+__all__ = [
+    "ACCESS_TOKEN_TYPES",
+    "LEEWAY_S",
+    "MAX_TOKEN_BYTES",
+    "AccessTokenChecker",
+    "Family",
+    "RefreshStore",
+    "RevocationStore",
+    "SigningKey",
+    "hash_refresh_token",
+    "mint_access_token",
+    "new_jti",
+    "new_refresh_token",
+]
+
+log = logging.getLogger("auth_rpc.tokens")
+
+#: RFC 9068 section 2.1: "typ" with the value "at+jwt" (or "application/at+jwt").
+ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")
+#: Tokens longer than this are refused before any parsing.
+MAX_TOKEN_BYTES = 8192
+#: Clock skew tolerated on exp, nbf and iat, in seconds.
+LEEWAY_S = 30
+_REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "jti")
+_MAX_CLAIM_CHARS = 1024
+
+
+def new_jti() -> str:
+    """A random token id (144 bits, base64url)."""
+    return secrets.token_urlsafe(18)
+
+
+def new_refresh_token() -> str:
+    """A new opaque refresh token (256 random bits, base64url)."""
+    return secrets.token_urlsafe(32)
+
+
+def hash_refresh_token(token: str) -> bytes:
+    """The SHA-256 of a refresh token: the only form ever stored."""
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+
+def mint_access_token(
+    key: SigningKey,
+    *,
+    issuer: str,
+    audience: str | Sequence[str],
+    subject: str,
+    scopes: Iterable[str] | str,
+    client_id: str,
+    ttl_s: int,
+    now: float,
+    jti: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+    claims: Mapping[str, Any] | None = None,
+) -> str:
+    """Sign an RFC 9068 access token with ``key``.
+
+    ``scopes`` is an iterable of scope tokens (or one space-separated
+    string). ``headers`` and ``claims`` are merged over the defaults, so a
+    test can change anything (``typ``, ``kid``, ``alg`` - PyJWT then signs
+    with that algorithm, so ``key`` must suit it); a claim given as ``None``
+    is removed (e.g. ``claims={"exp": None}``). Raises ``ValueError`` if
+    ``ttl_s`` is not positive.
+    """
+    if ttl_s <= 0:
+        raise ValueError("ttl_s must be positive")
+    issued = int(now)
+    scope = scopes if isinstance(scopes, str) else " ".join(scopes)
+    payload: dict[str, Any] = {
+        "iss": issuer,
+        "sub": subject,
+        "aud": audience if isinstance(audience, str) else list(audience),
+        "exp": issued + int(ttl_s),
+        "iat": issued,
+        "nbf": issued,
+        "jti": jti or new_jti(),
+        "scope": scope,
+        "client_id": client_id,
+    }
+    for name, value in (claims or {}).items():
+        if value is None:
+            payload.pop(name, None)
+        else:
+            payload[name] = value
+    header: dict[str, Any] = {"typ": "at+jwt", "kid": key.kid}
+    header.update(headers or {})
+    return jwt.encode(payload, key.private_key, algorithm=key.alg, headers=header)
+
+
+class AccessTokenChecker:
+    """Checks access tokens issued by this service (RFC 8725, RFC 9068).
+
+    ``find_key(kid)`` returns our key named ``kid`` (or ``None``); the
+    algorithm accepted is that key's, never the token header's.
+    ``is_revoked(jti)`` may raise DependencyUnavailable, which passes through.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        find_key: Callable[[str], SigningKey | None],
+        clock: Callable[[], float],
+        is_revoked: Callable[[str], bool] | None = None,
+        leeway_s: int = LEEWAY_S,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self._find_key = find_key
+        self._clock = clock
+        self._is_revoked = is_revoked
+        self._leeway_s = leeway_s
+
+    def decode(
+        self, token: str, *, check_time: bool = True, check_revoked: bool = True
+    ) -> dict[str, Any]:
+        """The verified claims of ``token``. Raises TokenRejected (generic reason)."""
+        if not isinstance(token, str) or not token:
+            raise TokenRejected("missing token")
+        if len(token) > MAX_TOKEN_BYTES or not token.isascii():
+            raise TokenRejected("malformed token")
+        if token.count(".") != 2:
+            raise TokenRejected("malformed token")
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise TokenRejected("malformed token") from exc
+        # RFC 9068 section 4: "Resource servers MUST verify that the typ
+        # header value is "at+jwt" or "application/at+jwt" and reject tokens
+        # carrying any other value."
+        typ = header.get("typ")
+        if not isinstance(typ, str) or typ.lower() not in ACCESS_TOKEN_TYPES:
+            raise TokenRejected("not an access token")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid or len(kid) > 128:
+            raise TokenRejected("unknown signing key")
+        key = self._find_key(kid)
+        if key is None:
+            raise TokenRejected("unknown signing key")
+        # RFC 8725 section 3.1: "Libraries MUST enable the caller to specify a
+        # supported set of algorithms and MUST NOT use any other algorithms" -
+        # the one algorithm of the key the kid names, from our configuration.
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key.verification_key,
+                algorithms=[key.alg],
+                audience=self.audience,
+                issuer=self.issuer,
+                options={
+                    "require": list(_REQUIRED_CLAIMS),
+                    "verify_signature": True,
+                    "verify_aud": True,
+                    "verify_iss": True,
+                    # Times are checked below against the injected clock.
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
+            )
+        except jwt.InvalidAudienceError as exc:
+            raise TokenRejected("wrong audience") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise TokenRejected("wrong issuer") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise TokenRejected("missing claim") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise TokenRejected("bad signature") from exc
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise TokenRejected("invalid token") from exc
+        self._check_claims(claims, check_time=check_time)
+        if check_revoked and self._is_revoked is not None and self._is_revoked(claims["jti"]):
+            raise TokenRejected("token revoked")
+        return claims
+
+    def _check_claims(self, claims: Mapping[str, Any], *, check_time: bool) -> None:
+        for name in ("exp", "iat"):
+            if not _is_int(claims.get(name)):
+                raise TokenRejected("invalid token")
+        if "nbf" in claims and not _is_int(claims["nbf"]):
+            raise TokenRejected("invalid token")
+        for name in ("sub", "jti"):
+            value = claims.get(name)
+            if not isinstance(value, str) or not value or len(value) > _MAX_CLAIM_CHARS:
+                raise TokenRejected("invalid token")
+        for name in ("scope", "client_id"):
+            value = claims.get(name, "")
+            if not isinstance(value, str) or len(value) > _MAX_CLAIM_CHARS:
+                raise TokenRejected("invalid token")
+        if not check_time:
+            return
+        now = self._clock()
+        leeway = self._leeway_s
+        if now >= claims["exp"] + leeway:
+            raise TokenRejected("token expired")
+        if "nbf" in claims and now + leeway < claims["nbf"]:
+            raise TokenRejected("token not yet valid")
+        if now + leeway < claims["iat"]:
+            raise TokenRejected("token issued in the future")
+
+    def check(self, token: str) -> Principal:
+        """The :class:`Principal` of a valid access token. Raises TokenRejected."""
+        return principal_from_claims(self.decode(token))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def principal_from_claims(claims: Mapping[str, Any]) -> Principal:
+    """Build the :class:`Principal` of verified claims."""
+    aud = claims.get("aud", ())
+    audience = (aud,) if isinstance(aud, str) else tuple(str(a) for a in aud)
+    return Principal(
+        subject=claims["sub"],
+        scopes=frozenset(str(claims.get("scope", "")).split()),
+        expires_at=int(claims["exp"]),
+        token_id=claims["jti"],
+        client_id=str(claims.get("client_id", "")),
+        issuer=str(claims.get("iss", "")),
+        audience=audience,
+    )
+
+
+# -- refresh token families ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Family:
+    """A refresh token family: one login and its rotations."""
+
+    family_id: str
+    subject: str
+    client_id: str
+    scopes: tuple[str, ...]
+    created_at: int
+    expires_at: int
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What :meth:`RefreshStore.rotate`'s ``issue`` callback made: stored with the rotation."""
+
+    refresh_token_hash: bytes
+    access_jti: str
+    access_expires_at: int
+
+
+class RefreshStore:
+    """Refresh token families, their tokens (hashes) and their access-token ids."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def start_family(
+        self, family: Family, *, token_hash: bytes, access_jti: str, access_expires_at: int
+    ) -> None:
+        """Record a new family with its first refresh token and access token id."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO refresh_families (family_id, subject, client_id, scopes, created_at, "
+                "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                (family.family_id, family.subject, family.client_id, " ".join(family.scopes),
+                 family.created_at, family.expires_at),
+            )
+            conn.execute(
+                "INSERT INTO refresh_tokens (token_hash, family_id, issued_at, used_at) "
+                "VALUES (?, ?, ?, NULL)",
+                (token_hash, family.family_id, family.created_at),
+            )
+            conn.execute(
+                "INSERT INTO family_access_tokens (jti, family_id, expires_at) VALUES (?, ?, ?)",
+                (access_jti, family.family_id, access_expires_at),
+            )
+
+    def rotate(
+        self, token_hash: bytes, *, now: int, issue: Callable[[Family], Rotation]
+    ) -> Rotation:
+        """Use the refresh token with ``token_hash`` once, atomically.
+
+        ``issue(family)`` makes the new tokens (it runs inside the transaction
+        and may raise to abort it). Raises TokenRejected if the token is
+        unknown, its family expired or revoked, or it was used before - in
+        which case the whole family and its access tokens are revoked first
+        (committed).
+        """
+        reused = False
+        rotation: Rotation | None = None
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT t.used_at, f.family_id, f.subject, f.client_id, f.scopes, f.created_at, "
+                "f.expires_at, f.revoked_at FROM refresh_tokens t "
+                "JOIN refresh_families f ON f.family_id = t.family_id WHERE t.token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                raise TokenRejected("invalid refresh token")
+            used_at, family_id, subject, client_id, scopes, created_at, expires_at, revoked_at = row
+            if revoked_at is not None:
+                raise TokenRejected("invalid refresh token")
+            if now >= expires_at:
+                raise TokenRejected("refresh token expired")
+            if used_at is not None:
+                # RFC 9700 section 4.14.2: "If a refresh token is compromised and
+                # subsequently used by both the attacker and the legitimate
+                # client, one of them will present an invalidated refresh
+                # token, which will inform the authorization server of the
+                # breach" - and it revokes the active refresh token.
+                self._revoke_family(conn, family_id, now)
+                reused = True
+            else:
+                family = Family(family_id, subject, client_id, tuple(scopes.split()),
+                                created_at, expires_at)
+                rotation = issue(family)
+                cur = conn.execute(
+                    "UPDATE refresh_tokens SET used_at = ? "
+                    "WHERE token_hash = ? AND used_at IS NULL",
+                    (now, token_hash),
+                )
+                if cur.rowcount != 1:  # pragma: no cover - excluded by the transaction
+                    raise TokenRejected("invalid refresh token")
+                conn.execute(
+                    "INSERT INTO refresh_tokens (token_hash, family_id, issued_at, used_at) "
+                    "VALUES (?, ?, ?, NULL)",
+                    (rotation.refresh_token_hash, family_id, now),
+                )
+                conn.execute(
+                    "INSERT INTO family_access_tokens (jti, family_id, expires_at) "
+                    "VALUES (?, ?, ?)",
+                    (rotation.access_jti, family_id, rotation.access_expires_at),
+                )
+        if reused:
+            log.warning("a used refresh token was presented again; its family is revoked")
+            raise TokenRejected("refresh token reused; the session is revoked")
+        assert rotation is not None
+        return rotation
+
+    def revoke_by_token(self, token_hash: bytes, *, now: int) -> bool:
+        """Revoke the family of the refresh token with ``token_hash``; ``False`` if unknown."""
+        with self._db.transaction() as conn:
+            row = conn.execute(
+                "SELECT family_id FROM refresh_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+            if row is None:
+                return False
+            self._revoke_family(conn, row[0], now)
+        return True
+
+    def revoke_subject(self, subject: str, *, now: int) -> int:
+        """Revoke every live family of ``subject``; returns how many."""
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT family_id FROM refresh_families WHERE subject = ? AND revoked_at IS NULL",
+                (subject,),
+            ).fetchall()
+            for (family_id,) in rows:
+                self._revoke_family(conn, family_id, now)
+        return len(rows)
+
+    @staticmethod
+    def _revoke_family(conn: sqlite3.Connection, family_id: str, now: int) -> None:
+        conn.execute(
+            "UPDATE refresh_families SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
+            (now, family_id),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) "
+            "SELECT jti, expires_at FROM family_access_tokens "
+            "WHERE family_id = ? AND expires_at + ? > ?",
+            (family_id, LEEWAY_S, now),
+        )
+
+    def purge(self, *, now: int) -> None:
+        """Delete expired families (with their tokens) and expired access-token ids."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM family_access_tokens WHERE expires_at + ? < ?", (LEEWAY_S, now)
+            )
+            conn.execute(
+                "DELETE FROM refresh_tokens WHERE family_id IN "
+                "(SELECT family_id FROM refresh_families WHERE expires_at < ?)",
+                (now,),
+            )
+            conn.execute("DELETE FROM refresh_families WHERE expires_at < ?", (now,))
+
+
+class RevocationStore:
+    """Revoked access-token ids, kept until the token would have expired."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def revoke(self, jti: str, *, expires_at: int) -> None:
+        """Record ``jti`` as revoked (idempotent)."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) "
+                "ON CONFLICT (jti) DO UPDATE SET expires_at = MAX(expires_at, excluded.expires_at)",
+                (jti, expires_at),
+            )
+
+    def is_revoked(self, jti: str) -> bool:
+        """Whether ``jti`` was revoked. Raises DependencyUnavailable."""
+        with self._db.read() as conn:
+            row = conn.execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)).fetchone()
+        return row is not None
+
+    def purge(self, *, now: int) -> int:
+        """Forget revocations of tokens expired (beyond the leeway); returns how many."""
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM revoked_tokens WHERE expires_at + ? < ?", (LEEWAY_S, now)
+            )
+        return cur.rowcount
+
