@@ -336,9 +336,11 @@ class AuthHttpApp:
         elif grant_type in ("password", "refresh_token"):
             # RFC 6749 4.3.2: "If the client type is confidential or the client
             # was issued client credentials ..., the client MUST authenticate".
-            # A client that presents credentials is held to them.
+            # A client that presents credentials is held to them; the password
+            # grant's access token then names it as its client_id.
+            client_id: str | None = None
             if creds is not None:
-                self._call(
+                client_id = self._call(
                     self._service.authenticate_client,
                     creds.client_id,
                     creds.client_secret,
@@ -347,7 +349,8 @@ class AuthHttpApp:
             if grant_type == "password":
                 username = _required(form, "username")
                 password = _required(form, "password")
-                tokens = self._call(self._service.login, username, password, scope)
+                named: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
+                tokens = self._call(self._service.login, username, password, scope, **named)
             else:
                 refresh_token = _required(form, "refresh_token")
                 tokens = self._call(self._service.refresh, refresh_token, scope)
@@ -422,9 +425,12 @@ class AuthHttpApp:
         return client_id
 
     @staticmethod
-    def _call(func: Callable[..., Any], *args: Any, client_auth: bool = False) -> Any:
+    def _call(
+        func: Callable[..., Any], *args: Any, client_auth: bool = False, **kwargs: Any
+    ) -> Any:
+        """``func(*args, **kwargs)``, its internal errors turned into :class:`OAuthError`."""
         try:
-            return func(*args)
+            return func(*args, **kwargs)
         except errors.AuthError as exc:
             if isinstance(exc, errors.DependencyUnavailable):
                 log.warning("refused a request: %s", exc.message)
