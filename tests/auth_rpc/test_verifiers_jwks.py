@@ -1,0 +1,356 @@
+"""JwksVerifier against a JWK Set served by a small in-process HTTP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+from auth_rpc.errors import DependencyUnavailable, TokenRejected
+from auth_rpc.verifiers import JwksVerifier, make_verifier
+
+T0 = 1_800_000_000.0
+ISS = "https://issuer.test"
+AUD = "posts"
+
+
+class JwksServer:
+    """Serves ``self.document`` at /jwks.json; ``stop()`` then ``start()`` reuses the port."""
+
+    def __init__(self) -> None:
+        self.document: dict[str, Any] = {"keys": []}
+        self.status = 200
+        self.location = ""
+        self.hits = 0
+        self.port = 0
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/jwks.json"
+
+    def start(self) -> JwksServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                server.hits += 1
+                body = json.dumps(server.document).encode()
+                self.send_response(server.status)
+                if server.location:
+                    self.send_header("Location", server.location)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            assert self._thread is not None
+            self._thread.join()
+            self._httpd = None
+
+    def publish(self, *keys: tuple[str, Any], **extra: Any) -> None:
+        self.document = {"keys": [jwk_of(kid, key, **extra) for kid, key in keys]}
+
+
+def jwk_of(kid: str, private_key: Any, **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(_to_jwk(private_key.public_key()))
+    data.update({"kid": kid, "use": "sig", **extra})
+    return data
+
+
+def _to_jwk(public_key: Any) -> str:
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
+        return str(jwt.algorithms.OKPAlgorithm.to_jwk(public_key))
+    if isinstance(public_key, rsa.RSAPublicKey):
+        return str(jwt.algorithms.RSAAlgorithm.to_jwk(public_key))
+    return str(jwt.algorithms.ECAlgorithm.to_jwk(public_key))
+
+
+def mint(key: Any, alg: str, kid: str, *, at: float = T0, **over: Any) -> str:
+    claims: dict[str, Any] = {
+        "iss": ISS, "sub": "alice", "aud": AUD, "iat": int(at), "exp": int(at) + 900,
+        "jti": f"jti-{kid}-{at}", "scope": "posts:read", "client_id": "cli",
+    }
+    claims.update(over)
+    headers = {"typ": "at+jwt", "kid": kid}
+    return jwt.encode(claims, key, algorithm=alg, headers=headers)
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def jwks_server() -> Iterator[JwksServer]:
+    server = JwksServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def k1() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="module")
+def k2() -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def make(server: JwksServer, clock: Clock, **kwargs: Any) -> JwksVerifier:
+    kwargs.setdefault("issuer", ISS)
+    kwargs.setdefault("audience", AUD)
+    kwargs.setdefault("timeout_s", 1.0)
+    return JwksVerifier(jwks_url=server.url, clock=clock, **kwargs)
+
+
+def test_accepts_tokens_signed_by_published_keys(jwks_server: JwksServer, k1: Any) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    jwks_server.publish(("k1", k1), ("r1", rsa_key), ("e1", ec_key))
+    clock = Clock()
+    v = make(jwks_server, clock)
+    assert v.verify(mint(k1, "EdDSA", "k1")).subject == "alice"
+    assert v.verify(mint(rsa_key, "RS256", "r1")).subject == "alice"
+    assert v.verify(mint(ec_key, "ES256", "e1")).subject == "alice"
+    assert jwks_server.hits == 1 and v.key_ids == {"k1", "r1", "e1"}
+    # The algorithm is bound to the key: an EdDSA kid cannot verify an ES256 token.
+    with pytest.raises(TokenRejected, match="algorithm not allowed"):
+        v.verify(mint(ec_key, "ES256", "k1"))
+    v.close()
+
+
+def test_rotation_picked_up_on_unknown_kid_and_cooldown_respected(
+    jwks_server: JwksServer, k1: Any, k2: Any
+) -> None:
+    jwks_server.publish(("k1", k1))
+    clock = Clock()
+    v = make(jwks_server, clock, refresh_cooldown_s=30)
+    v.verify(mint(k1, "EdDSA", "k1"))
+    assert jwks_server.hits == 1
+
+    jwks_server.publish(("k1", k1), ("k2", k2))  # the issuer rotates
+    clock.now = T0 + 5  # within the cooldown: no fetch, the kid is unknown
+    with pytest.raises(TokenRejected, match="unknown signing key"):
+        v.verify(mint(k2, "EdDSA", "k2", at=clock.now))
+    for i in range(20):  # an attacker's random kids cannot make us fetch
+        with pytest.raises(TokenRejected, match="unknown signing key"):
+            v.verify(mint(k2, "EdDSA", f"random-{i}", at=clock.now))
+    assert jwks_server.hits == 1
+
+    clock.now = T0 + 30
+    assert v.verify(mint(k2, "EdDSA", "k2", at=clock.now)).subject == "alice"
+    assert jwks_server.hits == 2
+    clock.now = T0 + 40  # unknown kid again within the new cooldown
+    with pytest.raises(TokenRejected, match="unknown signing key"):
+        v.verify(mint(k2, "EdDSA", "k3", at=clock.now))
+    assert jwks_server.hits == 2
+    clock.now = T0 + 61
+    with pytest.raises(TokenRejected, match="unknown signing key"):
+        v.verify(mint(k2, "EdDSA", "k3", at=clock.now))
+    assert jwks_server.hits == 3
+
+
+def test_concurrent_unknown_kids_trigger_one_fetch(jwks_server: JwksServer, k1: Any) -> None:
+    jwks_server.publish(("k1", k1))
+    v = make(jwks_server, Clock())
+    tokens = [mint(k1, "EdDSA", "k1", jti=f"t{i}") for i in range(8)]
+    barrier = threading.Barrier(len(tokens))
+    results: list[Any] = []
+
+    def run(token: str) -> None:
+        barrier.wait()
+        try:
+            results.append(v.verify(token).subject)
+        except Exception as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in tokens]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["alice"] * len(tokens)
+    assert jwks_server.hits == 1
+
+
+def test_cached_keys_serve_while_the_endpoint_is_down(
+    jwks_server: JwksServer, k1: Any, k2: Any
+) -> None:
+    jwks_server.publish(("k1", k1))
+    clock = Clock()
+    v = make(jwks_server, clock, max_key_age_s=300)
+    v.verify(mint(k1, "EdDSA", "k1"))
+    jwks_server.stop()
+
+    clock.now = T0 + 400  # keys are stale: a refresh is attempted, fails, old keys serve
+    assert v.verify(mint(k1, "EdDSA", "k1", at=clock.now)).subject == "alice"
+    assert v.fetch_count == 2
+    # A kid we cannot look up while the endpoint is down: cannot decide, fail closed.
+    clock.now = T0 + 440
+    with pytest.raises(DependencyUnavailable, match="JWKS endpoint unreachable"):
+        v.verify(mint(k2, "EdDSA", "k2", at=clock.now))
+
+    jwks_server.publish(("k1", k1), ("k2", k2))
+    jwks_server.start()
+    clock.now = T0 + 480
+    assert v.verify(mint(k2, "EdDSA", "k2", at=clock.now)).subject == "alice"
+
+
+def test_down_with_no_keys_is_unavailable_then_recovers(
+    jwks_server: JwksServer, k1: Any
+) -> None:
+    jwks_server.publish(("k1", k1))
+    jwks_server.stop()
+    clock = Clock()
+    v = make(jwks_server, clock, failure_retry_s=2)
+    token = mint(k1, "EdDSA", "k1")
+    with pytest.raises(DependencyUnavailable):
+        v.verify(token)
+    with pytest.raises(DependencyUnavailable):
+        v.prefetch()
+    jwks_server.start()
+    clock.now = T0 + 1  # retry interval after a failure not yet passed
+    with pytest.raises(DependencyUnavailable):
+        v.verify(token)
+    assert jwks_server.hits == 0
+    clock.now = T0 + 3
+    assert v.verify(token).subject == "alice"
+    assert jwks_server.hits == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "location"), [(500, ""), (404, ""), (302, "http://127.0.0.1:1/jwks.json")]
+)
+def test_error_answers_are_failures(
+    jwks_server: JwksServer, k1: Any, status: int, location: str
+) -> None:
+    jwks_server.publish(("k1", k1))
+    jwks_server.status, jwks_server.location = status, location
+    v = make(jwks_server, Clock())
+    with pytest.raises(DependencyUnavailable):
+        v.verify(mint(k1, "EdDSA", "k1"))
+    assert jwks_server.hits == 1  # redirects are not followed
+
+
+def test_not_a_jwk_set_is_a_failure(jwks_server: JwksServer, k1: Any) -> None:
+    jwks_server.document = {"keys": "nope"}
+    with pytest.raises(DependencyUnavailable):
+        make(jwks_server, Clock()).verify(mint(k1, "EdDSA", "k1"))
+
+
+def test_key_selection_rules(jwks_server: JwksServer, k1: Any) -> None:
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    small_rsa = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    private_jwk = json.loads(jwt.algorithms.OKPAlgorithm.to_jwk(k1))  # has "d"
+    jwks_server.document = {
+        "keys": [
+            jwk_of("enc", k1, use="enc"),
+            jwk_of("wrap", k1, key_ops=["wrapKey"]),
+            {"kty": "oct", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0", "kid": "oct"},
+            jwk_of("rs-alg", rsa_key, alg="RS512"),  # not a configured algorithm
+            jwk_of("small", small_rsa),
+            {**jwk_of("nokid", k1), "kid": ""},
+            "not a key",
+            {"kty": "EC", "crv": "P-999", "kid": "badcurve", "x": "AA", "y": "AA"},
+            {**private_jwk, "kid": "private", "use": "sig"},
+            jwk_of("rs", rsa_key, alg="RS256"),
+        ]
+    }
+    v = make(jwks_server, Clock())
+    assert v.prefetch() == 2
+    assert v.key_ids == {"private", "rs"}
+    assert v.verify(mint(k1, "EdDSA", "private")).subject == "alice"
+    assert v.verify(mint(rsa_key, "RS256", "rs")).subject == "alice"
+    with pytest.raises(TokenRejected, match="algorithm not allowed"):
+        v.verify(mint(rsa_key, "PS256", "rs"))
+
+
+def test_token_without_kid(jwks_server: JwksServer, k1: Any) -> None:
+    jwks_server.publish(("k1", k1))
+    token = jwt.encode(
+        {"iss": ISS, "sub": "a", "aud": AUD, "iat": int(T0), "exp": int(T0) + 60, "jti": "j"},
+        k1, algorithm="EdDSA", headers={"typ": "at+jwt"},
+    )
+    with pytest.raises(TokenRejected, match="lacks a key id"):
+        make(jwks_server, Clock()).verify(token)
+    assert jwks_server.hits == 0  # a bad token triggers no fetch
+
+
+def test_jku_in_the_token_is_never_fetched(jwks_server: JwksServer, k1: Any) -> None:
+    attacker = ed25519.Ed25519PrivateKey.generate()
+    bait = JwksServer().start()
+    try:
+        bait.publish(("evil", attacker))
+        jwks_server.publish(("k1", k1))
+        v = make(jwks_server, Clock())
+        token = jwt.encode(
+            {"iss": ISS, "sub": "a", "aud": AUD, "iat": int(T0), "exp": int(T0) + 60, "jti": "j"},
+            attacker,
+            algorithm="EdDSA",
+            headers={"typ": "at+jwt", "kid": "evil", "jku": bait.url, "x5u": bait.url,
+                     "jwk": jwk_of("evil", attacker)},
+        )
+        with pytest.raises(TokenRejected, match="unknown signing key"):
+            v.verify(token)
+        assert bait.hits == 0
+    finally:
+        bait.stop()
+
+
+def test_issuer_mismatch_for_an_independent_issuer(jwks_server: JwksServer, k1: Any) -> None:
+    jwks_server.publish(("k1", k1))
+    v = make(jwks_server, Clock(), issuer="https://other-issuer.test")
+    with pytest.raises(TokenRejected, match="wrong issuer"):
+        v.verify(mint(k1, "EdDSA", "k1"))
+
+
+def test_misconfiguration() -> None:
+    for kwargs in (
+        {"algorithms": ["HS256"]},
+        {"algorithms": ["none"]},
+        {"algorithms": []},
+        {"jwks_url": "file:///etc/passwd"},
+        {"jwks_url": "not a url"},
+        {"timeout_s": 0},
+        {"issuer": ""},
+    ):
+        settings: dict[str, Any] = {
+            "jwks_url": "http://127.0.0.1:9/jwks.json", "issuer": ISS, "audience": AUD,
+        }
+        settings.update(kwargs)
+        with pytest.raises(ValueError):
+            JwksVerifier(**settings)
+
+
+def test_make_verifier_jwks(jwks_server: JwksServer, k1: Any) -> None:
+    jwks_server.publish(("k1", k1))
+    v = make_verifier("jwks", jwks_url=jwks_server.url, issuer=ISS, audience=AUD, clock=Clock())
+    assert v.verify(mint(k1, "EdDSA", "k1")).subject == "alice"
+    v.close()
