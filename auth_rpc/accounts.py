@@ -98,9 +98,9 @@ def check_scopes(scopes: Iterable[str] | str, field: str = "scope") -> tuple[str
     if isinstance(scopes, str):
         return parse_scope(scopes, field)
     items = list(scopes)
-    if not all(isinstance(s, str) for s in items):
-        raise InvalidInput(field, "must be strings")
-    return parse_scope(" ".join(s for s in items if s), field)
+    if not all(isinstance(s, str) and _scope_token_ok(s) for s in items):
+        raise InvalidInput(field, "each scope must be one printable scope token")
+    return parse_scope(" ".join(items), field)
 
 
 @dataclass(frozen=True)

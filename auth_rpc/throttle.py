@@ -1,12 +1,14 @@
 """Throttling of guesses: per username for logins, per client id for client tokens.
 
-The rule: after ``limit`` (5) failures within ``window_s`` (15 minutes), the
-next attempt must wait ``base_delay_s * 2 ** (failures - limit)`` seconds
-after the last failure (60 s, 120 s, 240 s, ...), capped at ``max_delay_s``
-(15 minutes). Attempts refused while waiting are not counted, do not check
-the password, and cost nothing. Failures older than the window are forgotten
-and a success resets the key, so the real owner is never locked out for
-good: at worst they wait out the delay an attacker's guesses earned.
+The rule: failures of one key form a streak; a failure more than
+``window_s`` (15 minutes) after the previous one starts a new streak. Once a
+streak reaches ``limit`` (5) failures, the next attempt must wait
+``base_delay_s * 2 ** (failures - limit)`` seconds after the last failure
+(60 s, 120 s, 240 s, ...), capped at ``max_delay_s`` (15 minutes). Attempts
+refused while waiting are not counted, do not check the password, and cost
+nothing. A streak ends 15 minutes after its last failure, and a success ends
+it at once, so the real owner is never locked out for good: at worst they
+wait out the delay an attacker's guesses earned (at most 15 minutes).
 
 The rule is the same for existing and unknown names (the key is the name as
 given), so a refusal reveals nothing about whether an account exists.
@@ -27,10 +29,10 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from auth_rpc.errors import Throttled
 
@@ -41,7 +43,8 @@ log = logging.getLogger("auth_rpc.throttle")
 
 @dataclass
 class _Entry:
-    failures: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    failures: int = 0  # in the current streak
+    last: float = 0.0  # time of the streak's last failure
     in_flight: int = 0
 
 
@@ -93,8 +96,8 @@ class Throttle:
         return min(self.max_delay_s, self.base_delay_s * 2 ** min(failures - self.limit, 30))
 
     def _prune(self, entry: _Entry, now: float) -> None:
-        while entry.failures and entry.failures[0] <= now - self.window_s:
-            entry.failures.popleft()
+        if entry.failures and now - entry.last > self.window_s:
+            entry.failures = 0
 
     def check(self, key: str) -> None:
         """Raise Throttled if an attempt for ``key`` must wait now."""
@@ -105,9 +108,9 @@ class Throttle:
 
     def _refuse_if_needed(self, entry: _Entry, now: float) -> None:
         self._prune(entry, now)
-        count = len(entry.failures)
+        count = entry.failures
         if count >= self.limit:
-            wait = entry.failures[-1] + self.delay_s(count) - now
+            wait = entry.last + self.delay_s(count) - now
             if wait > 0:
                 raise Throttled(f"too many failed {self._what}; retry later",
                                 max(1, math.ceil(wait * 1000)))
@@ -137,13 +140,16 @@ class Throttle:
             with self._lock:
                 entry.in_flight -= 1
                 if attempt.outcome is False:
-                    entry.failures.append(self._clock())
+                    now = self._clock()
+                    self._prune(entry, now)
+                    entry.failures += 1
+                    entry.last = now
                     self._entries[key] = entry  # re-insert if evicted meanwhile
                     self._entries.move_to_end(key)
-                    if len(entry.failures) >= self.limit:
-                        log.info("throttling %s after %d failures", self._what, len(entry.failures))
+                    if entry.failures >= self.limit:
+                        log.info("throttling %s after %d failures", self._what, entry.failures)
                 elif attempt.outcome is True:
-                    entry.failures.clear()
+                    entry.failures = 0
                 if not entry.failures and entry.in_flight == 0:
                     self._entries.pop(key, None)
                 self._evict(self._clock())
