@@ -1,0 +1,265 @@
+"""``posts-rpc``: run the Posts service.
+
+    posts-rpc serve --data-dir DIR [--host H] [--port P] --verify MODE --issuer ISS
+                    [--audience AUD] [--cache-ttl SECONDS] [--framed]
+                    [--tls-cert F --tls-key F [--tls-client-ca F]]
+      MODE local:      --public-key FILE | --hs256-secret-file FILE
+      MODE jwks:       --jwks-url URL [--auth-tls-ca F]
+      MODE introspect: --introspect-url URL --client-id ID --client-secret-file FILE
+                       [--auth-tls-ca F]
+      MODE thrift:     --auth-addr HOST:PORT [--auth-tls-ca F] [--auth-framed]
+
+``--framed`` and ``--tls-*`` configure the Posts listener; ``--auth-tls-ca``
+(the CA to trust for the Auth service's certificate, whose hostname is
+checked too) and ``--auth-framed`` configure the connection to the Auth
+service. Secrets are read from files only, never from the command line.
+
+Prints one ready line (``posts-rpc ready: thrift=HOST:PORT verify=MODE ...``)
+once it serves; stops cleanly on SIGTERM and SIGINT (stops accepting,
+finishes calls in flight) and exits 0. Exit codes: 0 success, 1 could not
+start (the message says why), 2 usage.
+
+There is deliberately no flag to switch token checks off (see
+:mod:`posts_rpc.server`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from auth_rpc.errors import AuthError, DependencyUnavailable
+from auth_rpc.principal import TokenVerifier
+from auth_rpc.runner import configure_logging, run_until_signal
+from auth_rpc.serving import ServerSettings, TLSServerConfig
+from auth_rpc.transport import TLSClientConfig, parse_hostport
+from auth_rpc.verifiers import JwksVerifier, make_verifier
+from posts_rpc.server import PostsServer
+
+__all__ = ["main"]
+
+log = logging.getLogger("posts_rpc.cli")
+
+MODES = ("local", "jwks", "introspect", "thrift")
+
+#: Flags that belong to one mode only: flag -> (argparse dest, modes allowing it).
+_MODE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "--public-key": ("public_key", ("local",)),
+    "--hs256-secret-file": ("hs256_secret_file", ("local",)),
+    "--jwks-url": ("jwks_url", ("jwks",)),
+    "--introspect-url": ("introspect_url", ("introspect",)),
+    "--client-id": ("client_id", ("introspect",)),
+    "--client-secret-file": ("client_secret_file", ("introspect",)),
+    "--auth-addr": ("auth_addr", ("thrift",)),
+    "--auth-tls-ca": ("auth_tls_ca", ("jwks", "introspect", "thrift")),
+    "--auth-framed": ("auth_framed", ("thrift",)),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="posts-rpc", description="The Posts service: every call authorized by an access token."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the Posts service")
+    serve.add_argument("--data-dir", required=True, type=Path, help="where posts.db lives")
+    serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=9091, help="port (default 9091; 0 = any free)")
+    serve.add_argument("--verify", required=True, choices=MODES, help="how tokens are verified")
+    serve.add_argument("--issuer", required=True, help="the token issuer (iss) to accept")
+    serve.add_argument("--audience", default="posts", help="the audience (aud) to require")
+    serve.add_argument(
+        "--cache-ttl",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a verified answer is reused (default 30; 0 turns the cache off); "
+        "in the remote modes, how long a revoked token may still be accepted",
+    )
+    local = serve.add_argument_group("--verify local")
+    key = local.add_mutually_exclusive_group()
+    key.add_argument("--public-key", type=Path, metavar="FILE", help="the issuer's PEM public key")
+    key.add_argument("--hs256-secret-file", type=Path, metavar="FILE", help="the HS256 secret")
+    jwks = serve.add_argument_group("--verify jwks")
+    jwks.add_argument("--jwks-url", metavar="URL", help="the issuer's JWK Set URL")
+    intro = serve.add_argument_group("--verify introspect")
+    intro.add_argument("--introspect-url", metavar="URL", help="the RFC 7662 endpoint")
+    intro.add_argument("--client-id", metavar="ID", help="this service's client id")
+    intro.add_argument(
+        "--client-secret-file", type=Path, metavar="FILE", help="this service's client secret"
+    )
+    thrift = serve.add_argument_group("--verify thrift")
+    thrift.add_argument("--auth-addr", metavar="HOST:PORT", help="the Auth service (Thrift)")
+    thrift.add_argument(
+        "--auth-framed", action="store_true", help="framed transport to the Auth service"
+    )
+    serve.add_argument(
+        "--auth-tls-ca", metavar="FILE", help="CA to trust for the Auth service's certificate"
+    )
+    serve.add_argument("--framed", action="store_true", help="framed Thrift transport")
+    serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for the listener")
+    serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    serve.add_argument("--max-connections", type=int, default=2048)
+    serve.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a flag combination that does not fit ``--verify`` (argparse error, exit 2)."""
+    mode = args.verify
+    for flag, (dest, modes) in _MODE_FLAGS.items():
+        if getattr(args, dest) and mode not in modes:
+            parser.error(f"{flag} does not apply to --verify {mode}")
+    if mode == "local" and not (args.public_key or args.hs256_secret_file):
+        parser.error("--verify local needs --public-key FILE or --hs256-secret-file FILE")
+    if mode == "jwks" and not args.jwks_url:
+        parser.error("--verify jwks needs --jwks-url URL")
+    if mode == "introspect":
+        for flag in ("--introspect-url", "--client-id", "--client-secret-file"):
+            if not getattr(args, _MODE_FLAGS[flag][0]):
+                parser.error(f"--verify introspect needs {flag}")
+    if mode == "thrift":
+        if not args.auth_addr:
+            parser.error("--verify thrift needs --auth-addr HOST:PORT")
+        try:
+            parse_hostport(args.auth_addr)
+        except ValueError as exc:
+            parser.error(f"--auth-addr: {exc}")
+    if not args.issuer.strip():
+        parser.error("--issuer must not be empty")
+    if not args.audience.strip():
+        parser.error("--audience must not be empty")
+    if not args.cache_ttl >= 0:  # also refuses NaN
+        parser.error("--cache-ttl must be 0 or more seconds")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if not 0 <= args.port < 65536:
+        parser.error("--port must be 0..65535")
+    if args.max_connections < 1:
+        parser.error("--max-connections must be at least 1")
+
+
+def _session(ca_file: str) -> requests.Session:
+    """An HTTP session trusting ``ca_file`` (hostnames checked), nothing from the environment."""
+    session = requests.Session()
+    session.trust_env = False
+    session.verify = ca_file
+    adapter = HTTPAdapter(pool_connections=1, pool_maxsize=16, max_retries=0)
+    session.mount("https://", adapter)
+    session.mount("http://", adapter)
+    return session
+
+
+def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session | None]:
+    """The verifier ``args`` describe; raises ``ValueError`` or ``OSError`` (bad configuration)."""
+    settings: dict[str, Any] = {
+        "issuer": args.issuer,
+        "audience": args.audience,
+        "cache_ttl_s": args.cache_ttl,
+    }
+    session = None
+    mode = args.verify
+    if mode == "local":
+        if args.public_key:
+            settings["public_key_file"] = args.public_key
+        else:
+            settings["hs256_secret_file"] = args.hs256_secret_file
+    elif mode == "jwks":
+        settings["jwks_url"] = args.jwks_url
+    elif mode == "introspect":
+        settings["introspect_url"] = args.introspect_url
+        settings["client_id"] = args.client_id
+        settings["client_secret_file"] = args.client_secret_file
+    else:
+        settings["auth_addr"] = args.auth_addr
+        settings["framed"] = args.auth_framed
+        if args.auth_tls_ca:
+            settings["tls"] = TLSClientConfig(ca_file=args.auth_tls_ca)
+    if mode in ("jwks", "introspect") and args.auth_tls_ca:
+        session = _session(args.auth_tls_ca)
+        settings["session"] = session
+    try:
+        return make_verifier(mode, **settings), session
+    except BaseException:
+        if session is not None:
+            session.close()
+        raise
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    verifier, session = _verifier(args)
+    try:
+        if isinstance(verifier, JwksVerifier):
+            try:
+                count = verifier.prefetch()
+                log.info("fetched %d signing keys from the JWK Set", count)
+            except DependencyUnavailable:
+                # Serve anyway: calls are refused (Unavailable) until the keys arrive.
+                log.warning("JWK Set unreachable at start; calls fail until it answers")
+        tls = (
+            TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+            if args.tls_cert
+            else None
+        )
+        settings = ServerSettings(
+            framed=args.framed, tls=tls, max_connections=args.max_connections
+        )
+        server = PostsServer(
+            data_dir=args.data_dir,
+            verifier=verifier,
+            host=args.host,
+            port=args.port,
+            settings=settings,
+        ).start()
+    except BaseException:
+        _close(verifier, session)
+        raise
+
+    def stop() -> None:
+        server.stop()
+        _close(verifier, session)
+
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    return run_until_signal(
+        f"posts-rpc ready: thrift={host}:{server.port} verify={args.verify} "
+        f"tls={'on' if tls else 'off'} framed={'on' if args.framed else 'off'} "
+        f"issuer={args.issuer} audience={args.audience}",
+        stop,
+    )
+
+
+def _close(verifier: TokenVerifier, session: requests.Session | None) -> None:
+    verifier.close()
+    if session is not None:
+        session.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``posts-rpc``; returns the exit code (argparse exits 2 on a usage error)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+    except (AuthError, ValueError, OSError) as exc:
+        message = exc.message if isinstance(exc, AuthError) else str(exc)
+        print(f"posts-rpc: error: {message}", file=sys.stderr)
+        return 1
+    raise AssertionError(args.command)  # argparse only allows the commands above
+
+
+if __name__ == "__main__":
+    sys.exit(main())
