@@ -19,8 +19,8 @@ from pathlib import Path
 from auth_rpc.errors import AuthError
 from auth_rpc.runner import configure_logging, run_until_signal
 from auth_rpc.server import AuthServer, bind_socket
-from auth_rpc.serving import ServerSettings, TLSServerConfig
 from auth_rpc.service import AuthService, AuthSettings
+from auth_rpc.serving import ServerSettings, TLSServerConfig
 
 __all__ = ["main"]
 
@@ -31,20 +31,31 @@ ALGORITHMS = ("EdDSA", "RS256", "ES256", "HS256")
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="auth-rpc", description="The Auth service: RFC 9068 access tokens over Thrift and HTTP."
+        prog="auth-rpc",
+        description="The Auth service: RFC 9068 access tokens over Thrift and HTTP.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_dir(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--data-dir", required=True, type=Path, help="where keys and the database live")
+        p.add_argument(
+            "--data-dir", required=True, type=Path, help="where keys and the database live"
+        )
 
     serve = sub.add_parser("serve", help="run the Auth service (Thrift and HTTP)")
     data_dir(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=9090, help="Thrift port (default 9090; 0 = any free)")
-    serve.add_argument("--http-port", type=int, default=9080, help="HTTP port (default 9080; 0 = any free)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=int, default=9090, help="Thrift port (default 9090; 0 = any free)"
+    )
+    serve.add_argument(
+        "--http-port", type=int, default=9080, help="HTTP port (default 9080; 0 = any free)"
+    )
     serve.add_argument("--issuer", help="the iss of issued tokens (default http://HOST:HTTP-PORT)")
-    serve.add_argument("--audience", default="posts", help="the aud of issued tokens (default posts)")
+    serve.add_argument(
+        "--audience", default="posts", help="the aud of issued tokens (default posts)"
+    )
     serve.add_argument("--alg", default="EdDSA", choices=ALGORITHMS, help="signing algorithm")
     serve.add_argument("--hs256-secret-file", type=Path, help="the HS256 secret (>= 32 bytes)")
     serve.add_argument("--access-ttl", type=int, default=900, help="access token lifetime, seconds")
@@ -58,17 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     add_user = sub.add_parser("add-user", help="create a user")
     add_user.add_argument("name")
     data_dir(add_user)
-    add_user.add_argument("--scope", default=DEFAULT_USER_SCOPE, help=f"default {DEFAULT_USER_SCOPE!r}")
-    add_user.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add_user.add_argument(
+        "--scope", default=DEFAULT_USER_SCOPE, help=f"default {DEFAULT_USER_SCOPE!r}"
+    )
+    add_user.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
 
     add_client = sub.add_parser("add-client", help="register a service client; prints its secret")
     add_client.add_argument("client_id")
     data_dir(add_client)
-    add_client.add_argument("--scope", default=DEFAULT_CLIENT_SCOPE, help=f"default {DEFAULT_CLIENT_SCOPE!r}")
+    add_client.add_argument(
+        "--scope", default=DEFAULT_CLIENT_SCOPE, help=f"default {DEFAULT_CLIENT_SCOPE!r}"
+    )
 
     rotate = sub.add_parser("rotate-key", help="make a new signing key")
     data_dir(rotate)
-    rotate.add_argument("--alg", choices=ALGORITHMS, help="algorithm of the new key (default: current)")
+    rotate.add_argument(
+        "--alg", choices=ALGORITHMS, help="algorithm of the new key (default: current)"
+    )
     return parser
 
 
@@ -93,7 +112,9 @@ def _serve(args: argparse.Namespace) -> int:
     http_port = http_sock.getsockname()[1]
     issuer = args.issuer or f"http://{args.host}:{http_port}"
     service = AuthService.open(_settings(args, issuer))
-    tls = TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    tls = (
+        TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    )
     settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
     server = AuthServer(
         service, host=args.host, port=args.port, http_sock=http_sock, settings=settings
@@ -124,7 +145,9 @@ def _read_password(from_stdin: bool) -> str:
 
 def _admin_service(args: argparse.Namespace) -> AuthService:
     # Admin commands need no issuer: they do not mint tokens.
-    return AuthService.open(AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin"))
+    return AuthService.open(
+        AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin"), create_key=False
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

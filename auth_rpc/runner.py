@@ -34,9 +34,7 @@ def run_until_signal(ready_line: str, stop: Callable[[], None]) -> int:
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         stopping.set()
 
-    previous = {
-        sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-    }
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         print(ready_line, flush=True)
         while not stopping.wait(1.0):

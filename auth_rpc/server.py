@@ -9,18 +9,19 @@ seen by both at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
 from typing import Any
 
-import waitress
+from waitress.server import create_server
 
 from auth_rpc.handler import AuthHandler
 from auth_rpc.http import make_app
 from auth_rpc.idl import auth_thrift
-from auth_rpc.serving import RpcServer, ServerSettings
 from auth_rpc.service import AuthService
+from auth_rpc.serving import RpcServer, ServerSettings
 
 __all__ = ["AuthServer", "HttpListener", "bind_socket"]
 
@@ -45,13 +46,18 @@ class HttpListener:
     """A WSGI app served by waitress from a background thread."""
 
     def __init__(
-        self, app: Any, *, host: str = "127.0.0.1", port: int = 0, threads: int = 8,
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        threads: int = 8,
         sock: socket.socket | None = None,
     ) -> None:
         self._sock = sock if sock is not None else bind_socket(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
-        self._server = waitress.create_server(
+        self._server = create_server(
             app,
             sockets=[self._sock],
             threads=threads,
@@ -90,11 +96,10 @@ class HttpListener:
         self._closing = True
         server = self._server
         server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
-        for channel in list(server._map.values()):  # waitress keeps no public list
-            try:
+        # waitress keeps no public list of its channels.
+        for channel in list(getattr(server, "_map", {}).values()):
+            with contextlib.suppress(OSError):
                 channel.close()
-            except OSError:
-                pass
         server.close()
         if self._thread is not None:
             self._thread.join(10)
@@ -122,8 +127,12 @@ class AuthServer:
         self.service = service
         self.host = host
         self._rpc = RpcServer(
-            auth_thrift.Auth, AuthHandler(service), host=host, port=port,
-            settings=settings, name="auth",
+            auth_thrift.Auth,
+            AuthHandler(service),
+            host=host,
+            port=port,
+            settings=settings,
+            name="auth",
         )
         http_host = http_host or host
         self._http_sock = http_sock if http_sock is not None else bind_socket(http_host, http_port)

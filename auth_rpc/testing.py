@@ -1,6 +1,241 @@
 """pytest plugin: in-process Auth and Posts servers and a token factory.
 
-Loaded automatically (``pytest11`` entry point) when the package is installed.
+Loaded automatically (``pytest11`` entry point) once the package is installed;
+every fixture is function-scoped and starts its servers on free ports
+(``port=0``) in background threads with a temporary data directory, waits for
+them without sleeping (the listening socket is bound before ``start()``
+returns), and stops and joins them at teardown.
+
+Fixtures:
+
+``auth_server``
+    A started :class:`auth_rpc.server.AuthServer` (EdDSA, issuer
+    :data:`ISSUER`, audience :data:`AUDIENCE`); ``.service``, ``.port``,
+    ``.http_url``, ``.jwks_url``, ``.introspect_url``.
+``make_auth_server``
+    ``make_auth_server(alg=..., framed=..., access_ttl_s=..., settings=...)``
+    for more, or differently configured, Auth servers.
+``make_user`` / ``make_client``
+    Create a user (``make_user(name, password, scopes=...)``) or a service
+    client (``make_client(client_id, scopes=...) -> secret``) in
+    ``auth_server`` (or ``service=``).
+``auth_client``
+    A thriftpy2 client of ``auth_server``.
+``token_factory``
+    A :class:`TokenFactory` that mints access tokens signed with
+    ``auth_server``'s current key (or any other key) with chosen subject,
+    scopes, lifetime, audience, issuer, headers and claims.
+``serve_thrift``
+    ``serve_thrift(service, handler, **settings)`` serves *your* Thrift
+    service in-process and returns the started
+    :class:`auth_rpc.serving.RpcServer`.
+``posts_server`` / ``make_posts_server``
+    The Posts service verifying tokens of ``auth_server`` (``jwks`` mode by
+    default; ``make_posts_server(mode="local"|"jwks"|"introspect"|"thrift",
+    cache_ttl_s=..., auth=...)``).
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from auth_rpc.keys import SigningKey
+    from auth_rpc.server import AuthServer
+    from auth_rpc.service import AuthService
+    from auth_rpc.serving import RpcServer
+
+__all__ = ["AUDIENCE", "ISSUER", "TokenFactory"]
+
+#: The issuer and audience of the fixtures' Auth service.
+ISSUER = "http://auth.test"
+AUDIENCE = "posts"
+
+DEFAULT_SCOPES = ("posts:read", "posts:write")
+
+
+@dataclass
+class TokenFactory:
+    """Mints RFC 9068 access tokens for tests.
+
+    ``key`` defaults to the Auth service's current signing key, so tokens pass
+    every verifier configured for that service; pass another
+    :class:`auth_rpc.keys.SigningKey` (``TokenFactory.new_key("RS256")``) to
+    make tokens from a foreign issuer.
+    """
+
+    key: SigningKey
+    issuer: str = ISSUER
+    audience: str = AUDIENCE
+    clock: Callable[[], float] = time.time
+    minted: list[str] = field(default_factory=list, repr=False)
+
+    @staticmethod
+    def new_key(alg: str = "EdDSA", *, kid: str | None = None) -> SigningKey:
+        from auth_rpc.keys import SigningKey
+
+        return SigningKey.generate(alg, kid=kid)
+
+    def mint(
+        self,
+        subject: str = "alice",
+        scopes: Iterable[str] | str = DEFAULT_SCOPES,
+        *,
+        ttl_s: int = 300,
+        key: SigningKey | None = None,
+        issuer: str | None = None,
+        audience: str | list[str] | None = None,
+        client_id: str = "test-client",
+        now: float | None = None,
+        jti: str | None = None,
+        headers: dict[str, Any] | None = None,
+        claims: dict[str, Any] | None = None,
+    ) -> str:
+        """A signed access token; ``claims={"exp": None}`` removes a claim.
+
+        ``now`` shifts the issue time (``now=time.time() - 3600`` with
+        ``ttl_s=60`` gives an expired token).
+        """
+        from auth_rpc.tokens import mint_access_token
+
+        token = mint_access_token(
+            key or self.key,
+            issuer=self.issuer if issuer is None else issuer,
+            audience=self.audience if audience is None else audience,
+            subject=subject,
+            scopes=scopes,
+            client_id=client_id,
+            ttl_s=ttl_s,
+            now=self.clock() if now is None else now,
+            jti=jti,
+            headers=headers,
+            claims=claims,
+        )
+        self.minted.append(token)
+        return token
+
+    def expired(self, subject: str = "alice", scopes: Iterable[str] | str = DEFAULT_SCOPES) -> str:
+        """A token that expired an hour ago (well past any leeway)."""
+        return self.mint(subject, scopes, ttl_s=60, now=self.clock() - 3600)
+
+
+def _auth_settings(data_dir: Path, **overrides: Any) -> Any:
+    from auth_rpc.service import AuthSettings
+
+    settings = AuthSettings(data_dir=data_dir, issuer=ISSUER, audience=AUDIENCE)
+    return replace(settings, **overrides)
+
+
+@pytest.fixture
+def make_auth_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., AuthServer]]:
+    """Start Auth servers: ``make_auth_server(alg=..., framed=..., **auth_settings)``."""
+    from auth_rpc.server import AuthServer
+    from auth_rpc.service import AuthService
+    from auth_rpc.serving import ServerSettings
+
+    started: list[tuple[AuthServer, AuthService]] = []
+
+    def make(
+        *,
+        data_dir: Path | None = None,
+        framed: bool = False,
+        settings: ServerSettings | None = None,
+        port: int = 0,
+        http_port: int = 0,
+        **auth_settings: Any,
+    ) -> AuthServer:
+        directory = data_dir or tmp_path_factory.mktemp("auth-data")
+        service = AuthService.open(_auth_settings(directory, **auth_settings))
+        server_settings = settings or ServerSettings(framed=framed)
+        server = AuthServer(
+            service, port=port, http_port=http_port, settings=server_settings
+        ).start()
+        started.append((server, service))
+        return server
+
+    yield make
+    for server, service in reversed(started):
+        server.stop(grace_s=2.0)
+        service.close()
+
+
+@pytest.fixture
+def auth_server(make_auth_server: Callable[..., AuthServer]) -> AuthServer:
+    """A started Auth service (Thrift and HTTP) on free ports with a fresh data dir."""
+    return make_auth_server()
+
+
+@pytest.fixture
+def make_user(auth_server: AuthServer) -> Callable[..., None]:
+    """``make_user(name, password, scopes="posts:read posts:write", service=None)``."""
+
+    def make(
+        name: str,
+        password: str,
+        scopes: Iterable[str] | str = DEFAULT_SCOPES,
+        *,
+        service: AuthService | None = None,
+    ) -> None:
+        scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
+        (service or auth_server.service).add_user(name, password, scope_list)
+
+    return make
+
+
+@pytest.fixture
+def make_client(auth_server: AuthServer) -> Callable[..., str]:
+    """``make_client(client_id, scopes="posts:read", service=None) -> secret``."""
+
+    def make(
+        client_id: str,
+        scopes: Iterable[str] | str = ("posts:read",),
+        *,
+        service: AuthService | None = None,
+    ) -> str:
+        scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
+        secret: str = (service or auth_server.service).add_client(client_id, scope_list)
+        return secret
+
+    return make
+
+
+@pytest.fixture
+def auth_client(auth_server: AuthServer) -> Iterator[Any]:
+    """A thriftpy2 client of ``auth_server``'s Thrift port."""
+    from auth_rpc.idl import auth_thrift
+    from auth_rpc.transport import open_client
+
+    client = open_client(auth_thrift.Auth, "127.0.0.1", auth_server.port)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def token_factory(auth_server: AuthServer) -> TokenFactory:
+    """Mints tokens signed with ``auth_server``'s current signing key."""
+    return TokenFactory(key=auth_server.service.signing_key())
+
+
+@pytest.fixture
+def serve_thrift() -> Iterator[Callable[..., RpcServer]]:
+    """``serve_thrift(service, handler, **ServerSettings fields)``: your service, in-process."""
+    from auth_rpc.serving import RpcServer, ServerSettings
+
+    started: list[RpcServer] = []
+
+    def serve(service: Any, handler: object, **settings: Any) -> RpcServer:
+        server = RpcServer(service, handler, settings=ServerSettings(**settings)).start()
+        started.append(server)
+        return server
+
+    yield serve
+    for server in reversed(started):
+        server.stop(grace_s=2.0)

@@ -62,9 +62,7 @@ def _check_service(module: Any, service: Any, expected: dict[str, Any]) -> None:
         got_args = _fields(getattr(service, f"{method}_args"))
         assert got_args == {fid: (name, ttype) for fid, name, ttype in args}, method
         result = getattr(service, f"{method}_result").thrift_spec
-        got_throws = {
-            fid: spec[2].__name__ for fid, spec in result.items() if spec[1] != "success"
-        }
+        got_throws = {fid: spec[2].__name__ for fid, spec in result.items() if spec[1] != "success"}
         for fid, exc_name in throws.items():
             assert got_throws.get(fid) == exc_name, (method, fid)
         for exc_cls in (spec[2] for fid, spec in result.items() if spec[1] != "success"):
@@ -90,18 +88,34 @@ def test_every_posts_method_takes_token_first() -> None:
     [
         (
             auth_thrift.TokenPair,
-            {1: ("access_token", S), 2: ("refresh_token", S), 3: ("token_type", S),
-             4: ("expires_in", I64), 5: ("scope", S)},
+            {
+                1: ("access_token", S),
+                2: ("refresh_token", S),
+                3: ("token_type", S),
+                4: ("expires_in", I64),
+                5: ("scope", S),
+            },
         ),
         (
             auth_thrift.Principal,
-            {1: ("subject", S), 2: ("scopes", TType.LIST), 3: ("expires_at", I64),
-             4: ("token_id", S), 5: ("client_id", S)},
+            {
+                1: ("subject", S),
+                2: ("scopes", TType.LIST),
+                3: ("expires_at", I64),
+                4: ("token_id", S),
+                5: ("client_id", S),
+            },
         ),
         (
             posts_thrift.Post,
-            {1: ("id", I64), 2: ("author", S), 3: ("title", S), 4: ("body", S),
-             5: ("created_at", I64), 6: ("updated_at", I64)},
+            {
+                1: ("id", I64),
+                2: ("author", S),
+                3: ("title", S),
+                4: ("body", S),
+                5: ("created_at", I64),
+                6: ("updated_at", I64),
+            },
         ),
         (posts_thrift.PostPage, {1: ("posts", TType.LIST), 2: ("next_before_id", I64)}),
         (common_thrift.RateLimited, {1: ("message", S), 2: ("retry_after_ms", I64)}),
@@ -113,9 +127,7 @@ def test_structs_match_contract(struct: Any, fields: dict[int, tuple[str, int]])
         assert got[fid] == field
 
 
-@pytest.mark.parametrize(
-    "name", [UNAUTH, DENIED, INVALID, NOTFOUND, UNAVAIL, LIMITED]
-)
+@pytest.mark.parametrize("name", [UNAUTH, DENIED, INVALID, NOTFOUND, UNAVAIL, LIMITED])
 def test_every_exception_has_a_message(name: str) -> None:
     assert _fields(getattr(common_thrift, name))[1] == ("message", S)
 
