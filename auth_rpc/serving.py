@@ -11,7 +11,13 @@ IDL does not declare. :class:`RpcServer` replaces it:
   for the peer's delayed ACK);
 - the TLS handshake runs in the connection's thread, bounded by
   ``handshake_timeout_s``;
-- an idle connection is closed after ``idle_timeout_s``;
+- every incoming message is read and validated by :mod:`auth_rpc.wire`
+  against the wire limits (message, string and container sizes, element
+  types, nesting) before thriftpy2's Cython codec decodes it; a refused
+  message is answered with ``TApplicationException(PROTOCOL_ERROR)`` when its
+  header could be read, and its connection closed;
+- an idle connection is closed after ``idle_timeout_s``, and a message must
+  arrive whole within ``message_read_timeout_s`` (slow-drip clients are cut);
 - an undeclared handler exception becomes ``TApplicationException
   (INTERNAL_ERROR)`` carrying only a request id, logged once with the
   traceback, and the connection stays open;
@@ -21,6 +27,7 @@ IDL does not declare. :class:`RpcServer` replaces it:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -33,14 +40,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thriftpy2.protocol import TCyBinaryProtocolFactory
-from thriftpy2.protocol.exc import TProtocolException
-from thriftpy2.thrift import TApplicationException, TDecodeException, TProcessor
+from thriftpy2.thrift import TApplicationException, TProcessor
 from thriftpy2.transport import (
     TCyBufferedTransportFactory,
     TCyFramedTransportFactory,
+    TCyMemoryBuffer,
     TSocket,
     TTransportException,
 )
+
+from auth_rpc.wire import Message, MessageReader, MessageTimeout, WireError, WireLimits
 
 __all__ = [
     "CallContext",
@@ -74,7 +83,16 @@ class TLSServerConfig:
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """Limits of one listener. Times in seconds."""
+    """Limits of one listener. Times in seconds, sizes in bytes.
+
+    The wire limits (``max_message_bytes``, ``max_string_bytes``,
+    ``max_container_items``, ``max_nesting_depth``) bound what one incoming
+    call may declare; see :mod:`auth_rpc.wire`. ``idle_timeout_s`` bounds the
+    wait for the next call, ``message_read_timeout_s`` the time one call may
+    take to arrive once it has begun, ``write_timeout_s`` the time a reply may
+    take to be sent. ``thread_stack_bytes`` sets the stack size of connection
+    threads (``None``: the interpreter's default).
+    """
 
     max_connections: int = 2048
     idle_timeout_s: float = 300.0
@@ -83,6 +101,35 @@ class ServerSettings:
     framed: bool = False
     tls: TLSServerConfig | None = None
     backlog: int = 1024
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_string_bytes: int = 1024 * 1024
+    max_container_items: int = 10_000
+    max_nesting_depth: int = 64
+    message_read_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    thread_stack_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        self.wire_limits()  # raises ValueError on a non-positive limit
+        for name in (
+            "idle_timeout_s",
+            "handshake_timeout_s",
+            "message_read_timeout_s",
+            "write_timeout_s",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+
+    def wire_limits(self) -> WireLimits:
+        """The wire limits as :class:`auth_rpc.wire.WireLimits`."""
+        return WireLimits(
+            max_message_bytes=self.max_message_bytes,
+            max_string_bytes=self.max_string_bytes,
+            max_container_items=self.max_container_items,
+            max_depth=self.max_nesting_depth,
+        )
 
 
 @dataclass
@@ -96,6 +143,17 @@ class CallContext:
     subject: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def peer_identity(self) -> str | None:
+        """The verified client certificate's identity (mutual TLS), else ``None``.
+
+        The subject's common name when it has one, otherwise the first
+        subjectAltName (DNS, URI, email or IP address) in certificate order.
+        Only set when the listener requires client certificates: the
+        certificate has then been verified against ``client_ca_file``.
+        """
+        return _cert_identity(self.peer_cert)
+
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar(
     "auth_rpc_call", default=None
@@ -107,33 +165,44 @@ def current_call() -> CallContext | None:
     return _current.get()
 
 
+def _cert_identity(cert: dict[str, Any] | None) -> str | None:
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and value:
+                return str(value)
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind in ("DNS", "URI", "email", "IP Address") and value:
+            return str(value)
+    return None
+
+
 def _new_request_id() -> str:
     return os.urandom(8).hex()
 
 
 class _Connection:
-    __slots__ = ("busy", "lock", "peer", "sock", "thread")
+    __slots__ = ("busy", "closing", "lock", "peer", "sock", "thread")
 
     def __init__(self, sock: socket.socket, peer: Any) -> None:
         self.sock = sock
         self.peer = peer
         self.lock = threading.Lock()
-        self.busy = False
+        self.busy = False  # a call is being served
+        self.closing = False  # stop() began: serve no further call
         self.thread: threading.Thread | None = None
 
     def shutdown(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
 
 
 def _host(conn: _Connection) -> str:
     return str(conn.peer[0]) if isinstance(conn.peer, tuple) else "?"
 
 
-
-class _SafeProcessor(TProcessor):  # type: ignore[misc]  # thriftpy2 is untyped
+class _SafeProcessor(TProcessor):
     """A processor that keeps the connection on undeclared handler errors."""
 
     def process_call(
@@ -145,34 +214,46 @@ class _SafeProcessor(TProcessor):  # type: ignore[misc]  # thriftpy2 is untyped
         oprot: Any,
         ctx: CallContext,
     ) -> None:
+        """Run one call and send its reply; write one access-log line.
+
+        Raises ``OSError`` or ``TTransportException`` when the reply cannot be
+        sent (the caller closes the connection).
+        """
         started = time.perf_counter()
         outcome = "ok"
+        reply_exc: TApplicationException | None = None
         token = _current.set(ctx)
         try:
             result.success = call()
         except TApplicationException as exc:
             outcome = "application_error"
-            self.send_exception(oprot, api, exc, seqid)
-            return
+            reply_exc = exc
         except Exception as exc:
-            if not self.handle_exception(exc, result):
+            if self.handle_exception(exc, result):
+                outcome = type(exc).__name__
+            else:
                 outcome = "internal_error"
-                log.exception(
-                    "undeclared error in %s (request id %s)", api, ctx.request_id
-                )
-                self.send_exception(
-                    oprot,
-                    api,
-                    TApplicationException(
-                        TApplicationException.INTERNAL_ERROR,
-                        f"internal error (request id {ctx.request_id})",
-                    ),
-                    seqid,
-                )
-                return
-            outcome = type(exc).__name__
+                log.exception("undeclared error in %s (request id %s)", api, ctx.request_id)
+                reply_exc = _internal_error(ctx)
         finally:
             _current.reset(token)
+        try:
+            if reply_exc is not None:
+                self.send_exception(oprot, api, reply_exc, seqid)
+            elif not result.oneway:
+                try:
+                    self.send_result(oprot, api, result, seqid)
+                except (OSError, TTransportException):
+                    raise
+                except Exception:
+                    # The handler returned something the IDL type cannot encode.
+                    outcome = "internal_error"
+                    log.exception("unencodable reply of %s (request id %s)", api, ctx.request_id)
+                    self.send_exception(oprot, api, _internal_error(ctx), seqid)
+        except (OSError, TTransportException):
+            outcome = f"{outcome}+reply_failed"
+            raise
+        finally:
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "call method=%s outcome=%s latency_ms=%.3f subject=%s request_id=%s",
@@ -182,8 +263,13 @@ class _SafeProcessor(TProcessor):  # type: ignore[misc]  # thriftpy2 is untyped
                     ctx.subject or "-",
                     ctx.request_id,
                 )
-        if not result.oneway:
-            self.send_result(oprot, api, result, seqid)
+
+
+def _internal_error(ctx: CallContext) -> TApplicationException:
+    # The client learns only the request id; the details are in the server log.
+    return TApplicationException(
+        TApplicationException.INTERNAL_ERROR, f"internal error (request id {ctx.request_id})"
+    )
 
 
 class RpcServer:
@@ -216,6 +302,10 @@ class RpcServer:
             TCyFramedTransportFactory() if self.settings.framed else TCyBufferedTransportFactory()
         )
         self._proto_factory = TCyBinaryProtocolFactory()
+        self._limits = self.settings.wire_limits()
+        self._decode_factory = TCyBinaryProtocolFactory(
+            strict_decode=True, max_depth=self._limits.max_depth
+        )
         self._ssl_context = self.settings.tls.context() if self.settings.tls else None
         self._listener: socket.socket | None = sock
         self._accept_thread: threading.Thread | None = None
@@ -223,6 +313,14 @@ class RpcServer:
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._stopped = threading.Event()
+
+    def _decoder(self, mem: Any) -> Any:
+        """A protocol decoding validated messages from the memory buffer ``mem``.
+
+        ``strict_decode``: a ``string`` argument that is not UTF-8 is refused
+        rather than handed to the handler as ``bytes``.
+        """
+        return self._decode_factory.get_protocol(mem)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -265,13 +363,21 @@ class RpcServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting, close idle connections, let calls in flight finish.
 
-        Connections still busy after ``grace_s`` are cut. Joins every thread.
+        New connections are refused from the moment ``stop`` begins. Calls in
+        flight get until ``grace_s`` (default ``settings.shutdown_grace_s``)
+        to finish and send their replies; connections still busy after that
+        are cut. Joins every thread. Safe to call more than once.
         """
         if self._closing.is_set():
             self._stopped.wait()
             return
         self._closing.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        deadline = time.monotonic() + grace
+        if self._listener is not None:
+            # Wakes accept() at once; further connection attempts are refused.
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
         if self._accept_thread is not None:
             self._accept_thread.join()
         if self._listener is not None:
@@ -280,9 +386,9 @@ class RpcServer:
             conns = list(self._connections)
         for conn in conns:
             with conn.lock:
+                conn.closing = True
                 if not conn.busy:
                     conn.shutdown()
-        deadline = time.monotonic() + grace
         for conn in conns:
             if conn.thread is not None:
                 conn.thread.join(max(0.0, deadline - time.monotonic()))
@@ -300,10 +406,11 @@ class RpcServer:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        stack_bytes = self.settings.thread_stack_bytes
         while not self._closing.is_set():
             try:
                 sock, peer = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 if self._closing.is_set():
@@ -312,24 +419,41 @@ class RpcServer:
                 time.sleep(0.01)  # e.g. EMFILE: do not spin
                 continue
             with self._lock:
-                if len(self._connections) >= self.settings.max_connections:
+                if self._closing.is_set():
                     refused = True
+                elif len(self._connections) >= self.settings.max_connections:
+                    refused = True
+                    log.warning("connection limit reached; refusing %s", peer[0])
                 else:
                     refused = False
                     conn = _Connection(sock, peer)
                     self._connections.add(conn)
             if refused:
-                log.warning("connection limit reached; refusing %s", peer[0])
                 sock.close()
                 continue
             thread = threading.Thread(
                 target=self._serve_connection, args=(conn,), name=f"{self.name}-conn", daemon=True
             )
             conn.thread = thread
-            thread.start()
+            try:
+                if stack_bytes is None:
+                    thread.start()
+                else:
+                    with _STACK_SIZE_LOCK:
+                        previous = threading.stack_size(stack_bytes)
+                        try:
+                            thread.start()
+                        finally:
+                            threading.stack_size(previous)
+            except RuntimeError:  # cannot start a thread: out of resources
+                log.warning("cannot start a connection thread; refusing %s", peer[0])
+                with self._lock:
+                    self._connections.discard(conn)
+                sock.close()
 
     def _serve_connection(self, conn: _Connection) -> None:
         sock = conn.sock
+        host = _host(conn)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             peer_cert = None
@@ -338,45 +462,120 @@ class RpcServer:
                 sock = self._ssl_context.wrap_socket(sock, server_side=True)
                 conn.sock = sock
                 peer_cert = sock.getpeercert() or None
-            sock.settimeout(self.settings.idle_timeout_s)
             self._serve_calls(conn, sock, peer_cert)
+        except WireError as exc:
+            log.info("refused message from %s: %s", host, exc.reason)
+        except MessageTimeout:
+            log.info("closing connection from %s: message read deadline exceeded", host)
+        except ssl.SSLError as exc:
+            log.info("TLS failure with %s: %s", host, exc.reason or exc.__class__.__name__)
+        except TimeoutError:
+            log.debug("closing idle or silent connection from %s", host)
         except (OSError, TTransportException):
-            pass  # the peer went away, timed out, or failed the TLS handshake
-        except (TProtocolException, TDecodeException) as exc:
-            log.info("closing connection from %s: malformed message (%s)", _host(conn), exc)
+            pass  # the peer went away or the server is stopping
         except Exception:
-            log.exception("connection from %s failed", _host(conn))
+            log.exception("connection from %s failed", host)
         finally:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
             with self._lock:
                 self._connections.discard(conn)
 
     def _serve_calls(
         self, conn: _Connection, sock: socket.socket, peer_cert: dict[str, Any] | None
     ) -> None:
-        tsock = TSocket(sock=sock)
-        itrans = self._trans_factory.get_transport(tsock)
-        iprot = self._proto_factory.get_protocol(itrans)
+        settings = self.settings
+        reader = MessageReader(
+            sock,
+            self._limits,
+            framed=settings.framed,
+            idle_timeout_s=settings.idle_timeout_s,
+            message_timeout_s=settings.message_read_timeout_s,
+        )
+        otrans = self._trans_factory.get_transport(TSocket(sock=sock))
+        oprot = self._proto_factory.get_protocol(otrans)
+        mem = TCyMemoryBuffer()
+        iprot = self._decoder(mem)
         processor = self._processor
         peer = conn.peer if isinstance(conn.peer, tuple) else None
-        while not self._closing.is_set():
-            api, seqid, result, call = processor.process_in(iprot)
-            with conn.lock:
-                conn.busy = True
-            try:
-                if isinstance(result, TApplicationException):
-                    processor.send_exception(iprot, api, result, seqid)
-                else:
-                    ctx = CallContext(
-                        method=api,
-                        request_id=_new_request_id(),
-                        peer=peer,
-                        peer_cert=peer_cert,
-                    )
-                    processor.process_call(api, seqid, result, call, iprot, ctx)
-            finally:
+        write_timeout = settings.write_timeout_s
+        try:
+            while not self._closing.is_set():
+                try:
+                    message = reader.read_message()
+                except WireError as exc:
+                    if exc.method is not None and exc.seqid is not None:
+                        sock.settimeout(write_timeout)
+                        _answer_refusal(processor, oprot, exc.method, exc.seqid, exc.reason)
+                    raise
+                if message is None:
+                    return  # the peer closed between calls
                 with conn.lock:
-                    conn.busy = False
+                    if conn.closing:
+                        return  # stop() began while this call was arriving
+                    conn.busy = True
+                try:
+                    sock.settimeout(write_timeout)
+                    self._handle(message, mem, iprot, oprot, peer, peer_cert, host=_host(conn))
+                finally:
+                    with conn.lock:
+                        conn.busy = False
+        finally:
+            reader.close()
+
+    def _handle(
+        self,
+        message: Message,
+        mem: Any,
+        iprot: Any,
+        oprot: Any,
+        peer: tuple[str, int] | None,
+        peer_cert: dict[str, Any] | None,
+        *,
+        host: str,
+    ) -> None:
+        processor = self._processor
+        if len(message.payload) > _REUSE_DECODE_BUFFER:
+            # Do not keep a large decode buffer alive for the connection's lifetime.
+            mem = TCyMemoryBuffer()
+            iprot = self._decoder(mem)
+        mem.setvalue(message.payload)
+        try:
+            api, seqid, result, call = processor.process_in(iprot)
+        except Exception as exc:
+            # The message is well framed (validated), so the connection can
+            # stay: e.g. a string field that is not UTF-8.
+            reason = f"undecodable arguments ({type(exc).__name__})"
+            log.info("refused call %s from %s: %s", message.method, host, reason)
+            _answer_refusal(processor, oprot, message.method, message.seqid, reason)
+            return
+        finally:
+            mem.clean()
+        if isinstance(result, TApplicationException) or call is None:
+            processor.send_exception(oprot, api, result, seqid)
+            return
+        ctx = CallContext(
+            method=api,
+            request_id=_new_request_id(),
+            peer=peer,
+            peer_cert=peer_cert,
+        )
+        processor.process_call(api, seqid, result, call, oprot, ctx)
+
+
+_REUSE_DECODE_BUFFER = 64 * 1024
+_STACK_SIZE_LOCK = threading.Lock()
+
+
+def _answer_refusal(processor: Any, oprot: Any, method: str, seqid: int, reason: str) -> None:
+    """Answer a refused message with ``TApplicationException(PROTOCOL_ERROR)``."""
+    # If the peer is gone, there is no one to tell: the connection is closed anyway.
+    with contextlib.suppress(OSError, TTransportException):
+        processor.send_exception(
+            oprot,
+            method,
+            TApplicationException(
+                TApplicationException.PROTOCOL_ERROR, f"message refused: {reason}"
+            ),
+            seqid,
+        )

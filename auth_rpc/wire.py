@@ -1,0 +1,484 @@
+"""Wire limits: read one Thrift binary-protocol call, validated, before decoding it.
+
+thriftpy2 trusts every length and element type it reads: a 17-byte call with an
+unknown field declaring a ``list`` of 2^31-1 ``STOP`` elements makes its
+``skip()`` loop for seconds holding the GIL, and a declared string length of
+2^31-1 makes it try to allocate 2 GiB. So the server never lets thriftpy2 parse
+unvalidated bytes: :class:`MessageReader` reads one whole message from the
+socket while :class:`MessageScanner` checks its structure incrementally
+(message header, field headers, element types, lengths, nesting) against
+:class:`WireLimits`, refusing it *before* anything is allocated or looped over.
+Only a complete, valid message is handed to thriftpy2's Cython codec, through a
+memory transport.
+
+The scanner walks the message once, resuming where it stopped when more bytes
+arrive, so a client dripping bytes costs no rescanning; lists, sets and maps of
+fixed-size elements are stepped over in one move.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+__all__ = [
+    "MAX_METHOD_NAME_BYTES",
+    "Message",
+    "MessageReader",
+    "MessageScanner",
+    "MessageTimeout",
+    "WireError",
+    "WireLimits",
+]
+
+#: Longest method name accepted in a message header.
+MAX_METHOD_NAME_BYTES = 1024
+
+_VERSION_MASK = -65536  # 0xFFFF0000 as a signed 32-bit value
+_VERSION_1 = -2147418112  # 0x80010000 as a signed 32-bit value
+_CALL = 1
+_ONEWAY = 4
+
+# Thrift type ids (binary protocol).
+_STOP = 0
+_BOOL = 2
+_BYTE = 3
+_DOUBLE = 4
+_I16 = 6
+_I32 = 8
+_I64 = 10
+_STRING = 11
+_STRUCT = 12
+_MAP = 13
+_SET = 14
+_LIST = 15
+
+#: Bytes a value of each type takes (fixed-size types), or at least takes.
+_FIXED_SIZE = {_BOOL: 1, _BYTE: 1, _DOUBLE: 8, _I16: 2, _I32: 4, _I64: 8}
+_MIN_SIZE = {**_FIXED_SIZE, _STRING: 4, _STRUCT: 1, _MAP: 6, _SET: 5, _LIST: 5}
+_VALID_TYPES = frozenset(_MIN_SIZE)
+
+_I32_AT = struct.Struct("!i").unpack_from
+_BYTE_I32_AT = struct.Struct("!bi").unpack_from
+_BYTE_BYTE_I32_AT = struct.Struct("!bbi").unpack_from
+
+# Frame kinds on the scanner's stack.
+_K_STRUCT = 0
+_K_SEQ = 1  # list or set: [kind, element type, elements left]
+_K_MAP = 2  # [kind, key type, value type, keys and values left (2 per entry)]
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """What one incoming message may declare. Sizes in bytes.
+
+    ``max_depth`` counts the arguments struct itself, as thriftpy2's
+    ``max_depth`` does: 64 allows the arguments struct and 63 levels inside it.
+    """
+
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_string_bytes: int = 1024 * 1024
+    max_container_items: int = 10_000
+    max_depth: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_message_bytes", "max_string_bytes", "max_container_items", "max_depth"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_message_bytes > 0x7FFFFFFF:
+            raise ValueError("max_message_bytes must fit in a signed 32-bit length")
+
+
+class WireError(Exception):
+    """A message was refused: it breaks the protocol or a configured limit.
+
+    ``method`` and ``seqid`` are set when the message header was read, so that
+    the refusal can be answered with a ``TApplicationException``.
+    """
+
+    def __init__(self, reason: str, *, method: str | None = None, seqid: int | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.method = method
+        self.seqid = seqid
+
+
+class MessageTimeout(TimeoutError):
+    """A message did not arrive completely within its read deadline."""
+
+
+class MessageScanner:
+    """Validates one binary-protocol CALL or ONEWAY message, incrementally.
+
+    Call :meth:`scan` with the buffer holding the message from offset 0 and
+    the number of valid bytes in it; it returns the message length once the
+    message is complete, or ``None`` with :attr:`need` set to the number of
+    bytes it must see before it can go on. Raises :class:`WireError` as soon
+    as the bytes seen break the protocol or a limit.
+    """
+
+    __slots__ = (
+        "_limit",
+        "_limits",
+        "_pending",
+        "_stack",
+        "method",
+        "need",
+        "pos",
+        "seqid",
+    )
+
+    def __init__(self, limits: WireLimits, *, limit: int | None = None) -> None:
+        self._limits = limits
+        # The message may not extend past this many bytes (a frame's length in
+        # framed mode).
+        self._limit = limits.max_message_bytes if limit is None else limit
+        self._stack: list[list[int]] | None = None  # None until the header is read
+        self._pending = -1  # type of the value due next, or -1
+        self.pos = 0
+        self.need = 0
+        self.method: str | None = None
+        self.seqid: int | None = None
+
+    def _refuse(self, reason: str) -> WireError:
+        return WireError(reason, method=self.method, seqid=self.seqid)
+
+    def _too_long(self, end: int) -> WireError:
+        return self._refuse(f"message longer than {self._limit} bytes (needs at least {end})")
+
+    def scan(self, buf: bytes | bytearray | memoryview, size: int) -> int | None:
+        """Go on scanning ``buf[:size]``; the message length when complete, else ``None``.
+
+        Raises :class:`WireError` when the message is refused.
+        """
+        if self._stack is None and not self._scan_header(buf, size):
+            return None
+        stack = self._stack
+        assert stack is not None
+        limits = self._limits
+        limit = self._limit
+        max_string = limits.max_string_bytes
+        max_items = limits.max_container_items
+        max_depth = limits.max_depth
+        fixed = _FIXED_SIZE
+        min_size = _MIN_SIZE
+        valid = _VALID_TYPES
+        pos = self.pos
+        pending = self._pending
+        try:
+            while True:
+                if pending < 0:
+                    if not stack:
+                        return pos
+                    top = stack[-1]
+                    kind = top[0]
+                    if kind == _K_STRUCT:
+                        if pos >= size:
+                            self.need = pos + 1
+                            return None
+                        ftype = buf[pos]
+                        if ftype == _STOP:
+                            pos += 1
+                            stack.pop()
+                            continue
+                        if ftype not in valid:
+                            raise self._refuse(f"invalid field type {ftype}")
+                        if pos + 3 > size:
+                            if pos + 3 > limit:
+                                raise self._too_long(pos + 3)
+                            self.need = pos + 3
+                            return None
+                        pos += 3
+                        pending = ftype
+                    elif kind == _K_SEQ:
+                        left = top[2]
+                        if left == 0:
+                            stack.pop()
+                            continue
+                        etype = top[1]
+                        step = fixed.get(etype)
+                        if step is not None:
+                            end = pos + step * left
+                            if end > size:
+                                if end > limit:
+                                    raise self._too_long(end)
+                                self.need = end
+                                return None
+                            pos = end
+                            top[2] = 0
+                            continue
+                        top[2] = left - 1
+                        pending = etype
+                    else:
+                        left = top[3]
+                        if left == 0:
+                            stack.pop()
+                            continue
+                        ktype = top[1]
+                        vtype = top[2]
+                        kstep = fixed.get(ktype)
+                        vstep = fixed.get(vtype)
+                        if kstep is not None and vstep is not None and left % 2 == 0:
+                            end = pos + (kstep + vstep) * (left // 2)
+                            if end > size:
+                                if end > limit:
+                                    raise self._too_long(end)
+                                self.need = end
+                                return None
+                            pos = end
+                            top[3] = 0
+                            continue
+                        top[3] = left - 1
+                        pending = ktype if left % 2 == 0 else vtype
+                    # The stack frame's count was taken; fall through to the value.
+
+                # One value of type ``pending`` at ``pos``.
+                step = fixed.get(pending)
+                if step is not None:
+                    end = pos + step
+                    if end > size:
+                        if end > limit:
+                            raise self._too_long(end)
+                        self.need = end
+                        return None
+                    pos = end
+                elif pending == _STRING:
+                    if pos + 4 > size:
+                        if pos + 4 > limit:
+                            raise self._too_long(pos + 4)
+                        self.need = pos + 4
+                        return None
+                    (length,) = _I32_AT(buf, pos)
+                    if length < 0:
+                        raise self._refuse(f"negative string length {length}")
+                    if length > max_string:
+                        raise self._refuse(
+                            f"string of {length} bytes exceeds the limit of {max_string}"
+                        )
+                    end = pos + 4 + length
+                    if end > size:
+                        if end > limit:
+                            raise self._too_long(end)
+                        self.need = end
+                        return None
+                    pos = end
+                elif pending == _STRUCT:
+                    if len(stack) >= max_depth:
+                        raise self._refuse(f"nesting deeper than {max_depth}")
+                    stack.append([_K_STRUCT])
+                elif pending in (_LIST, _SET):
+                    if len(stack) >= max_depth:
+                        raise self._refuse(f"nesting deeper than {max_depth}")
+                    if pos + 5 > size:
+                        if pos + 5 > limit:
+                            raise self._too_long(pos + 5)
+                        self.need = pos + 5
+                        return None
+                    etype, count = _BYTE_I32_AT(buf, pos)
+                    if etype not in valid:
+                        raise self._refuse(f"invalid element type {etype}")
+                    self._check_count(count, max_items, min_size[etype], pos + 5)
+                    pos += 5
+                    stack.append([_K_SEQ, etype, count])
+                else:  # _MAP: the only other type in ``valid``
+                    if len(stack) >= max_depth:
+                        raise self._refuse(f"nesting deeper than {max_depth}")
+                    if pos + 6 > size:
+                        if pos + 6 > limit:
+                            raise self._too_long(pos + 6)
+                        self.need = pos + 6
+                        return None
+                    ktype, vtype, count = _BYTE_BYTE_I32_AT(buf, pos)
+                    if ktype not in valid or vtype not in valid:
+                        raise self._refuse(f"invalid map key or value type {ktype}, {vtype}")
+                    self._check_count(count, max_items, min_size[ktype] + min_size[vtype], pos + 6)
+                    pos += 6
+                    stack.append([_K_MAP, ktype, vtype, 2 * count])
+                pending = -1
+        finally:
+            self.pos = pos
+            self._pending = pending
+
+    def _check_count(self, count: int, max_items: int, min_size: int, after: int) -> None:
+        if count < 0:
+            raise self._refuse(f"negative container size {count}")
+        if count > max_items:
+            raise self._refuse(f"container of {count} elements exceeds the limit of {max_items}")
+        if after + count * min_size > self._limit:
+            raise self._too_long(after + count * min_size)
+
+    def _scan_header(self, buf: bytes | bytearray | memoryview, size: int) -> bool:
+        """Read the message header; ``False`` when more bytes are needed."""
+        if size < 8:
+            self.need = 8
+            return False
+        (version,) = _I32_AT(buf, 0)
+        if version >= 0 or (version & _VERSION_MASK) != _VERSION_1:
+            raise WireError("not a strict binary-protocol message header")
+        mtype = version & 0xFF
+        if mtype != _CALL and mtype != _ONEWAY:
+            raise WireError(f"message type {mtype} is not a call")
+        (name_len,) = _I32_AT(buf, 4)
+        if name_len < 0 or name_len > MAX_METHOD_NAME_BYTES:
+            raise WireError(f"method name length {name_len} out of range")
+        end = 8 + name_len + 4
+        if end > self._limit:
+            raise self._too_long(end)
+        if size < end:
+            self.need = end
+            return False
+        try:
+            self.method = bytes(buf[8 : 8 + name_len]).decode("utf-8")
+        except UnicodeDecodeError:
+            raise WireError("method name is not UTF-8") from None
+        (self.seqid,) = _I32_AT(buf, 8 + name_len)
+        self.pos = end
+        self._stack = [[_K_STRUCT]]
+        return True
+
+
+@dataclass(frozen=True)
+class Message:
+    """One complete, validated call: the bytes for thriftpy2 and its header."""
+
+    payload: bytes
+    method: str
+    seqid: int
+
+
+_INITIAL_BUFFER = 16 * 1024
+_KEEP_BUFFER = 256 * 1024
+
+
+class MessageReader:
+    """Reads validated messages from one connected socket (plain or TLS).
+
+    ``framed`` reads the 4-byte frame length first and checks it against the
+    message limit before reading further. Between messages the reader waits at
+    most ``idle_timeout_s`` for the first byte; once a message has begun it
+    must be complete within ``message_timeout_s`` however slowly its bytes
+    arrive.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        limits: WireLimits,
+        *,
+        framed: bool = False,
+        idle_timeout_s: float = 300.0,
+        message_timeout_s: float = 10.0,
+    ) -> None:
+        self._sock = sock
+        self._limits = limits
+        self._framed = framed
+        self._idle_timeout_s = idle_timeout_s
+        self._message_timeout_s = message_timeout_s
+        self._buf = bytearray(_INITIAL_BUFFER)
+        self._view = memoryview(self._buf)
+        self._start = 0  # first byte of the next message
+        self._end = 0  # end of the bytes received
+
+    def close(self) -> None:
+        """Release the buffer (the socket belongs to the caller)."""
+        self._view.release()
+
+    def read_message(self) -> Message | None:
+        """The next message, or ``None`` when the peer closed between messages.
+
+        Raises :class:`WireError` when the message is refused,
+        :class:`MessageTimeout` when it is not complete by its deadline,
+        ``TimeoutError`` when the connection stays idle past the idle timeout,
+        ``ConnectionError`` when the peer closes in the middle of a message,
+        and ``OSError`` on socket errors.
+        """
+        self._compact()
+        if self._end == 0:
+            self._sock.settimeout(self._idle_timeout_s)
+            if self._recv(self._end) == 0:
+                return None
+        deadline = time.monotonic() + self._message_timeout_s
+        if self._framed:
+            return self._read_framed(deadline)
+        scanner = MessageScanner(self._limits)
+        while True:
+            length = scanner.scan(self._buf, self._end)
+            if length is not None:
+                break
+            self._fill(scanner.need, deadline)
+        return self._take(0, length, scanner)
+
+    def _read_framed(self, deadline: float) -> Message:
+        self._fill(4, deadline)
+        (frame_len,) = _I32_AT(self._buf, 0)
+        if frame_len <= 0 or frame_len > self._limits.max_message_bytes:
+            raise WireError(f"frame length {frame_len} outside 1..{self._limits.max_message_bytes}")
+        self._fill(4 + frame_len, deadline)
+        scanner = MessageScanner(self._limits, limit=frame_len)
+        frame = self._view[4 : 4 + frame_len]
+        try:
+            length = scanner.scan(frame, frame_len)
+        finally:
+            frame.release()
+        if length is None or length != frame_len:
+            raise WireError(
+                "message does not fill its frame exactly",
+                method=scanner.method,
+                seqid=scanner.seqid,
+            )
+        return self._take(4, frame_len, scanner)
+
+    def _take(self, offset: int, length: int, scanner: MessageScanner) -> Message:
+        payload = bytes(self._view[offset : offset + length])
+        self._start = offset + length
+        assert scanner.method is not None and scanner.seqid is not None
+        return Message(payload, scanner.method, scanner.seqid)
+
+    def _compact(self) -> None:
+        """Move the bytes of the next message (if any) to the buffer's start."""
+        start, end = self._start, self._end
+        if start == 0:
+            return
+        left = end - start
+        if left:
+            self._buf[0:left] = self._buf[start:end]
+        self._start, self._end = 0, left
+        if len(self._buf) > _KEEP_BUFFER and left <= _INITIAL_BUFFER:
+            self._resize(_INITIAL_BUFFER)
+
+    def _resize(self, capacity: int) -> None:
+        self._view.release()
+        new = bytearray(capacity)
+        new[: self._end] = self._buf[: self._end]
+        self._buf = new
+        self._view = memoryview(new)
+
+    def _fill(self, need: int, deadline: float) -> None:
+        """Receive until ``need`` bytes of the message are buffered."""
+        while self._end < need:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise MessageTimeout("message not complete before its read deadline")
+            self._sock.settimeout(remaining)
+            try:
+                received = self._recv(need)
+            except TimeoutError:
+                raise MessageTimeout("message not complete before its read deadline") from None
+            if received == 0:
+                raise ConnectionError("peer closed the connection in the middle of a message")
+
+    def _recv(self, need: int) -> int:
+        """One ``recv_into`` after the buffered bytes; grows the buffer up to ``need``."""
+        if need > len(self._buf) or self._end == len(self._buf):
+            capacity = max(need, min(2 * len(self._buf), self._limits.max_message_bytes + 4))
+            self._resize(max(capacity, self._end + 1))
+        view = self._view[self._end :]
+        try:
+            received = self._sock.recv_into(view)
+        finally:
+            view.release()
+        self._end += received
+        return received
