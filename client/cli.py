@@ -256,6 +256,26 @@ class _Context:
     def usage(self, message: str) -> NoReturn:
         self.parser.error(message)  # exits 2
 
+    def check_options(self) -> None:
+        """Usage errors in the global options, before anything else happens."""
+        args = self.args
+        if bool(args.tls_cert) != bool(args.tls_key):
+            self.usage("--tls-cert and --tls-key go together")
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            value = getattr(args, name)
+            if value is not None and not os.path.isfile(value):
+                self.usage(f"--{name.replace('_', '-')}: no such file: {value}")
+        for which in ("auth", "posts"):
+            for source, value in (
+                (f"--{which}", getattr(args, which)),
+                (f"$POSTS_CLIENT_{which.upper()}", self.env.get(f"POSTS_CLIENT_{which.upper()}")),
+            ):
+                if value:
+                    try:
+                        parse_hostport(value)
+                    except ValueError as exc:
+                        self.usage(f"{source}: {exc}")
+
     # -- connection settings: flag, then environment, then the saved login, then default
 
     def address(self, which: str, saved: SavedLogin | None) -> str:
@@ -273,12 +293,6 @@ class _Context:
 
     def connection_options(self, saved: SavedLogin | None) -> dict[str, Any]:
         args = self.args
-        if bool(args.tls_cert) != bool(args.tls_key):
-            self.usage("--tls-cert and --tls-key go together")
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            value = getattr(args, name)
-            if value is not None and not os.path.isfile(value):
-                self.usage(f"--{name.replace('_', '-')}: no such file: {value}")
         explicit_tls = args.tls or args.tls_ca or args.tls_cert
         if explicit_tls or saved is None:
             ca, cert, key = args.tls_ca, args.tls_cert, args.tls_key
@@ -711,6 +725,7 @@ def main(
         parser=parser,
     )
     try:
+        ctx.check_options()
         return _COMMANDS[args.command](ctx)
     except SystemExit as exc:  # ctx.usage()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

@@ -61,7 +61,7 @@ def test_connect_to_a_closed_port_is_a_transport_error(unused_port: int) -> None
 
 
 def test_refresh_before_expiry_with_injected_clock(
-    auth_server: Any, user: Any, call_log: Any
+    auth_server: Any, user: Any, auth_calls: Any
 ) -> None:
     clock = FakeClock()
     saved: list[Tokens] = []
@@ -75,7 +75,7 @@ def test_refresh_before_expiry_with_injected_clock(
 
     clock.advance(900 - 61)  # 61 s left: not yet due
     assert session.access_token() == first.access_token
-    assert call_log.count("refresh") == 0
+    assert auth_calls.count("refresh") == 0
 
     clock.advance(2)  # 59 s left: inside the 60 s margin
     token = session.access_token()
@@ -84,16 +84,17 @@ def test_refresh_before_expiry_with_injected_clock(
     assert second.refresh_token != first.refresh_token  # rotated
     assert second.expires_at == pytest.approx(clock.now + 900)
     assert saved == [first, second]  # the rotated refresh token handed out at once
-    assert call_log.count("refresh") == 1
+    assert auth_calls.count("refresh") == 1
     assert session.access_token() == token  # no second refresh
-    assert call_log.count("refresh") == 1
+    assert auth_calls.count("refresh") == 1
     assert session.validate().subject == user.name
 
 
 def test_margin_is_ten_percent_of_a_short_lifetime(
-    make_auth_server: Any, make_user: Any, call_log: Any
+    make_auth_server: Any, make_user: Any, counting: Any
 ) -> None:
     server = make_auth_server(access_ttl_s=100)
+    auth_calls = counting(server)
     make_user("bob", "bob's password here", service=server.service)
     clock = FakeClock()
     session = Session.login(_addr(server), "bob", "bob's password here", clock=clock)
@@ -102,11 +103,11 @@ def test_margin_is_ten_percent_of_a_short_lifetime(
     assert session.access_token() == first
     clock.advance(2)
     assert session.access_token() != first
-    assert call_log.count("refresh") == 1
+    assert auth_calls.count("refresh") == 1
 
 
 def test_eight_threads_that_find_the_token_due_trigger_one_refresh(
-    auth_server: Any, user: Any, call_log: Any
+    auth_server: Any, user: Any, auth_calls: Any
 ) -> None:
     clock = FakeClock()
     session = Session.login(_addr(auth_server), user.name, user.password, clock=clock)
@@ -129,11 +130,11 @@ def test_eight_threads_that_find_the_token_due_trigger_one_refresh(
         thread.join(30)
     assert not errors
     assert len(tokens) == 8 and len(set(tokens)) == 1
-    assert call_log.count("refresh") == 1
+    assert auth_calls.count("refresh") == 1
 
 
 def test_unauthenticated_renews_once_and_the_retry_succeeds(
-    auth_server: Any, user: Any, call_log: Any
+    auth_server: Any, user: Any, auth_calls: Any
 ) -> None:
     session = Session.login(_addr(auth_server), user.name, user.password)
     revoked = session.tokens.access_token
@@ -142,12 +143,12 @@ def test_unauthenticated_renews_once_and_the_retry_succeeds(
 
     assert session.validate().subject == user.name
     assert session.tokens.access_token != revoked
-    assert call_log.calls("validate") == [("validate", "Unauthenticated"), ("validate", "ok")]
-    assert call_log.count("refresh") == 1
+    assert auth_calls.calls("validate") == [("validate", "TokenRejected"), ("validate", "ok")]
+    assert auth_calls.count("refresh") == 1
 
 
 def test_a_refused_renewal_propagates_without_a_loop(
-    auth_server: Any, user: Any, call_log: Any
+    auth_server: Any, user: Any, auth_calls: Any
 ) -> None:
     session = Session.login(_addr(auth_server), user.name, user.password)
     with connect_auth(port=auth_server.port) as auth:
@@ -156,12 +157,12 @@ def test_a_refused_renewal_propagates_without_a_loop(
 
     with pytest.raises(Unauthenticated):
         session.validate()
-    assert call_log.calls("validate") == [("validate", "Unauthenticated")]
-    assert call_log.calls("refresh") == [("refresh", "Unauthenticated")]
+    assert auth_calls.calls("validate") == [("validate", "TokenRejected")]
+    assert auth_calls.calls("refresh") == [("refresh", "TokenRejected")]
 
 
 def test_client_credentials_session_gets_a_new_token_instead_of_refreshing(
-    auth_server: Any, make_client: Any, call_log: Any
+    auth_server: Any, make_client: Any, auth_calls: Any
 ) -> None:
     secret = make_client("reporter", scopes="posts:read")
     clock = FakeClock()
@@ -176,12 +177,12 @@ def test_client_credentials_session_gets_a_new_token_instead_of_refreshing(
     principal = session.validate()
     assert principal.subject == "reporter"
     assert principal.client_id == "reporter"
-    assert call_log.count("client_token") == 2
-    assert call_log.count("refresh") == 0
+    assert auth_calls.count("client_token") == 2
+    assert auth_calls.count("refresh") == 0
 
     clock.advance(899)  # due again: a third client_token, still no refresh grant
     assert session.access_token() not in (first, "")
-    assert call_log.count("client_token") == 3
+    assert auth_calls.count("client_token") == 3
 
 
 def test_early_refresh_failure_keeps_the_still_valid_token(
