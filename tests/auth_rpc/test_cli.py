@@ -1,0 +1,213 @@
+"""``auth-rpc``, run as a real process: admin commands, then ``serve`` until SIGTERM."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+import requests
+
+from auth_rpc.idl import auth_thrift, common_thrift
+from auth_rpc.transport import open_client
+
+READY = re.compile(
+    r"^auth-rpc ready: thrift=(?P<host>[\d.]+):(?P<port>\d+) http=(?P<http>\S+) "
+    r"issuer=(?P<issuer>\S+) audience=(?P<aud>\S+)$"
+)
+
+
+def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # our own command, fixed arguments
+        [sys.executable, "-m", "auth_rpc.cli", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+class Served:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "auth_rpc.cli",
+                "serve",
+                "--port",
+                "0",
+                "--http-port",
+                "0",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()  # blocks until ready: no sleeping
+        match = READY.match(line)
+        if match is None:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            pytest.fail(f"no ready line: {line!r}\n{err}")
+        self.port = int(match["port"])
+        self.http = match["http"]
+        self.issuer = match["issuer"]
+
+    def stop(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err
+
+
+def test_add_user_then_serve_then_sigterm(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    added = run(
+        "add-user",
+        "alice",
+        "--data-dir",
+        str(data),
+        "--password-stdin",
+        stdin="a long enough password\n",
+    )
+    assert added.returncode == 0, added.stderr
+    assert "a long enough password" not in added.stdout + added.stderr
+
+    client_out = run("add-client", "reporting", "--data-dir", str(data), "--scope", "posts:read")
+    assert client_out.returncode == 0, client_out.stderr
+    secret = client_out.stdout.strip().splitlines()[-1]
+    assert len(secret) >= 32 and " " not in secret
+
+    served = Served("--data-dir", str(data))
+    try:
+        with contextlib.closing(open_client(auth_thrift.Auth, "127.0.0.1", served.port)) as client:
+            pair = client.login("alice", "a long enough password")
+            assert client.validate(pair.access_token).subject == "alice"
+            svc = client.client_token("reporting", secret, "posts:read")
+            assert client.validate(svc.access_token).client_id == "reporting"
+            with pytest.raises(common_thrift.Unauthenticated):
+                client.login("alice", "wrong password")
+        jwks = requests.get(f"{served.http}/.well-known/jwks.json", timeout=5).json()
+        key = jwt.PyJWKSet.from_dict(jwks)[jwt.get_unverified_header(pair.access_token)["kid"]]
+        claims = jwt.decode(
+            pair.access_token, key, algorithms=["EdDSA"], audience="posts", issuer=served.issuer
+        )
+        assert claims["sub"] == "alice"
+    finally:
+        code, err = served.stop()
+    assert code == 0, err
+    assert "a long enough password" not in err and pair.access_token not in err
+    assert (data / "keys").stat().st_mode & 0o077 == 0
+
+
+def test_rotate_key_keeps_old_tokens_valid(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    assert (
+        run(
+            "add-user",
+            "bob",
+            "--data-dir",
+            str(data),
+            "--password-stdin",
+            stdin="bob's long password\n",
+        ).returncode
+        == 0
+    )
+    served = Served("--data-dir", str(data))
+    try:
+        with contextlib.closing(open_client(auth_thrift.Auth, "127.0.0.1", served.port)) as client:
+            old = client.login("bob", "bob's long password").access_token
+            old_kid = jwt.get_unverified_header(old)["kid"]
+            rotated = run("rotate-key", "--data-dir", str(data))
+            assert rotated.returncode == 0, rotated.stderr
+            # The running server re-reads its key table at most every 5 s (KeyManager):
+            # poll on the condition, bounded, instead of sleeping a fixed time.
+            deadline = time.monotonic() + 30
+            new_kid = old_kid
+            while new_kid == old_kid and time.monotonic() < deadline:
+                threading.Event().wait(0.25)
+                new = client.login("bob", "bob's long password").access_token
+                new_kid = jwt.get_unverified_header(new)["kid"]
+            assert old_kid != new_kid, "the running server signs with the rotated key"
+            assert client.validate(old).subject == "bob"
+            assert client.validate(new).subject == "bob"
+        jwks = requests.get(f"{served.http}/.well-known/jwks.json", timeout=5).json()
+        assert {old_kid, new_kid} <= {k["kid"] for k in jwks["keys"]}
+    finally:
+        code, err = served.stop()
+    assert code == 0, err
+
+
+def test_hs256_refuses_a_short_secret(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"x" * 31)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "auth_rpc.cli",
+            "serve",
+            "--data-dir",
+            str(tmp_path / "d"),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--alg",
+            "HS256",
+            "--hs256-secret-file",
+            str(secret),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert "32" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["add-user", "x", "--password-stdin"],  # no --data-dir
+        ["serve"],
+        ["frobnicate"],
+    ],
+)
+def test_usage_errors_exit_2(args: list[str]) -> None:
+    assert run(*args).returncode == 2
+
+
+def test_add_user_twice_is_a_clear_error(tmp_path: Path) -> None:
+    data = str(tmp_path / "d")
+    assert (
+        run(
+            "add-user", "zed", "--data-dir", data, "--password-stdin", stdin="password number one\n"
+        ).returncode
+        == 0
+    )
+    again = run(
+        "add-user", "zed", "--data-dir", data, "--password-stdin", stdin="password number two\n"
+    )
+    assert again.returncode == 1
+    assert again.stderr.startswith("auth-rpc: error:") and "Traceback" not in again.stderr
+
+
+def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
+    served = Served("--data-dir", str(tmp_path / "d"))
+    served.proc.send_signal(signal.SIGINT)
+    _, err = served.proc.communicate(timeout=30)
+    assert served.proc.returncode == 0, err
+    assert os.path.exists(tmp_path / "d")
