@@ -1,0 +1,259 @@
+"""ThriftVerifier against a tiny Auth handler served by auth_rpc.serving.RpcServer."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from auth_rpc.errors import DependencyUnavailable, TokenRejected
+from auth_rpc.idl import auth_thrift, common_thrift
+from auth_rpc.serving import RpcServer
+from auth_rpc.verifiers import ThriftVerifier, make_verifier
+
+T0 = 1_800_000_000.0
+ISS = "https://issuer.test"
+AUD = "posts"
+
+
+class AuthStub:
+    """Implements only ``validate``: known tokens map to principals."""
+
+    def __init__(self) -> None:
+        self.principals: dict[str, Any] = {}
+        self.calls = 0
+        self.unavailable = False
+        self.crash = False
+        self.gate: threading.Event | None = None
+
+    def validate(self, token: str) -> Any:
+        self.calls += 1
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.unavailable:
+            raise common_thrift.Unavailable(message="database unavailable")
+        if self.crash:
+            raise RuntimeError("bug")
+        principal = self.principals.get(token)
+        if principal is None:
+            raise common_thrift.Unauthenticated(message="token expired")
+        return principal
+
+
+def principal(**over: Any) -> Any:
+    fields: dict[str, Any] = {
+        "subject": "alice",
+        "scopes": ["posts:read", "posts:write"],
+        "expires_at": int(T0) + 900,
+        "token_id": "jti-1",
+        "client_id": "cli",
+        "issuer": ISS,
+        "audience": AUD,
+    }
+    fields.update(over)
+    return auth_thrift.Principal(**fields)
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+Serve = Callable[..., RpcServer]
+
+
+@pytest.fixture
+def stub() -> AuthStub:
+    s = AuthStub()
+    s.principals["tok"] = principal()
+    return s
+
+
+def make(port: int, clock: Clock | None = None, **kw: Any) -> ThriftVerifier:
+    settings: dict[str, Any] = {
+        "host": "127.0.0.1", "port": port, "issuer": ISS, "audience": AUD,
+        "timeout_s": 1.0, "clock": clock or Clock(),
+    }
+    settings.update(kw)
+    return ThriftVerifier(**settings)
+
+
+def test_valid_token_accepted_and_cached(serve_thrift: Serve, stub: AuthStub) -> None:
+    server = serve_thrift(auth_thrift.Auth, stub)
+    clock = Clock()
+    v = make(server.port, clock, cache_ttl_s=30)
+    p = v.verify("tok")
+    assert (p.subject, p.scopes, p.expires_at, p.token_id, p.client_id, p.issuer, p.audience) == (
+        "alice", frozenset({"posts:read", "posts:write"}), int(T0) + 900, "jti-1", "cli",
+        ISS, (AUD,),
+    )
+    assert v.verify("tok") is p and stub.calls == 1
+    clock.now = T0 + 30
+    v.verify("tok")
+    assert stub.calls == 2
+    v.close()
+
+
+def test_unauthenticated_is_rejected_and_not_cached(serve_thrift: Serve, stub: AuthStub) -> None:
+    v = make(serve_thrift(auth_thrift.Auth, stub).port)
+    for _ in range(2):
+        with pytest.raises(TokenRejected, match="token expired"):
+            v.verify("other")
+    assert stub.calls == 2 and len(v.cache) == 0
+    assert v.pool.opened == 1  # a typed exception leaves the connection usable
+    v.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (principal(audience="billing"), "wrong audience"),
+        (principal(audience="a b"), "wrong audience"),
+        (principal(audience=None), "no audience"),
+        (principal(issuer="https://evil.test"), "wrong issuer"),
+        (principal(expires_at=int(T0)), "token expired"),
+    ],
+)
+def test_checks_on_the_answer(
+    serve_thrift: Serve, stub: AuthStub, answer: Any, reason: str
+) -> None:
+    stub.principals["tok"] = answer
+    v = make(serve_thrift(auth_thrift.Auth, stub).port)
+    with pytest.raises(TokenRejected, match=reason):
+        v.verify("tok")
+    v.close()
+
+
+def test_optional_issuer_and_audience(serve_thrift: Serve, stub: AuthStub) -> None:
+    stub.principals["tok"] = principal(issuer=None, audience=f"other {AUD}")
+    port = serve_thrift(auth_thrift.Auth, stub).port
+    v = make(port)
+    assert v.verify("tok").audience == ("other", AUD)
+    v.close()
+    stub.principals["tok"] = principal(audience=None)
+    v = make(port, require_audience=False)
+    assert v.verify("tok").subject == "alice"
+    v.close()
+
+
+def test_unavailable_and_crash_fail_closed(serve_thrift: Serve, stub: AuthStub) -> None:
+    v = make(serve_thrift(auth_thrift.Auth, stub).port)
+    stub.unavailable = True
+    with pytest.raises(DependencyUnavailable, match="auth service unavailable"):
+        v.verify("tok")
+    stub.unavailable, stub.crash = False, True
+    with pytest.raises(DependencyUnavailable, match="auth service failed"):
+        v.verify("tok")
+    stub.crash = False
+    assert v.verify("tok").subject == "alice"
+    v.close()
+
+
+def test_pool_reuses_one_connection(serve_thrift: Serve, stub: AuthStub) -> None:
+    server = serve_thrift(auth_thrift.Auth, stub)
+    v = make(server.port, cache_ttl_s=0)
+    for _ in range(10):
+        v.verify("tok")
+    assert stub.calls == 10 and v.pool.opened == 1 and v.pool.idle == 1
+    assert server.connection_count == 1
+    v.close()
+
+
+def test_pool_is_bounded_under_concurrency(serve_thrift: Serve, stub: AuthStub) -> None:
+    server = serve_thrift(auth_thrift.Auth, stub)
+    v = make(server.port, cache_ttl_s=0, pool_size=2)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(20):
+                v.verify("tok")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and stub.calls == 120
+    assert v.pool.opened <= 2
+    v.close()
+
+
+def test_stopped_server_is_unavailable_then_a_new_server_recovers(stub: AuthStub) -> None:
+    server = RpcServer(auth_thrift.Auth, stub).start()
+    port = server.port
+    v = make(port, cache_ttl_s=0)
+    v.verify("tok")
+    server.stop(grace_s=1.0)
+    with pytest.raises(DependencyUnavailable, match="unreachable"):
+        v.verify("tok")
+    assert v.pool.idle == 0  # the broken connection was discarded
+    replacement = RpcServer(auth_thrift.Auth, stub, port=port).start()
+    try:
+        assert v.verify("tok").subject == "alice"
+        opened = v.pool.opened
+        v.verify("tok")
+        assert v.pool.opened == opened
+    finally:
+        v.close()
+        replacement.stop(grace_s=1.0)
+
+
+def test_pooled_connection_closed_by_the_server_is_retried_once(stub: AuthStub) -> None:
+    server = RpcServer(auth_thrift.Auth, stub).start()
+    port = server.port
+    v = make(port, cache_ttl_s=0)
+    v.verify("tok")
+    server.stop(grace_s=1.0)  # the pooled connection is now dead
+    replacement = RpcServer(auth_thrift.Auth, stub, port=port).start()
+    try:
+        assert v.verify("tok").subject == "alice"  # no error surfaced: retried on a new one
+        assert v.pool.opened == 2
+    finally:
+        v.close()
+        replacement.stop(grace_s=1.0)
+
+
+def test_a_hung_server_is_bounded_by_the_timeout(serve_thrift: Serve, stub: AuthStub) -> None:
+    stub.gate = threading.Event()
+    v = make(serve_thrift(auth_thrift.Auth, stub).port, timeout_s=0.2)
+    try:
+        with pytest.raises(DependencyUnavailable, match="timed out"):
+            v.verify("tok")
+        assert stub.calls == 1  # a timeout is not retried
+    finally:
+        stub.gate.set()
+        v.close()
+
+
+def test_framed_transport(serve_thrift: Serve, stub: AuthStub) -> None:
+    server = serve_thrift(auth_thrift.Auth, stub, framed=True)
+    v = make(server.port, framed=True)
+    assert v.verify("tok").subject == "alice"
+    v.close()
+
+
+def test_make_verifier_thrift(serve_thrift: Serve, stub: AuthStub) -> None:
+    server = serve_thrift(auth_thrift.Auth, stub)
+    v = make_verifier(
+        "thrift", auth_addr=f"127.0.0.1:{server.port}", issuer=ISS, audience=AUD, clock=Clock()
+    )
+    assert v.verify("tok").subject == "alice"
+    v.close()
+    with pytest.raises(ValueError):
+        make_verifier("thrift", auth_addr="nowhere", issuer=ISS, audience=AUD)
+
+
+def test_misconfiguration() -> None:
+    with pytest.raises(ValueError):
+        make(0)
+    for bad in ({"pool_size": 0}, {"timeout_s": 0}, {"issuer": ""}, {"host": ""}):
+        with pytest.raises(ValueError):
+            make(1, **bad)
