@@ -214,9 +214,10 @@ def simple(offset: int = 0, rel_claims: dict[str, int] | None = None, **kwargs: 
     """A token minted at now + ``offset``; ``rel_claims`` are times relative to now."""
 
     def make(service: AuthService, key: SigningKey, now: float) -> str:
-        claims = dict(kwargs.pop("claims", {}))
+        rest = {name: value for name, value in kwargs.items() if name != "claims"}
+        claims = dict(kwargs.get("claims", {}))
         claims.update({name: int(now) + delta for name, delta in (rel_claims or {}).items()})
-        return mint(key, now + offset, claims=claims, **kwargs)
+        return mint(key, now + offset, claims=claims, **rest)
 
     return make
 
