@@ -308,6 +308,7 @@ class RpcServer:
         )
         self._ssl_context = self.settings.tls.context() if self.settings.tls else None
         self._listener: socket.socket | None = sock
+        self._port: int | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
         self._lock = threading.Lock()
@@ -333,6 +334,7 @@ class RpcServer:
             listener.listen(self.settings.backlog)
             self._listener = listener
         self._listener.settimeout(0.5)
+        self._port = int(self._listener.getsockname()[1])
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"{self.name}-accept", daemon=True
         )
@@ -341,9 +343,9 @@ class RpcServer:
 
     @property
     def port(self) -> int:
-        assert self._listener is not None, "server not started"
-        port: int = self._listener.getsockname()[1]
-        return port
+        """The bound port (still readable after :meth:`stop`)."""
+        assert self._port is not None, "server not started"
+        return self._port
 
     @property
     def address(self) -> tuple[str, int]:
