@@ -42,6 +42,12 @@ class Clock:
 
 
 @pytest.fixture
+def issuer_audience() -> tuple[str, str]:
+    """The issuer and audience the fixtures' tokens and verifier use."""
+    return ISSUER, AUDIENCE
+
+
+@pytest.fixture
 def hs256_secret() -> bytes:
     return os.urandom(32)
 
