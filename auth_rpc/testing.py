@@ -82,6 +82,14 @@ class TokenFactory:
 
         return SigningKey.generate(alg, kid=kid)
 
+    @staticmethod
+    def kid_of(token: str) -> str:
+        """The ``kid`` header of ``token`` (unverified)."""
+        import jwt
+
+        kid: str = jwt.get_unverified_header(token)["kid"]
+        return kid
+
     def mint(
         self,
         subject: str = "alice",
@@ -239,3 +247,87 @@ def serve_thrift() -> Iterator[Callable[..., RpcServer]]:
     yield serve
     for server in reversed(started):
         server.stop(grace_s=2.0)
+
+
+def _verifier_settings(mode: str, auth: AuthServer, **overrides: Any) -> dict[str, Any]:
+    service = auth.service
+    settings: dict[str, Any] = {"issuer": service.issuer, "audience": service.audience}
+    if mode == "local":
+        key = service.signing_key()
+        if key.symmetric:
+            settings.update(hs256_secret=key.private_key, algorithms=["HS256"])
+        else:
+            settings.update(public_key_pem=key.public_pem(), algorithms=[key.alg])
+    elif mode == "jwks":
+        settings["jwks_url"] = auth.jwks_url
+    elif mode == "introspect":
+        client_id = overrides.pop("client_id", "posts-service")
+        settings.update(
+            introspect_url=auth.introspect_url,
+            client_id=client_id,
+            client_secret=overrides.pop("client_secret", None)
+            or service.add_client(client_id, ["introspect"]),
+        )
+    elif mode == "thrift":
+        settings.update(host="127.0.0.1", port=auth.port)
+    else:
+        raise ValueError(f"unknown verification mode {mode!r}")
+    settings.update(overrides)
+    return settings
+
+
+@pytest.fixture
+def make_posts_server(
+    auth_server: AuthServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Any]]:
+    """Start Posts servers checking ``auth_server``'s tokens.
+
+    ``make_posts_server(mode="jwks", auth=None, data_dir=None, framed=False,
+    **verifier_settings)``: ``mode`` is ``local`` (the Auth service's current
+    public key or HS256 secret), ``jwks``, ``introspect`` (a client
+    ``posts-service`` is registered) or ``thrift``; ``verifier_settings`` go to
+    the verifier (``cache_ttl_s=0``, ``timeout_s=...``). The server's
+    ``.verifier`` is closed at teardown.
+    """
+    from auth_rpc.serving import ServerSettings
+    from auth_rpc.verifiers import make_verifier
+    from posts_rpc.server import PostsServer
+
+    started: list[Any] = []
+
+    def make(
+        mode: str = "jwks",
+        *,
+        auth: AuthServer | None = None,
+        data_dir: Path | None = None,
+        framed: bool = False,
+        settings: ServerSettings | None = None,
+        port: int = 0,
+        **verifier_settings: Any,
+    ) -> Any:
+        verifier = make_verifier(
+            mode, **_verifier_settings(mode, auth or auth_server, **verifier_settings)
+        )
+        try:
+            server = PostsServer(
+                verifier=verifier,
+                data_dir=data_dir or tmp_path_factory.mktemp("posts-data"),
+                port=port,
+                settings=settings or ServerSettings(framed=framed),
+            ).start()
+        except BaseException:
+            verifier.close()
+            raise
+        started.append(server)
+        return server
+
+    yield make
+    for server in reversed(started):
+        server.stop(grace_s=2.0)
+        server.verifier.close()
+
+
+@pytest.fixture
+def posts_server(make_posts_server: Callable[..., Any]) -> Any:
+    """A started Posts service verifying ``auth_server``'s tokens in ``jwks`` mode."""
+    return make_posts_server("jwks")

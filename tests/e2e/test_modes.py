@@ -1,0 +1,277 @@
+"""End to end: the Posts service in each verification mode against a real Auth service.
+
+Everything runs in-process over real Thrift and real HTTP on 127.0.0.1 (the
+plugin's fixtures): users log in to Auth, call Posts with the token, and the
+Posts service checks it locally, with the JWKS, by introspection or by
+``Auth.validate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
+from auth_rpc.keys import SigningKey
+from auth_rpc.testing import TokenFactory
+from auth_rpc.transport import open_client
+
+MODES = ["local", "jwks", "introspect", "thrift"]
+REMOTE = ["introspect", "thrift"]
+LOCAL = ["local", "jwks"]
+
+PASSWORD = "a password long enough"
+
+
+class FakeClock:
+    """A clock the test moves by hand (for cache TTLs and JWKS cooldowns)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def users(auth_server: Any, make_user: Callable[..., None]) -> Callable[[str], str]:
+    """``login(name)`` -> access token; alice, bob (write), rita (read only), root (admin)."""
+    make_user("alice", PASSWORD, "posts:read posts:write")
+    make_user("bob", PASSWORD, "posts:read posts:write")
+    make_user("rita", PASSWORD, "posts:read")
+    make_user("root", PASSWORD, "posts:read posts:write posts:admin")
+
+    def login(name: str) -> str:
+        with contextlib.closing(open_client(auth_thrift.Auth, "127.0.0.1", auth_server.port)) as c:
+            token: str = c.login(name, PASSWORD).access_token
+            return token
+
+    return login
+
+
+@contextlib.contextmanager
+def posts_client(server: Any) -> Iterator[Any]:
+    client = open_client(posts_thrift.Posts, "127.0.0.1", server.port)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_happy_path(mode: str, make_posts_server: Any, users: Callable[[str], str]) -> None:
+    server = make_posts_server(mode)
+    token = users("alice")
+    with posts_client(server) as posts:
+        created = posts.create_post(token, "  Hello  ", "first body")
+        assert created.title == "Hello" and created.author == "alice"
+        assert posts.get_post(token, created.id) == created
+        second = posts.create_post(token, "Second", "")
+        page = posts.list_posts(token, 0, 0)
+        assert [p.id for p in page.posts] == [second.id, created.id]
+        assert page.next_before_id == 0
+        updated = posts.update_post(token, created.id, "Hello again", "edited")
+        assert updated.title == "Hello again" and updated.updated_at >= created.updated_at
+        posts.delete_post(token, created.id)
+        with pytest.raises(common_thrift.NotFound):
+            posts.get_post(token, created.id)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_bad_tokens_are_unauthenticated(
+    mode: str, make_posts_server: Any, token_factory: TokenFactory
+) -> None:
+    server = make_posts_server(mode)
+    bad = {
+        "expired": token_factory.expired(),
+        "wrong audience": token_factory.mint(audience="another-service"),
+        "wrong issuer": token_factory.mint(issuer="http://evil.test"),
+        "foreign key": token_factory.mint(
+            key=SigningKey.generate("EdDSA", kid=server_kid(token_factory))
+        ),
+        "garbage": "not.a.token",
+        "empty": "",
+    }
+    with posts_client(server) as posts:
+        for name, token in bad.items():
+            with pytest.raises(common_thrift.Unauthenticated):
+                posts.list_posts(token, 0, 0)
+            assert name  # the loop names the case in the traceback
+        # The connection is still usable after every refusal.
+        assert posts.list_posts(token_factory.mint(), 0, 0).posts == []
+
+
+def server_kid(factory: TokenFactory) -> str:
+    """The kid of the Auth service's key: a forged token claims it."""
+    return factory.key.kid
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_scope_ownership_and_admin(
+    mode: str, make_posts_server: Any, users: Callable[[str], str]
+) -> None:
+    server = make_posts_server(mode)
+    alice, bob, rita, root = (users(n) for n in ("alice", "bob", "rita", "root"))
+    with posts_client(server) as posts:
+        post = posts.create_post(alice, "Alice's", "mine")
+        with pytest.raises(common_thrift.PermissionDenied):
+            posts.create_post(rita, "Reader", "cannot write")
+        assert posts.get_post(rita, post.id).id == post.id
+        with pytest.raises(common_thrift.PermissionDenied):
+            posts.update_post(bob, post.id, "Bob's now", "")
+        with pytest.raises(common_thrift.PermissionDenied):
+            posts.delete_post(bob, post.id)
+        assert posts.update_post(root, post.id, "Moderated", "").title == "Moderated"
+        posts.delete_post(root, post.id)
+        with pytest.raises(common_thrift.NotFound):
+            posts.get_post(alice, post.id)
+
+
+@pytest.mark.parametrize("mode", REMOTE)
+def test_remote_revocation_with_cache_off_is_immediate(
+    mode: str, make_posts_server: Any, users: Callable[[str], str], auth_server: Any
+) -> None:
+    server = make_posts_server(mode, cache_ttl_s=0)
+    token = users("alice")
+    with posts_client(server) as posts:
+        posts.list_posts(token, 0, 0)
+        auth_server.service.revoke(token)
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(token, 0, 0)
+
+
+@pytest.mark.parametrize("mode", REMOTE)
+def test_remote_revocation_seen_once_the_cache_ttl_has_passed(
+    mode: str, make_posts_server: Any, users: Callable[[str], str], auth_server: Any
+) -> None:
+    clock = FakeClock()
+    server = make_posts_server(mode, cache_ttl_s=30, clock=clock)
+    token = users("alice")
+    with posts_client(server) as posts:
+        posts.list_posts(token, 0, 0)
+        auth_server.service.revoke(token)
+        clock.advance(10)
+        posts.list_posts(token, 0, 0)  # the documented delay: still cached
+        clock.advance(21)
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(token, 0, 0)
+
+
+@pytest.mark.parametrize("mode", LOCAL)
+def test_local_modes_do_not_see_revocation(
+    mode: str, make_posts_server: Any, users: Callable[[str], str], auth_server: Any
+) -> None:
+    """As the README says: a local verifier accepts a revoked token until it expires."""
+    server = make_posts_server(mode)
+    token = users("alice")
+    auth_server.service.revoke(token)
+    with posts_client(server) as posts:
+        assert posts.list_posts(token, 0, 0).posts == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_auth_stopped_mid_test(
+    mode: str,
+    make_auth_server: Any,
+    make_posts_server: Any,
+    tmp_path: Any,
+) -> None:
+    """Remote modes: Unavailable while Auth is down, then recovery; local modes keep serving."""
+    data = tmp_path / "auth"
+    auth = make_auth_server(data_dir=data)
+    auth.service.add_user("alice", PASSWORD, ["posts:read", "posts:write"])
+    ports = (auth.port, auth.http_port)
+    timeouts = {} if mode == "local" else {"timeout_s": 0.5}
+    server = make_posts_server(mode, auth=auth, cache_ttl_s=0, **timeouts)
+    factory = TokenFactory(key=auth.service.signing_key())
+    with posts_client(server) as posts:
+        posts.list_posts(factory.mint(), 0, 0)  # warm: JWKS keys fetched
+        auth.stop(grace_s=1.0)
+        auth.service.close()
+        fresh = factory.mint()  # never seen by the Posts service: not cached
+        if mode in REMOTE:
+            with pytest.raises(common_thrift.Unavailable):
+                posts.list_posts(fresh, 0, 0)
+        else:
+            assert posts.list_posts(fresh, 0, 0).posts == []
+        # Auth comes back on the same ports and data dir.
+        make_auth_server(data_dir=data, port=ports[0], http_port=ports[1])
+        assert posts.list_posts(factory.mint(), 0, 0).posts == []
+
+
+def test_jwks_mode_picks_up_a_key_rotation(
+    make_posts_server: Any, auth_server: Any, users: Callable[[str], str]
+) -> None:
+    clock = FakeClock()
+    server = make_posts_server("jwks", clock=clock)
+    with posts_client(server) as posts:
+        before = users("alice")
+        posts.list_posts(before, 0, 0)
+        auth_server.service.rotate_key()
+        after = users("alice")
+        assert TokenFactory.kid_of(after) != TokenFactory.kid_of(before)
+        clock.advance(31)  # past the refetch cooldown
+        posts.list_posts(after, 0, 0)
+        posts.list_posts(before, 0, 0)  # the old key still verifies
+
+
+class _JwksHandler(BaseHTTPRequestHandler):
+    body = b"{}"
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def independent_issuer() -> Iterator[tuple[str, SigningKey]]:
+    """A key set made in the test and served from a small in-process HTTP server."""
+    key = SigningKey.generate("ES256", kid="independent-1")
+    handler = type(
+        "H", (_JwksHandler,), {"body": json.dumps({"keys": [key.public_jwk()]}).encode()}
+    )
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json", key
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+def test_independent_issuer_in_jwks_mode(
+    make_posts_server: Any, independent_issuer: tuple[str, SigningKey], token_factory: TokenFactory
+) -> None:
+    url, key = independent_issuer
+    issuer = "https://idp.example"
+    foreign = TokenFactory(key=key, issuer=issuer, audience="posts")
+    theirs = make_posts_server("jwks", jwks_url=url, issuer=issuer, audience="posts")
+    ours = make_posts_server("jwks")
+    with posts_client(theirs) as posts:
+        assert posts.list_posts(foreign.mint(), 0, 0).posts == []
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(token_factory.mint(), 0, 0)  # our Auth's token: wrong issuer/key
+    with posts_client(ours) as posts:
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(foreign.mint(), 0, 0)
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(foreign.mint(issuer=token_factory.issuer), 0, 0)
