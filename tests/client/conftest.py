@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,3 +129,131 @@ class Cli:
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     return Cli(tmp_path / "config")
+
+
+POSTS_METHODS = ("create_post", "get_post", "list_posts", "update_post", "delete_post")
+
+
+@pytest.fixture
+def make_posts(
+    auth_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., Any]]:
+    """Start real Posts servers that ask ``auth_server`` about each token (``thrift`` mode).
+
+    ``make_posts(port=0, data_dir=None, audience="posts")``; the verifier's
+    cache is off, so a revocation counts at once. The server's handler counts
+    its calls: ``server.calls`` (a :class:`CallCounter`).
+    """
+    from auth_rpc.testing import AUDIENCE, ISSUER
+    from auth_rpc.verifiers import ThriftVerifier
+    from posts_rpc.server import PostsServer
+
+    started: list[tuple[Any, Any]] = []
+
+    def make(*, port: int = 0, data_dir: Path | None = None, audience: str = AUDIENCE) -> Any:
+        verifier = ThriftVerifier(
+            host="127.0.0.1", port=auth_server.port, issuer=ISSUER, audience=audience,
+            cache_ttl_s=0,
+        )
+        server = PostsServer(
+            verifier=verifier,
+            data_dir=data_dir or tmp_path_factory.mktemp("posts-data"),
+            port=port,
+        )
+        server.calls = CallCounter().wrap(server.handler, *POSTS_METHODS)
+        started.append((server, verifier))
+        return server.start()
+
+    yield make
+    for server, verifier in reversed(started):
+        server.stop(grace_s=2.0)
+        verifier.close()
+
+
+@pytest.fixture
+def posts_srv(make_posts: Callable[..., Any]) -> Any:
+    """A started Posts server trusting ``auth_server``."""
+    return make_posts()
+
+
+class DropReplyProxy:
+    """A TCP relay that loses the reply on its first ``drops`` connections.
+
+    A network fault, not a fake server: requests go to the real server, which
+    acts on them; on a dropping connection the relay reads the server's reply
+    and then closes the client's connection instead of passing it on.
+    """
+
+    def __init__(self, upstream_port: int, *, drops: int = 1) -> None:
+        self._upstream = ("127.0.0.1", upstream_port)
+        self._drops = drops
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self.connections = 0
+        self._accept = threading.Thread(target=self._accept_loop, daemon=True)
+        self._accept.start()
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._upstream)
+            with self._lock:
+                self.connections += 1
+                drop = self.connections <= self._drops
+                self._sockets += [client, upstream]
+            for source, sink, dropping in ((client, upstream, False), (upstream, client, drop)):
+                thread = threading.Thread(
+                    target=self._pump, args=(source, sink, dropping), daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, dropping: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if dropping:  # the server answered: lose the answer
+                    sink.shutdown(socket.SHUT_RDWR)
+                    source.shutdown(socket.SHUT_RDWR)
+                    return
+                sink.sendall(data)
+        except OSError:
+            pass
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._accept.join(10)
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        for thread in self._threads:
+            thread.join(10)
+        for sock in sockets:
+            sock.close()
+
+
+@pytest.fixture
+def drop_reply_proxy() -> Iterator[Callable[..., DropReplyProxy]]:
+    """``drop_reply_proxy(upstream_port, drops=1)``: a relay that loses replies."""
+    proxies: list[DropReplyProxy] = []
+
+    def make(upstream_port: int, *, drops: int = 1) -> DropReplyProxy:
+        proxy = DropReplyProxy(upstream_port, drops=drops)
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        proxy.close()
