@@ -8,7 +8,7 @@ Tokens are RFC 9068 access tokens minted with ``jwt.encode`` (header ``typ``
 
 from __future__ import annotations
 
-import os
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -49,7 +49,8 @@ def issuer_audience() -> tuple[str, str]:
 
 @pytest.fixture
 def hs256_secret() -> bytes:
-    return os.urandom(32)
+    # Printable: a secret file loses a trailing newline, which random bytes may end with.
+    return secrets.token_urlsafe(32).encode("ascii")
 
 
 @pytest.fixture

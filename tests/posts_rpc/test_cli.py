@@ -1,0 +1,199 @@
+"""``posts-rpc serve`` as a real process (ready line, a call, clean stop on a signal); usage."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from auth_rpc.idl import common_thrift, posts_thrift
+from auth_rpc.transport import open_client
+from posts_rpc import cli
+
+Mint = Callable[..., str]
+
+READY = re.compile(r"^posts-rpc ready: thrift=127\.0\.0\.1:(\d+) verify=local ")
+
+
+def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
+    """One line of the process's standard output, waiting at most ``timeout_s``."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout_s):
+            raise AssertionError(f"no output within {timeout_s} s")
+    return proc.stdout.readline()
+
+
+@pytest.fixture
+def secret_file(tmp_path: Path, hs256_secret: bytes) -> Path:
+    path = tmp_path / "hs256.secret"
+    path.write_bytes(hs256_secret)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def serve(
+    tmp_path: Path, secret_file: Path, issuer_audience: tuple[str, str]
+) -> Iterator[Callable[..., tuple[subprocess.Popen[str], int]]]:
+    procs: list[subprocess.Popen[str]] = []
+    issuer, audience = issuer_audience
+
+    def _serve(*extra: str) -> tuple[subprocess.Popen[str], int]:
+        cmd = [
+            sys.executable, "-m", "posts_rpc.cli", "serve",
+            "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", "0",
+            "--verify", "local", "--hs256-secret-file", str(secret_file),
+            "--issuer", issuer, "--audience", audience, "--log-level", "WARNING", *extra,
+        ]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        procs.append(proc)
+        line = _read_line(proc, 60)
+        match = READY.match(line)
+        assert match, f"unexpected first line {line!r}"
+        return proc, int(match.group(1))
+
+    yield _serve
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=30)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_ready_call_and_clean_stop(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]], mint: Mint, sig: signal.Signals
+) -> None:
+    proc, port = serve()
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, timeout_s=10)
+    try:
+        post = client.create_post(mint("alice"), "from the CLI test", "hello")
+        assert client.get_post(mint("bob", "posts:read"), post.id) == post
+        with pytest.raises(common_thrift.Unauthenticated):
+            client.list_posts("garbage", 0, 0)
+    finally:
+        client.close()
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == ""  # exactly one line: the ready line, read above
+    assert mint("alice") not in err
+
+
+def test_posts_survive_a_restart(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]], mint: Mint
+) -> None:
+    proc, port = serve()
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, timeout_s=10)
+    try:
+        post = client.create_post(mint(), "durable", "")
+    finally:
+        client.close()
+    proc.terminate()
+    proc.communicate(timeout=30)
+    proc, port = serve()
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, timeout_s=10)
+    try:
+        assert client.get_post(mint(), post.id) == post
+    finally:
+        client.close()
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_framed_listener(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]], mint: Mint
+) -> None:
+    proc, port = serve("--framed")
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, framed=True, timeout_s=10)
+    try:
+        assert client.list_posts(mint(), 0, 0).posts == []
+    finally:
+        client.close()
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_short_hs256_secret_refuses_to_start(
+    tmp_path: Path, issuer_audience: tuple[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = tmp_path / "short"
+    short.write_bytes(b"too short")
+    issuer, audience = issuer_audience
+    code = cli.main([
+        "serve", "--data-dir", str(tmp_path / "d"), "--port", "0", "--verify", "local",
+        "--hs256-secret-file", str(short), "--issuer", issuer, "--audience", audience,
+    ])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("posts-rpc: error:")
+    assert "too short" not in err  # never the secret itself
+
+
+BASE = ["serve", "--data-dir", "/nonexistent", "--port", "0", "--issuer", "https://i.test"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--verify", "local"], "--verify local needs --public-key FILE or --hs256-secret-file"),
+        (["--verify", "local", "--public-key", "a", "--hs256-secret-file", "b"],
+         "not allowed with"),
+        (["--verify", "local", "--hs256-secret-file", "s", "--jwks-url", "http://x/"],
+         "--jwks-url does not apply to --verify local"),
+        (["--verify", "jwks"], "--verify jwks needs --jwks-url"),
+        (["--verify", "jwks", "--jwks-url", "http://x/", "--auth-addr", "h:1"],
+         "--auth-addr does not apply to --verify jwks"),
+        (["--verify", "introspect", "--introspect-url", "http://x/", "--client-id", "c"],
+         "--verify introspect needs --client-secret-file"),
+        (["--verify", "introspect", "--client-id", "c", "--client-secret-file", "f"],
+         "--verify introspect needs --introspect-url"),
+        (["--verify", "thrift"], "--verify thrift needs --auth-addr"),
+        (["--verify", "thrift", "--auth-addr", "nohostport"], "--auth-addr: expected HOST:PORT"),
+        (["--verify", "local", "--hs256-secret-file", "s", "--auth-tls-ca", "ca.pem"],
+         "--auth-tls-ca does not apply to --verify local"),
+        (["--verify", "jwks", "--jwks-url", "http://x/", "--auth-framed"],
+         "--auth-framed does not apply"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--cache-ttl", "-1"], "--cache-ttl"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--cache-ttl", "nan"], "--cache-ttl"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--tls-cert", "c.pem"], "go together"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--tls-client-ca", "ca.pem"],
+         "--tls-client-ca needs"),
+        (["--verify", "ldap"], "invalid choice"),
+    ],
+)
+def test_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(BASE + args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_issuer_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--data-dir", "d", "--verify", "thrift", "--auth-addr", "h:1"])
+    assert info.value.code == 2
+    assert "--issuer" in capsys.readouterr().err
+
+
+def test_no_flag_switches_the_token_check_off(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve", "--help"])
+    assert info.value.code == 0
+    help_text = capsys.readouterr().out.lower()
+    assert "--verify" in help_text
+    for word in ("unsafe", "skip", "no-auth", "insecure", "benchmark"):
+        assert word not in help_text
