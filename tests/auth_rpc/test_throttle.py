@@ -1,0 +1,156 @@
+"""The throttle on its own: streaks, doubling delays, cap, ageing, concurrency, bounds."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import pytest
+
+from auth_rpc.errors import Throttled
+from auth_rpc.throttle import Throttle
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def failures(throttle: Throttle, key: str, n: int) -> None:
+    for _ in range(n):
+        with throttle.attempt(key) as attempt:
+            attempt.failed()
+
+
+def retry_after(throttle: Throttle, key: str) -> int:
+    with pytest.raises(Throttled) as info, throttle.attempt(key):
+        pass
+    return info.value.retry_after_ms
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def throttle(clock: Clock) -> Throttle:
+    return Throttle(clock=clock)
+
+
+def test_four_failures_are_free(throttle: Throttle) -> None:
+    failures(throttle, "k", 4)
+    throttle.check("k")
+    with throttle.attempt("k"):
+        pass
+
+
+def test_fifth_failure_throttles_for_a_minute(throttle: Throttle, clock: Clock) -> None:
+    failures(throttle, "k", 5)
+    assert retry_after(throttle, "k") == 60_000
+    clock.now += 59.5
+    assert retry_after(throttle, "k") == 500
+    with pytest.raises(Throttled):
+        throttle.check("k")
+    clock.now += 0.5
+    throttle.check("k")
+
+
+def test_delay_doubles_then_caps(throttle: Throttle, clock: Clock) -> None:
+    failures(throttle, "k", 5)
+    seen = []
+    for _ in range(7):
+        ms = retry_after(throttle, "k")
+        seen.append(ms)
+        clock.now += ms / 1000
+        failures(throttle, "k", 1)
+    assert seen == [60_000, 120_000, 240_000, 480_000, 900_000, 900_000, 900_000]
+
+
+def test_refused_attempts_do_not_count(throttle: Throttle, clock: Clock) -> None:
+    failures(throttle, "k", 5)
+    for _ in range(20):
+        retry_after(throttle, "k")
+    clock.now += 60
+    with throttle.attempt("k") as attempt:
+        attempt.succeeded()
+    failures(throttle, "k", 4)
+    throttle.check("k")
+
+
+def test_streak_ends_after_the_window(throttle: Throttle, clock: Clock) -> None:
+    failures(throttle, "k", 4)
+    clock.now += 15 * 60 + 1
+    failures(throttle, "k", 4)
+    throttle.check("k")
+    assert len(throttle) == 1
+
+
+def test_success_resets_and_forgets(throttle: Throttle) -> None:
+    failures(throttle, "k", 4)
+    with throttle.attempt("k") as attempt:
+        attempt.succeeded()
+    assert len(throttle) == 0
+    failures(throttle, "k", 4)
+    throttle.check("k")
+
+
+def test_an_exception_counts_as_nothing(throttle: Throttle) -> None:
+    failures(throttle, "k", 4)
+    with pytest.raises(RuntimeError), throttle.attempt("k"):
+        raise RuntimeError
+    throttle.check("k")
+
+
+def test_keys_are_independent(throttle: Throttle) -> None:
+    failures(throttle, "a", 5)
+    throttle.check("b")
+    with pytest.raises(Throttled):
+        throttle.check("a")
+
+
+def test_parallel_attempts_cannot_overshoot_the_limit(throttle: Throttle) -> None:
+    failures(throttle, "k", 3)
+    with throttle.attempt("k"), throttle.attempt("k"):
+        # Two guesses in flight would reach the limit: a third must wait.
+        assert retry_after(throttle, "k") == 1000
+    with throttle.attempt("k"):  # released again
+        pass
+
+
+def test_no_failures_no_concurrency_limit(throttle: Throttle) -> None:
+    with contextlib.ExitStack() as stack:
+        for _ in range(6):
+            stack.enter_context(throttle.attempt("k"))
+
+
+def test_state_is_bounded(clock: Clock) -> None:
+    throttle = Throttle(clock=clock, max_keys=100)
+    for i in range(1000):
+        failures(throttle, f"user{i}", 1)
+    assert len(throttle) <= 100
+    # The most recent failures are kept.
+    failures(throttle, "user999", 4)
+    with pytest.raises(Throttled):
+        throttle.check("user999")
+
+
+def test_aged_entries_are_evicted_first(clock: Clock) -> None:
+    throttle = Throttle(clock=clock, max_keys=10)
+    failures(throttle, "attacked", 5)
+    clock.now += 16 * 60  # its streak ended
+    for i in range(11):
+        failures(throttle, f"user{i}", 1)
+    assert len(throttle) <= 10
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"limit": 0}, {"window_s": 0}, {"base_delay_s": 0}, {"max_delay_s": 1.0}],
+)
+def test_settings_are_checked(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        Throttle(**kwargs)
