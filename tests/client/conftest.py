@@ -135,39 +135,22 @@ POSTS_METHODS = ("create_post", "get_post", "list_posts", "update_post", "delete
 
 
 @pytest.fixture
-def make_posts(
-    auth_server: Any, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., Any]]:
-    """Start real Posts servers that ask ``auth_server`` about each token (``thrift`` mode).
+def make_posts(make_posts_server: Callable[..., Any]) -> Callable[..., Any]:
+    """Real Posts servers that ask ``auth_server`` about each token (``thrift`` mode).
 
     ``make_posts(port=0, data_dir=None, audience="posts")``; the verifier's
-    cache is off, so a revocation counts at once. The server's handler counts
-    its calls: ``server.calls`` (a :class:`CallCounter`).
+    cache is off, so a revocation counts at once. The handler's calls are
+    counted: ``server.calls`` (a :class:`CallCounter`).
     """
-    from auth_rpc.testing import AUDIENCE, ISSUER
-    from auth_rpc.verifiers import ThriftVerifier
-    from posts_rpc.server import PostsServer
 
-    started: list[tuple[Any, Any]] = []
-
-    def make(*, port: int = 0, data_dir: Path | None = None, audience: str = AUDIENCE) -> Any:
-        verifier = ThriftVerifier(
-            host="127.0.0.1", port=auth_server.port, issuer=ISSUER, audience=audience,
-            cache_ttl_s=0,
-        )
-        server = PostsServer(
-            verifier=verifier,
-            data_dir=data_dir or tmp_path_factory.mktemp("posts-data"),
-            port=port,
+    def make(*, port: int = 0, data_dir: Path | None = None, **verifier_settings: Any) -> Any:
+        server = make_posts_server(
+            "thrift", port=port, data_dir=data_dir, cache_ttl_s=0, **verifier_settings
         )
         server.calls = CallCounter().wrap(server.handler, *POSTS_METHODS)
-        started.append((server, verifier))
-        return server.start()
+        return server
 
-    yield make
-    for server, verifier in reversed(started):
-        server.stop(grace_s=2.0)
-        verifier.close()
+    return make
 
 
 @pytest.fixture
