@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import stat
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,9 +33,9 @@ EXPECTED_SCHEMA = {
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
+def db(tmp_path: Path) -> Iterator[Database]:
     database = Database.open(tmp_path / "t.sqlite3")
-    yield database  # type: ignore[misc]
+    yield database
     database.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import jwt
@@ -103,9 +104,9 @@ def test_read_hs256_secret(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Database:
+def db(tmp_path: Path) -> Iterator[Database]:
     database = Database.open(tmp_path / "t.sqlite3")
-    yield database  # type: ignore[misc]
+    yield database
     database.close()
 
 
@@ -146,7 +147,8 @@ def test_superseded_key_retires_after_its_longest_token(db: Database, tmp_path: 
     assert manager.find(old) is not None
     now[0] += 1
     assert manager.find(old) is None
-    assert [k["kid"] for k in manager.jwks()["keys"]] == [new]  # type: ignore[index]
+    keys = manager.jwks()["keys"]
+    assert isinstance(keys, list) and [k["kid"] for k in keys] == [new]
 
 
 def test_manager_settings_are_checked(db: Database, tmp_path: Path) -> None:
