@@ -757,6 +757,11 @@ class Session:
                 client.revoke(tokens.refresh_token)
             client.revoke(tokens.access_token)
 
+    def _forget(self, client: TokenClient) -> None:
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+
     def close(self) -> None:
         """Close the connections of every client made by this session."""
         with self._lock:
@@ -935,6 +940,7 @@ class TokenClient:
     def close(self) -> None:
         """Close the pooled connections; calls in flight finish first."""
         self._pool.close()
+        self._session._forget(self)
 
     def __enter__(self) -> TokenClient:
         return self

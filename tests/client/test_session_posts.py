@@ -229,3 +229,20 @@ def test_one_session_shared_by_eight_threads(
     assert auth_calls.count("refresh") == 0
     posts.close()
     session.close()
+
+
+def test_framed_transport_end_to_end(
+    make_auth_server: Any, make_posts_server: Any, make_user: Any
+) -> None:
+    from client import Endpoint
+
+    auth = make_auth_server(framed=True)
+    make_user("frank", "frank's password", service=auth.service)
+    posts_server = make_posts_server("jwks", auth=auth, framed=True)
+    session = Session.login(
+        Endpoint("127.0.0.1", auth.port, framed=True), "frank", "frank's password"
+    )
+    with session, session.posts(Endpoint("127.0.0.1", posts_server.port, framed=True)) as posts:
+        created = posts.create_post(title="framed", body="")
+        assert posts.get_post(created.id).title == "framed"
+        assert session.validate().subject == "frank"
