@@ -1,0 +1,352 @@
+"""Load generators: client processes making ``list_posts`` calls in a closed loop.
+
+Each client is its own process (``multiprocessing`` with ``spawn``), pinned to
+the clients' CPU, with ONE persistent connection: a thriftpy2 client (Cython
+codec, ``TCP_NODELAY``) or a ``requests.Session`` for the HTTP peer. The pool
+of client processes lives for the whole run; the orchestrator drives it with
+two messages per measurement:
+
+1. ``prepare``: connect, make one checked call (20 posts back, or the error is
+   reported), and get the tokens ready -- one token reused (warm), or a pool
+   of distinct tokens minted here before the window (cold; cached per pool
+   across rounds, since every round starts a fresh server);
+2. ``go``: at ``t0`` (``time.monotonic()``, one clock for every process)
+   start calling; from ``t_measure`` record the latency of every call that
+   completes before ``t_end``; at ``t_end`` stop, close the connection, and
+   send back the latencies (ns).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ClientPool", "PhaseResult", "Target", "TokenSpec"]
+
+
+@dataclass(frozen=True)
+class TokenSpec:
+    """How a client gets its tokens.
+
+    ``fixed`` set: that token on every call (warm). Otherwise a pool of
+    ``count`` distinct tokens (distinct ``jti``), minted with ``key``/``alg``
+    /``kid`` and the claims in ``claims``; ``tag`` names the pool (a pool is
+    minted once per client process and reused in later rounds).
+    """
+
+    fixed: str | None = None
+    alg: str = "HS256"
+    key: Any = None  # bytes secret or PEM private key
+    kid: str = ""
+    claims: dict[str, Any] = field(default_factory=dict)
+    count: int = 0
+    tag: str = ""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to call: ``kind`` is ``thrift`` (``host``/``port``) or ``http`` (``url``)."""
+
+    kind: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    url: str = ""
+    limit: int = 20
+
+
+@dataclass
+class PhaseResult:
+    """What one client measured in one window."""
+
+    latencies_ns: list[int]
+    errors: int = 0
+    first_error: str = ""
+    pool_wrapped: bool = False
+
+
+# -- the client process ----------------------------------------------------------
+
+
+def _connect(target: Target) -> tuple[Callable[[str], int], Callable[[], None]]:
+    """A function making one call (returns the number of posts) and a closer."""
+    if target.kind == "thrift":
+        from auth_rpc.idl import posts_thrift
+        from auth_rpc.transport import open_client
+
+        client = open_client(posts_thrift.Posts, target.host, target.port, timeout_s=30.0)
+        limit = target.limit
+
+        def call_thrift(token: str) -> int:
+            return len(client.list_posts(token, limit, 0).posts)
+
+        return call_thrift, client.close
+    if target.kind == "http":
+        import requests
+
+        session = requests.Session()
+        url = f"{target.url}?limit={target.limit}"
+
+        def call_http(token: str) -> int:
+            reply = session.get(url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            if reply.status_code != 200:
+                raise RuntimeError(f"HTTP {reply.status_code}")
+            return len(reply.json()["posts"])
+
+        return call_http, session.close
+    raise ValueError(f"unknown target kind {target.kind!r}")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _mint_pool(spec: TokenSpec, worker: int) -> list[str]:
+    """``spec.count`` distinct tokens (distinct ``jti``), as ``bench.data.mint`` makes them.
+
+    HS256 and EdDSA are assembled here (JSON, base64url, one HMAC or Ed25519
+    signature): about three times faster than ``jwt.encode``, which matters
+    for pools of tens of thousands. Other algorithms go through PyJWT.
+    """
+    from bench.data import AUDIENCE, AUTHOR, ISSUER, SCOPE, mint
+
+    now = int(time.time())
+    key: Any = spec.key
+    if spec.alg != "HS256" and isinstance(key, (str, bytes)):
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        key = load_pem_private_key(key.encode() if isinstance(key, str) else key, None)
+    if spec.alg not in ("HS256", "EdDSA"):
+        return [
+            mint(key, spec.alg, kid=spec.kid, jti=f"{spec.tag}-{worker}-{n}", now=now,
+                 **spec.claims)
+            for n in range(spec.count)
+        ]
+    header: dict[str, str] = {"alg": spec.alg, "typ": "at+jwt"}
+    if spec.kid:
+        header["kid"] = spec.kid
+    head = _b64(json.dumps(header, separators=(",", ":")).encode())
+    claims = {
+        "iss": spec.claims.get("issuer", ISSUER), "sub": spec.claims.get("subject", AUTHOR),
+        "aud": spec.claims.get("audience", AUDIENCE), "exp": now + 3600, "iat": now,
+        "nbf": now, "jti": "", "scope": spec.claims.get("scope", SCOPE),
+        "client_id": spec.claims.get("client_id", "bench"),
+    }
+    if spec.alg == "HS256":
+        secret = key.encode() if isinstance(key, str) else key
+
+        def sign(data: bytes) -> bytes:
+            return hmac.new(secret, data, hashlib.sha256).digest()
+    else:
+        sign = key.sign
+    tokens = []
+    for n in range(spec.count):
+        claims["jti"] = f"{spec.tag}-{worker}-{n}"
+        signing_input = f"{head}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
+        tokens.append(f"{signing_input}.{_b64(sign(signing_input.encode()))}")
+    return tokens
+
+
+def _run_phase(
+    call: Callable[[str], int],
+    tokens: list[str],
+    t0: float,
+    t_measure: float,
+    t_end: float,
+) -> PhaseResult:
+    t_m = int(t_measure * 1e9)
+    t_e = int(t_end * 1e9)
+    lat = array("q")
+    clock = time.monotonic_ns
+    errors = 0
+    first_error = ""
+    wrapped = False
+    n = len(tokens)
+    i = 0
+    delay = t0 - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    while True:
+        start = clock()
+        if start >= t_e:
+            break
+        token = tokens[i]
+        i += 1
+        if i == n:
+            i = 0
+            wrapped = n > 1
+        try:
+            call(token)
+        except Exception as exc:
+            errors += 1
+            if not first_error:
+                first_error = f"{type(exc).__name__}: {exc}"[:300]
+            if errors > 1000:  # the server is gone or refuses everything
+                break
+            continue
+        end = clock()
+        if end >= t_m and end < t_e:
+            lat.append(end - start)
+    return PhaseResult(lat.tolist(), errors, first_error, wrapped)
+
+
+def _worker_main(
+    conn: multiprocessing.connection.Connection, index: int, cpus: set[int] | None
+) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    pools: dict[str, list[str]] = {}
+    call: Callable[[str], int] | None = None
+    close: Callable[[], None] | None = None
+    tokens: list[str] = []
+    try:
+        while True:
+            msg = conn.recv()
+            op = msg["op"]
+            try:
+                if op == "exit":
+                    return
+                if op == "affinity":
+                    os.sched_setaffinity(0, msg["cpus"])
+                    conn.send({"ok": True})
+                elif op == "prepare":
+                    spec: TokenSpec = msg["tokens"]
+                    if spec.fixed is not None:
+                        tokens = [spec.fixed]
+                    else:
+                        if spec.tag not in pools:
+                            pools[spec.tag] = _mint_pool(spec, index)
+                        tokens = pools[spec.tag]
+                    call, close = _connect(msg["target"])
+                    got = call(tokens[-1])  # checked call; the last token, not used before t_end
+                    if got != msg["target"].limit:
+                        raise RuntimeError(f"expected {msg['target'].limit} posts, got {got}")
+                    conn.send({"ok": True})
+                elif op == "go":
+                    assert call is not None and close is not None, "go before prepare"
+                    result = _run_phase(call, tokens, msg["t0"], msg["t_measure"], msg["t_end"])
+                    close()
+                    call = close = None
+                    conn.send({"ok": True, "result": result})
+                else:
+                    raise ValueError(f"unknown op {op!r}")
+            except Exception as exc:
+                if close is not None:
+                    with contextlib.suppress(Exception):
+                        close()
+                    call = close = None
+                conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]})
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        return
+
+
+# -- the orchestrator's side ---------------------------------------------------------
+
+
+class ClientPool:
+    """``size`` client processes pinned to ``cpus`` (``None``: unpinned)."""
+
+    def __init__(self, size: int, *, cpus: set[int] | None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._conns: list[multiprocessing.connection.Connection] = []
+        self._procs: list[Any] = []
+        self._running = (0, 0.0)
+        try:
+            for index in range(size):
+                parent, child = ctx.Pipe()
+                proc = ctx.Process(
+                    target=_worker_main,
+                    args=(child, index, cpus),
+                    name=f"bench-client-{index}",
+                    daemon=True,
+                )
+                proc.start()
+                child.close()
+                self._conns.append(parent)
+                self._procs.append(proc)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def size(self) -> int:
+        return len(self._procs)
+
+    @property
+    def pids(self) -> list[int]:
+        return [int(proc.pid) for proc in self._procs]
+
+    def _send(self, indexes: range, messages: list[dict[str, Any]]) -> None:
+        for i, message in zip(indexes, messages, strict=True):
+            self._conns[i].send(message)
+
+    def _collect(self, indexes: range, timeout_s: float) -> list[Any]:
+        replies = []
+        deadline = time.monotonic() + timeout_s
+        for i in indexes:
+            conn = self._conns[i]
+            if not conn.poll(max(0.0, deadline - time.monotonic())):
+                raise RuntimeError(f"client {i} did not answer within {timeout_s} s")
+            reply = conn.recv()
+            if not reply.get("ok"):
+                raise RuntimeError(f"client {i}: {reply.get('error')}")
+            replies.append(reply)
+        return replies
+
+    def _ask(self, indexes: range, messages: list[dict[str, Any]], timeout_s: float) -> list[Any]:
+        self._send(indexes, messages)
+        return self._collect(indexes, timeout_s)
+
+    def set_affinity(self, cpus: set[int]) -> None:
+        self._ask(range(self.size), [{"op": "affinity", "cpus": cpus}] * self.size, 10.0)
+
+    def prepare(self, n: int, target: Target, tokens: TokenSpec, timeout_s: float = 120.0) -> None:
+        """Connect clients ``0..n-1`` and get their tokens ready; raises ``RuntimeError``."""
+        self._ask(range(n), [{"op": "prepare", "target": target, "tokens": tokens}] * n, timeout_s)
+
+    def go(self, n: int, t0: float, t_measure: float, t_end: float) -> None:
+        """Start clients ``0..n-1`` (prepared): they call from ``t0`` until ``t_end``."""
+        msg = {"op": "go", "t0": t0, "t_measure": t_measure, "t_end": t_end}
+        self._send(range(n), [msg] * n)
+        self._running = (n, t_end)
+
+    def results(self) -> list[PhaseResult]:
+        """The results of the clients started by :meth:`go`, after ``t_end``."""
+        n, t_end = self._running
+        timeout = max(0.0, t_end - time.monotonic()) + 60.0
+        return [reply["result"] for reply in self._collect(range(n), timeout)]
+
+    def close(self) -> None:
+        """Ask every client to exit; terminate those that do not within 5 s."""
+        for conn in self._conns:
+            with contextlib.suppress(OSError, ValueError):
+                conn.send({"op": "exit"})
+        deadline = time.monotonic() + 5.0
+        for proc in self._procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        self._procs.clear()
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
