@@ -4,8 +4,10 @@ A verified answer is reused for a short while so that the hot path of every
 RPC is a hash and a dictionary lookup instead of a signature check or a
 network round trip:
 
-- keyed by a keyed BLAKE2b digest of the token (a per-process random key), never
-  by the token text, so a memory dump of the cache holds no usable token;
+- keyed by the SHA-256 digest of the token, never by the token text, so a
+  memory dump of the cache holds no usable token (SHA-256 rather than BLAKE2b:
+  OpenSSL's SHA-256 costs about a quarter of hashlib's BLAKE2b here, and this
+  is the hot path of every call);
 - bounded: at most ``max_entries``; when full the oldest insertion goes first
   (with one TTL for every entry, oldest inserted is also first to expire);
 - an entry never outlives its token's ``exp``, nor ``ttl_s`` after it was
@@ -15,22 +17,31 @@ network round trip:
   is never cached.
 
 The hit path takes no lock: a ``dict.get`` is atomic under the GIL, and every
-mutation (insert, evict, drop a stale entry) happens under one lock.
+mutation (insert, evict, drop a stale entry) happens under one lock. It is
+inlined in :meth:`CachingVerifier.verify` (method calls cost as much as the
+lookup itself).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from collections.abc import Callable
 
+from auth_rpc.errors import TokenRejected
 from auth_rpc.principal import Principal
 
 __all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_CACHE_TTL_S", "VerifiedCache"]
 
 DEFAULT_CACHE_SIZE = 10_000
 DEFAULT_CACHE_TTL_S = 30.0
+
+_sha256 = hashlib.sha256
+
+
+def token_key(token: str) -> bytes:
+    """The cache key of ``token``: its SHA-256 digest."""
+    return _sha256(token.encode()).digest()
 
 
 class VerifiedCache:
@@ -41,7 +52,7 @@ class VerifiedCache:
     seconds). Raises ``ValueError`` for a negative TTL or a size below 1.
     """
 
-    __slots__ = ("_blake_key", "_entries", "_lock", "max_entries", "ttl_s")
+    __slots__ = ("_lock", "entries", "max_entries", "ttl_s")
 
     def __init__(
         self, *, max_entries: int = DEFAULT_CACHE_SIZE, ttl_s: float = DEFAULT_CACHE_TTL_S
@@ -52,31 +63,27 @@ class VerifiedCache:
             raise ValueError("cache TTL must not be negative")
         self.max_entries = max_entries
         self.ttl_s = float(ttl_s)
-        self._entries: dict[bytes, tuple[Principal, float]] = {}
+        #: Read without a lock (atomic under the GIL); mutated only under ``_lock``.
+        self.entries: dict[bytes, tuple[Principal, float]] = {}
         self._lock = threading.Lock()
-        self._blake_key = os.urandom(32)
 
     @property
     def enabled(self) -> bool:
         return self.ttl_s > 0
 
-    def key_for(self, token: str) -> bytes:
-        """The cache key of ``token``: a 16-byte keyed BLAKE2b digest."""
-        return hashlib.blake2b(
-            token.encode("utf-8", "surrogatepass"), digest_size=16, key=self._blake_key
-        ).digest()
+    key_for = staticmethod(token_key)
 
     def get(self, key: bytes, now: float) -> Principal | None:
         """The cached principal for ``key`` if it is still valid at ``now``."""
-        entry = self._entries.get(key)
+        entry = self.entries.get(key)
         if entry is None:
             return None
         if now < entry[1]:
             return entry[0]
         with self._lock:
-            current = self._entries.get(key)
+            current = self.entries.get(key)
             if current is not None and not now < current[1]:
-                del self._entries[key]
+                del self.entries[key]
         return None
 
     def put(
@@ -95,7 +102,7 @@ class VerifiedCache:
         if valid_until <= now:
             return
         with self._lock:
-            entries = self._entries
+            entries = self.entries
             entries.pop(key, None)  # re-inserted last: fresh entries are evicted last
             while len(entries) >= self.max_entries:
                 del entries[next(iter(entries))]
@@ -104,31 +111,41 @@ class VerifiedCache:
     def discard(self, key: bytes) -> None:
         """Forget ``key`` (e.g. its token was found revoked)."""
         with self._lock:
-            self._entries.pop(key, None)
+            self.entries.pop(key, None)
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self.entries.clear()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self.entries)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self.entries
 
 
 class CachingVerifier:
-    """Base of the verifiers: the cache lookup around :meth:`_verify_uncached`.
+    """Base of the verifiers: the checks before parsing and the cache around them.
 
     Subclasses implement ``_verify_uncached(token, now) -> Principal`` (raising
-    ``TokenRejected`` / ``DependencyUnavailable``) and may override
-    :meth:`_check_on_hit`, called on every verify, cached or not (local
-    verifiers consult their revocation list there).
+    ``TokenRejected`` / ``DependencyUnavailable``). A subclass that must re-check
+    something on every call, cached or not (local verifiers: the revocation
+    list), sets ``_recheck`` to a callable raising ``TokenRejected``.
     """
 
+    _recheck: Callable[[Principal], None] | None = None
+
     def __init__(
-        self, *, cache_size: int, cache_ttl_s: float, clock: Callable[[], float]
+        self,
+        *,
+        max_token_bytes: int,
+        cache_size: int,
+        cache_ttl_s: float,
+        clock: Callable[[], float],
     ) -> None:
+        if max_token_bytes < 64:
+            raise ValueError("max_token_bytes is too small")
+        self._max_token_bytes = max_token_bytes
         self._cache = VerifiedCache(max_entries=cache_size, ttl_s=cache_ttl_s)
         self._clock = clock
 
@@ -138,12 +155,6 @@ class CachingVerifier:
 
     def _verify_uncached(self, token: str, now: float) -> Principal:  # pragma: no cover
         raise NotImplementedError
-
-    def _check_on_hit(self, principal: Principal) -> None:
-        """Checks repeated on a cache hit; raise ``TokenRejected`` to refuse."""
-
-    def _precheck(self, token: str) -> None:
-        """Checks done before the cache lookup (presence, size)."""
 
     def _cache_bound(self, principal: Principal) -> float:
         """When a cached answer must end at the latest: the token's expiry."""
@@ -156,21 +167,35 @@ class CachingVerifier:
         acceptable and :class:`auth_rpc.errors.DependencyUnavailable` when the
         verifier cannot decide now (the caller must refuse the call).
         """
-        self._precheck(token)
+        # Before any parsing or hashing: present, bounded, ASCII (every JWT and
+        # every RFC 6750 bearer token is).
+        if type(token) is not str or not token:
+            raise TokenRejected("missing token")
+        if len(token) > self._max_token_bytes:
+            raise TokenRejected("token too large")
+        if not token.isascii():
+            raise TokenRejected("malformed token")
         now = self._clock()
         cache = self._cache
-        if cache.ttl_s > 0:
-            key = cache.key_for(token)
-            hit = cache.get(key, now)
-            if hit is not None:
-                self._check_on_hit(hit)
-                return hit
+        recheck = self._recheck
+        if cache.ttl_s <= 0:
             principal = self._verify_uncached(token, now)
-            self._check_on_hit(principal)
+        else:
+            key = _sha256(token.encode()).digest()
+            entry = cache.entries.get(key)
+            if entry is not None:
+                if now < entry[1]:
+                    if recheck is not None:
+                        recheck(entry[0])
+                    return entry[0]
+                cache.discard(key)
+            principal = self._verify_uncached(token, now)
+            if recheck is not None:
+                recheck(principal)
             cache.put(key, principal, now, self._cache_bound(principal))
             return principal
-        principal = self._verify_uncached(token, now)
-        self._check_on_hit(principal)
+        if recheck is not None:
+            recheck(principal)
         return principal
 
     def close(self) -> None:

@@ -141,41 +141,16 @@ def _audiences(value: Any) -> tuple[str, ...] | None:
     return None
 
 
-def _check_settings(issuer: str, audience: str, leeway_s: float, max_token_bytes: int) -> None:
+def _check_settings(issuer: str, audience: str, leeway_s: float) -> None:
     if not isinstance(issuer, str) or not issuer:
         raise ValueError("issuer must be configured")
     if not isinstance(audience, str) or not audience:
         raise ValueError("audience must be configured")
     if not 0 <= leeway_s <= 300:
         raise ValueError("leeway_s must be between 0 and 300 seconds")
-    if max_token_bytes < 64:
-        raise ValueError("max_token_bytes is too small")
 
 
-class _TokenShape(CachingVerifier):
-    """The checks done before any parsing: present, ASCII, not oversized."""
-
-    def __init__(
-        self,
-        *,
-        max_token_bytes: int,
-        cache_size: int,
-        cache_ttl_s: float,
-        clock: Callable[[], float],
-    ) -> None:
-        super().__init__(cache_size=cache_size, cache_ttl_s=cache_ttl_s, clock=clock)
-        self._max_token_bytes = max_token_bytes
-
-    def _precheck(self, token: str) -> None:
-        if type(token) is not str or not token:
-            raise TokenRejected("missing token")
-        if len(token) > self._max_token_bytes:
-            raise TokenRejected("token too large")
-        if not token.isascii():
-            raise TokenRejected("malformed token")
-
-
-class _JwtVerifier(_TokenShape):
+class _JwtVerifier(CachingVerifier):
     """RFC 9068 / RFC 8725 checks shared by the local and JWKS verifiers."""
 
     def __init__(
@@ -192,7 +167,7 @@ class _JwtVerifier(_TokenShape):
         cache_ttl_s: float,
         clock: Callable[[], float],
     ) -> None:
-        _check_settings(issuer, audience, leeway_s, max_token_bytes)
+        _check_settings(issuer, audience, leeway_s)
         if max_lifetime_s <= 0:
             raise ValueError("max_lifetime_s must be positive")
         super().__init__(
@@ -207,9 +182,11 @@ class _JwtVerifier(_TokenShape):
         self._leeway_s = float(leeway_s)
         self._max_lifetime_s = float(max_lifetime_s)
         self._revocations = revocations
+        if not isinstance(revocations, NoRevocations):
+            self._recheck = self._check_revoked
         self._jws = jwt.PyJWS(options={"enforce_minimum_key_length": True})
 
-    def _check_on_hit(self, principal: Principal) -> None:
+    def _check_revoked(self, principal: Principal) -> None:
         try:
             revoked = self._revocations.is_revoked(principal.token_id)
         except AuthError:
@@ -722,7 +699,7 @@ def _remote_issuer_ok(issuer: str | None, expected: str, required: bool) -> None
 # -- introspection ------------------------------------------------------------
 
 
-class IntrospectionVerifier(_TokenShape):
+class IntrospectionVerifier(CachingVerifier):
     """Asks an RFC 7662 introspection endpoint about each token (any server).
 
     POSTs ``token`` and ``token_type_hint=access_token`` with HTTP Basic client
@@ -763,7 +740,7 @@ class IntrospectionVerifier(_TokenShape):
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        _check_settings(issuer, audience, leeway_s, max_token_bytes)
+        _check_settings(issuer, audience, leeway_s)
         _check_url(introspect_url, "introspect_url")
         if not client_id or not client_secret:
             raise ValueError("client_id and client_secret must be configured")
@@ -963,7 +940,7 @@ def _safe_message(message: Any, default: str) -> str:
     return default
 
 
-class ThriftVerifier(_TokenShape):
+class ThriftVerifier(CachingVerifier):
     """Asks the Auth service (``Auth.validate``) over pooled Thrift connections.
 
     Up to ``pool_size`` connections are kept open; a broken connection is
@@ -994,7 +971,7 @@ class ThriftVerifier(_TokenShape):
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        _check_settings(issuer, audience, 0, max_token_bytes)
+        _check_settings(issuer, audience, 0)
         if not host or not 0 < port < 65536:
             raise ValueError("host and port of the Auth service must be configured")
         if not 0 < timeout_s <= 30:
