@@ -33,6 +33,8 @@ __all__ = [
 ]
 
 _TICK = float(os.sysconf("SC_CLK_TCK"))
+#: The checkout's root: servers run from here, so ``python -m bench...`` finds the package.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 _RUNNING: list[ServerProcess] = []
 
 
@@ -142,7 +144,7 @@ class ServerProcess:
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                env=self.env,
+                env=self.env, cwd=REPO_ROOT,
             )
         _RUNNING.append(self)
         return self
