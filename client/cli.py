@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import getpass
 import json
 import os
@@ -570,15 +571,28 @@ def _cmd_delete(ctx: _Context) -> int:
     return EXIT_OK
 
 
+def _naming_the_post(command: Callable[[_Context], int]) -> Callable[[_Context], int]:
+    """``not found: post 42`` rather than the server's generic message."""
+
+    @functools.wraps(command)
+    def run(ctx: _Context) -> int:
+        try:
+            return command(ctx)
+        except common_thrift.NotFound as exc:
+            raise _Failure(EXIT_NOT_FOUND, f"not found: post {ctx.args.post_id}") from exc
+
+    return run
+
+
 _COMMANDS: dict[str, Callable[[_Context], int]] = {
     "login": _cmd_login,
     "logout": _cmd_logout,
     "whoami": _cmd_whoami,
     "create": _cmd_create,
     "list": _cmd_list,
-    "get": _cmd_get,
-    "update": _cmd_update,
-    "delete": _cmd_delete,
+    "get": _naming_the_post(_cmd_get),
+    "update": _naming_the_post(_cmd_update),
+    "delete": _naming_the_post(_cmd_delete),
 }
 
 

@@ -84,8 +84,8 @@ def test_create_list_get_update_delete(logged_in: Any, user: Any, tmp_path: Path
     assert json.loads(_ok(cli.run("get", str(first), "--json")))["body"] == "B"
 
     assert _ok(cli.run("delete", str(first))) == f"deleted post {first}\n"
-    _fails(cli.run("get", str(first)), EXIT_NOT_FOUND, "not found:")
-    _fails(cli.run("delete", str(first)), EXIT_NOT_FOUND, "not found:")
+    _fails(cli.run("get", str(first)), EXIT_NOT_FOUND, f"not found: post {first}\n")
+    _fails(cli.run("delete", str(first)), EXIT_NOT_FOUND, f"not found: post {first}\n")
 
 
 def test_empty_list(logged_in: Any) -> None:
