@@ -36,6 +36,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -351,6 +352,11 @@ class LocalVerifier(_JwtVerifier):
             allowed = _algorithms_for_key(verify_key)
             default = next(iter(allowed)) if len(allowed) == 1 else "RS256"
         algs = _check_algorithms([default] if algorithms is None else algorithms, allowed)
+        if isinstance(verify_key, bytes):
+            # RFC 7518 §3.2: "A key of the same size as the hash output ... or larger MUST be used".
+            for alg in algs:
+                if len(verify_key) < int(alg[2:]) // 8:
+                    raise ValueError(f"{alg} needs a secret of at least {int(alg[2:]) // 8} bytes")
         super().__init__(
             issuer=issuer,
             audience=audience,
@@ -424,6 +430,8 @@ def _read_body(resp: requests.Response, limit: int, deadline: float) -> bytes:
 def _new_session(pool_size: int) -> requests.Session:
     session = requests.Session()
     session.trust_env = False  # no proxies or .netrc credentials from the environment
+    # Shared by every serving thread: keep it stateless (no cookies from the server).
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
@@ -444,8 +452,8 @@ class JwksVerifier(_JwtVerifier):
     Keys are cached by ``kid``. A token naming an unknown ``kid`` triggers a
     fetch at most once per ``refresh_cooldown_s`` (one fetch however many
     threads ask); the set is also fetched again when older than
-    ``max_key_age_s``, in the background of one call, the old keys serving
-    meanwhile. While the endpoint is down the cached keys stay in use; with no
+    ``max_key_age_s``, by the one call that finds it stale (other calls keep using the
+    old keys meanwhile). While the endpoint is down the cached keys stay in use; with no
     key ever fetched every call fails with ``DependencyUnavailable`` (a fetch
     is retried after ``failure_retry_s``). Only keys with ``use`` ``sig`` (or
     no ``use``), a ``kid``, and an algorithm in ``algorithms`` are used;
@@ -526,11 +534,15 @@ class JwksVerifier(_JwtVerifier):
         Raises ``DependencyUnavailable`` when the endpoint cannot be reached or
         does not answer a JWK Set (the cached keys, if any, stay in use).
         """
-        with self._fetch_lock:
+        if not self._fetch_lock.acquire(timeout=2 * self._timeout_s + 1):
+            raise DependencyUnavailable("JWKS endpoint unreachable")
+        try:
             self._fetch_locked(self._clock())
             if not self._last_ok:
                 raise DependencyUnavailable("JWKS endpoint unreachable")
             return len(self._keys)
+        finally:
+            self._fetch_lock.release()
 
     def _verify_uncached(self, token: str, now: float) -> Principal:
         header, alg = self._header(token)

@@ -374,6 +374,7 @@ def test_misconfiguration(ed_key: Any, rsa_key: Any, ec_key: Any) -> None:
         {"hs256_secret": SECRET, "algorithms": ["none"]},
         {"hs256_secret": SECRET, "algorithms": ["RS256"]},
         {"hs256_secret": SECRET, "algorithms": []},
+        {"hs256_secret": SECRET, "algorithms": ["HS512"]},  # RFC 7518: 64-byte key
         {"public_key_pem": pem(rsa_key), "algorithms": ["HS256"]},
         {"public_key_pem": pem(ed_key), "algorithms": ["ES256"]},
         {"public_key_pem": pem(ec_key), "algorithms": ["ES384"]},
