@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,49 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-addr")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--fill-cache", type=int, default=0, metavar="N")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="cProfile every connection thread; write merged stats at exit")
     return parser
+
+
+def _install_profiler(out: Path) -> Callable[[], None]:
+    """Profile each connection's thread (cProfile is per thread); returns the dumper.
+
+    Wraps ``RpcServer._serve_connection`` in this process only: the serving
+    layer, the codec, the guard, the verifier and the store all run inside it.
+    """
+    import cProfile
+    import pstats
+    import threading
+
+    from auth_rpc.serving import RpcServer
+
+    profiles: list[cProfile.Profile] = []
+    lock = threading.Lock()
+    original = RpcServer._serve_connection
+
+    def profiled(self: RpcServer, conn: Any) -> None:
+        profile = cProfile.Profile()
+        profile.enable()
+        try:
+            original(self, conn)
+        finally:
+            profile.disable()
+            with lock:
+                profiles.append(profile)
+
+    RpcServer._serve_connection = profiled  # type: ignore[method-assign]  # bench only
+
+    def dump() -> None:
+        with lock:
+            if not profiles:
+                return
+            stats = pstats.Stats(profiles[0])
+            for profile in profiles[1:]:
+                stats.add(profile)
+        stats.dump_stats(str(out))
+
+    return dump
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--fill-cache needs --verify local --hs256-secret-file")
         args.cache_size = max(args.cache_size, args.fill_cache)
         args.cache_ttl = max(args.cache_ttl, 3600.0)
+    dump_profile = _install_profiler(args.profile) if args.profile else None
     data_dir = Path(tempfile.mkdtemp(prefix="bench-posts-"))
     verifier = _verifier(args)
     try:
@@ -168,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
         if verifier is not None:
             verifier.close()
+        if dump_profile is not None:
+            dump_profile()
 
     try:
         return run_until_signal(ready.format(port=server.port), stop)
