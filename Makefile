@@ -24,11 +24,12 @@ tools:
 	  else echo "note: thrift-compiler not installed; interop tests will be skipped"; fi; }
 
 demo: $(STAMP)
-	$(BIN)/python -m auth_rpc.demo
+	$(BIN)/python examples/demo.py
 
 test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/mypy examples/demo.py
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

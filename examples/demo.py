@@ -1,0 +1,287 @@
+"""The demo behind ``make demo``: token authentication on Thrift services, end to end.
+
+It runs the real commands (``auth-rpc``, ``posts-rpc``) as separate processes
+on free ports with a temporary data directory, then drives them with the
+client library (``client.Session``) the way an application would:
+
+1. make two users and a service client (``auth-rpc add-user`` / ``add-client``);
+2. start the Auth service and two Posts instances sharing one store: one
+   checks tokens locally with the Auth service's JWKS, one asks ``Auth.validate``
+   over Thrift on every call (cache off);
+3. log in, create and list posts; show what is refused and why;
+4. log out, and see the thrift-mode instance refuse the old token at once;
+5. call Posts service-to-service with OAuth client credentials.
+
+Every process is stopped with SIGTERM at the end (exit 0 expected); the demo
+exits 0 only if every step behaved as described.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from auth_rpc.idl import common_thrift
+from client import Session, connect_posts
+
+ALICE, BOB = ("alice", "correct horse battery staple"), ("bob", "tr0ub4dor&3 is too short?")
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def show(text: str) -> None:
+    print(f"   {text}", flush=True)
+
+
+def expect_refusal(what: str, exc_type: type[Exception], call: Any) -> None:
+    """Run ``call``; it must raise ``exc_type`` (the demo fails otherwise)."""
+    try:
+        call()
+    except exc_type as exc:
+        show(f"{what}: refused with {type(exc).__name__}: {exc.message}")  # type: ignore[attr-defined]
+        return
+    raise SystemExit(f"demo failed: {what} was not refused with {exc_type.__name__}")
+
+
+class Processes:
+    """Starts servers, reads their ready lines, stops them all with SIGTERM."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.running: list[tuple[str, subprocess.Popen[str], IO[str]]] = []
+
+    def run(self, *args: str, stdin: str = "") -> str:
+        done = subprocess.run(  # noqa: S603  # our own commands
+            [sys.executable, "-m", *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"demo failed: {' '.join(args)}: {done.stderr.strip()}")
+        return done.stdout
+
+    def start(self, name: str, *args: str) -> dict[str, str]:
+        log = (self.workdir / f"{name}.log").open("w")
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=log, text=True
+        )
+        self.running.append((name, proc, log))
+        assert proc.stdout is not None
+        ready = proc.stdout.readline().strip()  # the server prints it once it listens
+        if not ready:
+            raise SystemExit(f"demo failed: {name} did not start; see {log.name}")
+        show(ready)
+        return dict(part.split("=", 1) for part in ready.split() if "=" in part)
+
+    def stop_all(self) -> bool:
+        clean = True
+        for name, proc, log in reversed(self.running):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code = proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            log.close()
+            clean &= code == 0
+            show(f"{name} stopped (exit {code})")
+        self.running.clear()
+        return clean
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="auth-rpc-demo-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main() -> int:
+    with workspace() as work:
+        procs = Processes(work)
+        try:
+            ok = demo(work, procs)
+        finally:
+            say("Stopping every process with SIGTERM")
+            clean = procs.stop_all()
+    if not clean:
+        print("demo failed: a server did not exit 0", file=sys.stderr)
+        return 1
+    print("\nDemo finished: every step behaved as expected.")
+    return 0 if ok else 1
+
+
+def demo(work: Path, procs: Processes) -> bool:
+    auth_data, posts_data = work / "auth", work / "posts"
+
+    say("Users and a service client, made with the auth-rpc command")
+    for name, password in (ALICE, BOB):
+        show(
+            procs.run(
+                "auth_rpc.cli",
+                "add-user",
+                name,
+                "--data-dir",
+                str(auth_data),
+                "--password-stdin",
+                stdin=password + "\n",
+            ).strip()
+        )
+    out = procs.run(
+        "auth_rpc.cli",
+        "add-client",
+        "reporting",
+        "--data-dir",
+        str(auth_data),
+        "--scope",
+        "posts:read",
+    )
+    reporting_secret = out.strip().splitlines()[-1]
+    show("client 'reporting' registered with scope 'posts:read' (its secret is kept in memory)")
+
+    say("Starting the Auth service and two Posts instances on free ports")
+    auth = procs.start(
+        "auth-rpc",
+        "auth_rpc.cli",
+        "serve",
+        "--data-dir",
+        str(auth_data),
+        "--port",
+        "0",
+        "--http-port",
+        "0",
+    )
+    issuer, http = auth["issuer"], auth["http"]
+    common = [
+        "--data-dir",
+        str(posts_data),
+        "--port",
+        "0",
+        "--issuer",
+        issuer,
+        "--audience",
+        "posts",
+    ]
+    jwks_posts = procs.start(
+        "posts-rpc (jwks)",
+        "posts_rpc.cli",
+        "serve",
+        *common,
+        "--verify",
+        "jwks",
+        "--jwks-url",
+        f"{http}/.well-known/jwks.json",
+    )
+    thrift_posts = procs.start(
+        "posts-rpc (thrift)",
+        "posts_rpc.cli",
+        "serve",
+        *common,
+        "--verify",
+        "thrift",
+        "--auth-addr",
+        auth["thrift"],
+        "--cache-ttl",
+        "0",
+    )
+    auth_addr, jwks_addr, thrift_addr = auth["thrift"], jwks_posts["thrift"], thrift_posts["thrift"]
+
+    say("alice logs in; the session attaches her token to every call by itself")
+    alice = Session.login(auth_addr, *ALICE)
+    claims = alice.validate()
+    show(f"logged in as {claims.subject} with scopes {sorted(claims.scopes)}")
+    posts = alice.posts(jwks_addr)
+    first = posts.create_post(title="Hello, Thrift", body="Tokens are checked on every call.")
+    posts.create_post(title="Second post", body="Pages are keyset-paginated, newest first.")
+    page = posts.list_posts(limit=10)
+    for post in page.posts:
+        show(f"#{post.id:<3} {post.author:<6} {post.title}")
+
+    say("What gets refused")
+    with connect_posts(*_hostport(jwks_addr)) as raw:
+        expect_refusal(
+            "a call with no token", common_thrift.Unauthenticated, lambda: raw.list_posts("", 10, 0)
+        )
+        token = alice.access_token()
+        header, payload, signature = token.split(".")
+        tampered = f"{header}.{_edit_claims(payload, sub='bob')}.{signature}"
+        expect_refusal(
+            "a token whose payload says sub=bob",
+            common_thrift.Unauthenticated,
+            lambda: raw.list_posts(tampered, 10, 0),
+        )
+    bob = Session.login(auth_addr, *BOB)
+    expect_refusal(
+        "bob deleting alice's post",
+        common_thrift.PermissionDenied,
+        lambda: bob.posts(jwks_addr).delete_post(post_id=first.id),
+    )
+    expect_refusal(
+        "a title of 201 characters",
+        common_thrift.InvalidArgument,
+        lambda: posts.create_post(title="x" * 201, body=""),
+    )
+
+    say("alice logs out: her refresh and access tokens are revoked")
+    old_token = alice.access_token()
+    alice.logout()
+    with connect_posts(*_hostport(thrift_addr)) as raw:
+        expect_refusal(
+            "the old access token at the thrift-mode instance",
+            common_thrift.Unauthenticated,
+            lambda: raw.list_posts(old_token, 10, 0),
+        )
+    with connect_posts(*_hostport(jwks_addr)) as raw:
+        still = raw.list_posts(old_token, 10, 0)
+        show(
+            f"the jwks-mode instance verifies locally and still accepts it until it expires "
+            f"({len(still.posts)} posts): local modes do not see revocations"
+        )
+
+    say("A service calls Posts with OAuth client credentials")
+    service = Session.for_client(auth_addr, "reporting", reporting_secret, scope="posts:read")
+    report = service.posts(thrift_addr).list_posts(limit=100)
+    show(f"'reporting' read {len(report.posts)} posts through the thrift-mode instance")
+    expect_refusal(
+        "'reporting' creating a post (it has posts:read only)",
+        common_thrift.PermissionDenied,
+        lambda: service.posts(thrift_addr).create_post(title="nope", body=""),
+    )
+    bob.logout()
+    service.logout()
+    return True
+
+
+def _hostport(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    return host, int(port)
+
+
+def _edit_claims(segment: str, **changes: str) -> str:
+    import base64
+
+    padded = segment + "=" * (-len(segment) % 4)
+    claims = json.loads(base64.urlsafe_b64decode(padded))
+    claims.update(changes)
+    raw = json.dumps(claims, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
