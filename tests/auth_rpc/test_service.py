@@ -773,3 +773,35 @@ def test_no_secret_in_any_log_output(
         assert piece not in text
     assert tokens.access_token.split(".")[2] not in text
     assert repr(tokens).find(tokens.access_token) == -1
+
+
+def test_owner_logs_in_once_the_window_has_passed(
+    service: AuthService, alice: str, clock: Any
+) -> None:
+    fail(service, "alice", 5)
+    for _ in range(4):  # an attacker keeps guessing at every opening
+        with pytest.raises(Throttled) as info:
+            service.login("alice", PASSWORD)
+        clock.advance(info.value.retry_after_ms / 1000)
+        fail(service, "alice", 1)
+    with pytest.raises(Throttled) as info:
+        service.login("alice", PASSWORD)
+    assert info.value.retry_after_ms <= 15 * 60 * 1000
+    clock.advance(15 * 60 + 1)
+    assert service.login("alice", PASSWORD).access_token
+
+
+def test_a_database_failure_during_login_is_not_a_guess(
+    service: AuthService, alice: str, data_dir: Path
+) -> None:
+    fail(service, "alice", 4)
+    conn = sqlite3.connect(data_dir / "auth.sqlite3")
+    conn.execute("ALTER TABLE users RENAME TO users_moved")
+    conn.commit()
+    for _ in range(3):
+        with pytest.raises(DependencyUnavailable):
+            service.login("alice", PASSWORD)
+    conn.execute("ALTER TABLE users_moved RENAME TO users")
+    conn.commit()
+    conn.close()
+    service.login("alice", PASSWORD)  # not throttled: outages are not failures
