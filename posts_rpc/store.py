@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from auth_rpc.errors import DependencyUnavailable
 
@@ -218,15 +218,12 @@ class SqlitePostStore:
         return PostRow._make(rows[0])
 
     def get(self, post_id: int) -> PostRow | None:
-        with self._read() as conn:
-            row = conn.execute(_SQL_GET, (post_id,)).fetchone()
-        return None if row is None else PostRow._make(row)
+        rows = self._query(_SQL_GET, (post_id,))
+        return PostRow._make(rows[0]) if rows else None
 
     def list_page(self, limit: int, before_id: int) -> list[PostRow]:
         make = PostRow._make
-        with self._read() as conn:
-            rows = conn.execute(_SQL_PAGE, (before_id or _NO_UPPER_BOUND, limit)).fetchall()
-        return [make(row) for row in rows]
+        return [make(row) for row in self._query(_SQL_PAGE, (before_id or _NO_UPPER_BOUND, limit))]
 
     def update(self, post_id: int, *, title: str, body: str) -> PostRow | None:
         now_ms = self._now_ms()
@@ -255,8 +252,7 @@ class SqlitePostStore:
     @property
     def schema_version(self) -> int:
         """The schema version of the open database."""
-        with self._read() as conn:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+        return int(self._query("PRAGMA user_version", ())[0][0])
 
     def __enter__(self) -> SqlitePostStore:
         return self
@@ -286,34 +282,44 @@ class SqlitePostStore:
                 log.error("post database error: %s", type(exc).__name__)
                 raise DependencyUnavailable(_UNAVAILABLE) from exc
 
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """A reader connection from the pool (opened on demand), returned afterwards."""
-        if self._closed:
-            raise DependencyUnavailable("post storage closed")
+    def _query(self, sql: str, params: tuple[int, ...]) -> list[Any]:
+        """All rows of one read-only statement, run on a pooled reader connection.
+
+        The hot path of every read: no context manager, no lock.
+        """
+        conn = self._take_reader()
         try:
-            conn = self._readers.pop()
-        except IndexError:
-            try:
-                conn = _connect(self.path, self._busy_timeout_s)
-            except sqlite3.Error as exc:
-                log.error("cannot open a post database reader: %s", type(exc).__name__)
-                raise DependencyUnavailable(_UNAVAILABLE) from exc
-        try:
-            yield conn
+            rows: list[Any] = conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            log.error("post database error: %s", type(exc).__name__)
             conn.close()  # a reader in an unknown state is not reused
+            log.error("post database error: %s", type(exc).__name__)
             raise DependencyUnavailable(_UNAVAILABLE) from exc
         except BaseException:
             conn.close()
             raise
+        self._return_reader(conn)
+        return rows
+
+    def _take_reader(self) -> sqlite3.Connection:
+        if self._closed:
+            raise DependencyUnavailable("post storage closed")
+        try:
+            return self._readers.pop()
+        except IndexError:
+            pass
+        try:
+            return _connect(self.path, self._busy_timeout_s)
+        except sqlite3.Error as exc:
+            log.error("cannot open a post database reader: %s", type(exc).__name__)
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+
+    def _return_reader(self, conn: sqlite3.Connection) -> None:
         if self._closed or len(self._readers) >= self._max_idle_readers:
             conn.close()
-        else:
-            self._readers.append(conn)
-            if self._closed:  # close() ran meanwhile and may have missed it
-                self._drain_readers()
+            return
+        self._readers.append(conn)
+        if self._closed:  # close() ran meanwhile and may have missed it
+            self._drain_readers()
 
     def _drain_readers(self) -> None:
         while True:

@@ -140,20 +140,18 @@ def test_file_is_private_wal_and_fully_synchronous(
     # synchronous is per connection: 2 is FULL.
     with store._write() as conn:
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
-    with store._read() as conn:
-        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert store._query("PRAGMA synchronous", ()) == [(2,)]
 
 
 def test_page_query_uses_the_primary_key(store: SqlitePostStore) -> None:
-    with store._read() as conn:
-        plan = " ".join(
-            str(row[-1])
-            for row in conn.execute(
-                "EXPLAIN QUERY PLAN SELECT id, author, title, body, created_at, updated_at "
-                "FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
-                (10, 3),
-            )
+    plan = " ".join(
+        str(row[-1])
+        for row in store._query(
+            "EXPLAIN QUERY PLAN SELECT id, author, title, body, created_at, updated_at "
+            "FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
+            (10, 3),
         )
+    )
     assert "INTEGER PRIMARY KEY" in plan
     assert "TEMP B-TREE" not in plan  # no sort step
 
