@@ -4,16 +4,32 @@ Each method is wrapped by :func:`auth_rpc.rpc_errors.map_errors`, so internal
 errors leave as the IDL's exceptions. A client may omit a string field
 (thriftpy2 then passes ``None``): it is treated as empty and refused as the
 method declares (``InvalidArgument``, or ``Unauthenticated`` for
-``validate``). ``revoke`` and ``jwks`` declare no ``Unauthenticated``, and
-``jwks`` declares nothing at all: they never raise one.
+``validate``).
+
+Each method may only raise what its IDL ``throws`` declares: an internal
+error the method does not declare (which the service should never raise)
+is turned into a declared one by :func:`_declared` - ``Unauthenticated`` for
+``validate`` (fail closed), ``Unavailable`` elsewhere - rather than
+reaching the client as a transport-level error. ``jwks`` declares nothing
+and :meth:`AuthService.jwks` never raises.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from auth_rpc.errors import (
+    AuthError,
+    DependencyUnavailable,
+    InvalidCredentials,
+    InvalidInput,
+    Throttled,
+    TokenRejected,
+)
 from auth_rpc.idl import auth_thrift
 from auth_rpc.principal import Principal
 from auth_rpc.rpc_errors import map_errors
@@ -52,6 +68,38 @@ def principal_to_thrift(principal: Principal) -> Any:
     )
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _declared(
+    *allowed: type[AuthError], fallback: Callable[[], AuthError] | None = None
+) -> Callable[[F], F]:
+    """Let only ``allowed`` internal errors through; others become ``fallback()``."""
+
+    def fallback_unavailable() -> AuthError:
+        return DependencyUnavailable("service error, retry later")
+
+    make = fallback or fallback_unavailable
+
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except allowed:
+                raise
+            except AuthError as exc:
+                log.error("%s raised undeclared %s", func.__name__, type(exc).__name__)
+                raise make() from exc
+
+        return wrapper  # type: ignore[return-value]  # functools.wraps keeps the signature
+
+    return decorate
+
+
+_GRANT_ERRORS = (InvalidCredentials, TokenRejected, Throttled, InvalidInput, DependencyUnavailable)
+
+
 class AuthHandler:
     """Implements ``service Auth`` over one :class:`AuthService`."""
 
@@ -59,14 +107,17 @@ class AuthHandler:
         self._service = service
 
     @map_errors
+    @_declared(*_GRANT_ERRORS)
     def login(self, username: str | None, password: str | None) -> Any:
         return tokens_to_thrift(self._service.login(_text(username), _text(password)))
 
     @map_errors
+    @_declared(TokenRejected, InvalidCredentials, InvalidInput, DependencyUnavailable)
     def refresh(self, refresh_token: str | None) -> Any:
         return tokens_to_thrift(self._service.refresh(_text(refresh_token)))
 
     @map_errors
+    @_declared(*_GRANT_ERRORS)
     def client_token(
         self, client_id: str | None, client_secret: str | None, scope: str | None
     ) -> Any:
@@ -75,10 +126,15 @@ class AuthHandler:
         )
 
     @map_errors
+    @_declared(
+        TokenRejected, InvalidCredentials, DependencyUnavailable,
+        fallback=lambda: TokenRejected("invalid token"),
+    )
     def validate(self, token: str | None) -> Any:
         return principal_to_thrift(self._service.validate(_text(token)))
 
     @map_errors
+    @_declared(InvalidInput, DependencyUnavailable)
     def revoke(self, token: str | None) -> None:
         self._service.revoke(_text(token))
 

@@ -410,9 +410,6 @@ class KeyManager:
                 self._store.add(key, now=now, max_ttl_s=self._access_ttl_s)
                 log.info("made signing key %s (%s)", key.kid, key.alg)
         self.reload(force=True)
-        signer = self._ring.signer
-        if signer is not None and not signer.symmetric:
-            self._store.note_ttl(signer.kid, self._access_ttl_s)
 
     def reload(self, *, force: bool = False) -> None:
         """Re-read the key table if it changed (or ``force``); drop retired keys."""
@@ -440,6 +437,13 @@ class KeyManager:
             else:
                 current = [r for r in records.values() if r.superseded_at is None]
                 signer = keys[current[-1].kid] if current else None
+                if signer is not None and records[signer.kid].max_ttl_s < self._access_ttl_s:
+                    # A key made by another process (auth-rpc rotate-key) with a
+                    # shorter lifetime in its settings: record ours before
+                    # signing, so that the key does not retire too early.
+                    self._store.note_ttl(signer.kid, self._access_ttl_s)
+                    fingerprint = self._store.fingerprint()
+                    records = {r.kid: r for r in self._store.records() if r.kid in records}
             self._ring = KeyRing(signer, keys, records, fingerprint)
 
     def _retire_locked(self) -> None:

@@ -13,9 +13,10 @@ wait out the delay an attacker's guesses earned (at most 15 minutes).
 The rule is the same for existing and unknown names (the key is the name as
 given), so a refusal reveals nothing about whether an account exists.
 
-Concurrency: while a key has failures, no more attempts may be in flight at
-once than failures remain before the limit, so that parallel guesses cannot
-overshoot it.
+Concurrency: no more attempts of one key may be in flight at once than
+failures remain before the limit (at least one), so that parallel guesses
+cannot overshoot it: a fresh key allows 5 concurrent attempts, a key with 4
+failures one.
 
 State is in memory and bounded: at most ``max_keys`` names are tracked; when
 full, names whose failures aged out are dropped first, then the names whose
@@ -114,7 +115,7 @@ class Throttle:
             if wait > 0:
                 raise Throttled(f"too many failed {self._what}; retry later",
                                 max(1, math.ceil(wait * 1000)))
-        if count and entry.in_flight >= max(1, self.limit - count):
+        if entry.in_flight >= max(1, self.limit - count):
             raise Throttled(f"too many concurrent {self._what}; retry later", 1000)
 
     @contextmanager

@@ -262,3 +262,31 @@ def test_no_secret_in_logs_over_rpc(
         pair.access_token.split(".")[2],
     ):
         assert secret not in text
+
+
+@pytest.mark.parametrize(
+    ("method", "args", "raised", "expected"),
+    [
+        ("validate", ("t",), errors.InvalidInput("token", "x"), common_thrift.Unauthenticated),
+        ("validate", ("t",), errors.Throttled("x", 5), common_thrift.Unauthenticated),
+        ("refresh", ("t",), errors.Throttled("x", 5), common_thrift.Unavailable),
+        ("revoke", ("t",), errors.TokenRejected("x"), common_thrift.Unavailable),
+        ("login", ("a", "b"), errors.Forbidden("x"), common_thrift.Unavailable),
+        ("client_token", ("a", "b", ""), errors.NotFoundError("x"), common_thrift.Unavailable),
+    ],
+)
+def test_undeclared_internal_errors_become_declared_ones(
+    service: AuthService,
+    client: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str,
+    args: tuple[str, ...],
+    raised: Exception,
+    expected: type[Exception],
+) -> None:
+    def boom(*_: object, **__: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(service, method, boom)
+    with pytest.raises(expected):
+        getattr(client, method)(*args)

@@ -157,3 +157,20 @@ def test_manager_settings_are_checked(db: Database, tmp_path: Path) -> None:
         KeyManager(store, alg="none", access_ttl_s=1, clock=lambda: 0.0)
     with pytest.raises(ValueError, match="HS256"):
         KeyManager(store, alg="HS256", access_ttl_s=1, clock=lambda: 0.0)
+
+
+def test_a_key_made_elsewhere_takes_the_servers_lifetime(db: Database, tmp_path: Path) -> None:
+    now = [1000.0]
+    store = KeyStore(db, tmp_path / "keys")
+    server = KeyManager(store, alg="EdDSA", access_ttl_s=3600, clock=lambda: now[0])
+    server.start(create=True)
+    admin = KeyManager(store, alg="EdDSA", access_ttl_s=60, clock=lambda: now[0])
+    admin.start(create=False)
+    made_elsewhere = admin.rotate()
+    server.reload()
+    assert server.signer().kid == made_elsewhere
+    server.rotate()
+    now[0] += 60 + 60 + 1  # the admin's lifetime would have retired it by now
+    assert server.find(made_elsewhere) is not None
+    now[0] += 3600
+    assert server.find(made_elsewhere) is None

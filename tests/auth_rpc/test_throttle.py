@@ -121,10 +121,12 @@ def test_parallel_attempts_cannot_overshoot_the_limit(throttle: Throttle) -> Non
         pass
 
 
-def test_no_failures_no_concurrency_limit(throttle: Throttle) -> None:
+def test_a_fresh_key_allows_limit_concurrent_attempts(throttle: Throttle) -> None:
     with contextlib.ExitStack() as stack:
-        for _ in range(6):
+        for _ in range(5):
             stack.enter_context(throttle.attempt("k"))
+        assert retry_after(throttle, "k") == 1000
+    assert len(throttle) == 0  # nothing counted, nothing kept
 
 
 def test_state_is_bounded(clock: Clock) -> None:
