@@ -288,7 +288,7 @@ def test_bad_client_credentials(
     assert "wrong" not in records[0].getMessage()
 
 
-@pytest.mark.parametrize("status", [500, 503, 429, 404])
+@pytest.mark.parametrize("status", [500, 503, 429, 404, 302])
 def test_server_errors_are_unavailable(server: IntrospectionServer, status: int) -> None:
     server.answers["tok"] = active()
     server.status = status

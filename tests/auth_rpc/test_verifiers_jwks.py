@@ -223,6 +223,22 @@ def test_cached_keys_serve_while_the_endpoint_is_down(
     assert v.verify(mint(k2, "EdDSA", "k2", at=clock.now)).subject == "alice"
 
 
+def test_a_key_withdrawn_from_the_set_stops_verifying(
+    jwks_server: JwksServer, k1: Any, k2: Any
+) -> None:
+    jwks_server.publish(("k1", k1), ("k2", k2))
+    clock = Clock()
+    v = make(jwks_server, clock, max_key_age_s=300, cache_ttl_s=0)
+    v.verify(mint(k1, "EdDSA", "k1"))
+    jwks_server.publish(("k2", k2))  # k1 retired (or compromised)
+    clock.now = T0 + 299  # keys still fresh: k1 still verifies
+    v.verify(mint(k1, "EdDSA", "k1", at=clock.now))
+    clock.now = T0 + 300  # stale: fetched again, k1 is gone
+    with pytest.raises(TokenRejected, match="unknown signing key"):
+        v.verify(mint(k1, "EdDSA", "k1", at=clock.now))
+    assert v.key_ids == {"k2"} and jwks_server.hits == 2
+
+
 def test_down_with_no_keys_is_unavailable_then_recovers(
     jwks_server: JwksServer, k1: Any
 ) -> None:
