@@ -111,6 +111,10 @@ def requires(
                 if len(token) > MAX_TOKEN_CHARS:
                     raise TokenRejected("access token too large")
                 principal = self._verify(token)
+                if not principal.subject:
+                    # Ownership is decided by the subject: a verifier (perhaps a
+                    # user's own) that returns none must not make posts ownerless.
+                    raise TokenRejected("token has no subject")
                 call = current_call()
                 if call is not None:
                     call.subject = principal.subject

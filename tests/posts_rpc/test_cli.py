@@ -12,9 +12,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trustme
+from thriftpy2.transport import TTransportException
 
 from auth_rpc.idl import common_thrift, posts_thrift
-from auth_rpc.transport import open_client
+from auth_rpc.transport import TLSClientConfig, open_client
 from posts_rpc import cli
 
 Mint = Callable[..., str]
@@ -122,6 +124,44 @@ def test_framed_listener(
         assert client.list_posts(mint(), 0, 0).posts == []
     finally:
         client.close()
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_tls_listener_with_client_certificates(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]], mint: Mint, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("client.example")
+    files = {
+        "ca": ca.cert_pem,
+        "cert": server_cert.cert_chain_pems[0],
+        "key": server_cert.private_key_pem,
+        "client": client_cert.private_key_and_cert_chain_pem,
+    }
+    for name, blob in files.items():
+        blob.write_to_path(str(tmp_path / f"{name}.pem"))
+    pem = {name: str(tmp_path / f"{name}.pem") for name in files}
+    proc, port = serve(
+        "--tls-cert", pem["cert"], "--tls-key", pem["key"], "--tls-client-ca", pem["ca"]
+    )
+    tls = TLSClientConfig(ca_file=pem["ca"], cert_file=pem["client"])
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, tls=tls, timeout_s=10)
+    try:
+        assert client.list_posts(mint(), 0, 0).posts == []
+    finally:
+        client.close()
+    # No client certificate: the handshake (TLS 1.2) or the first call (TLS 1.3) fails.
+    with pytest.raises((OSError, TTransportException)):
+        anonymous = open_client(
+            posts_thrift.Posts, "127.0.0.1", port, tls=TLSClientConfig(ca_file=pem["ca"])
+        )
+        try:
+            anonymous.list_posts(mint(), 0, 0)
+        finally:
+            anonymous.close()
     proc.terminate()
     proc.communicate(timeout=30)
     assert proc.returncode == 0

@@ -218,6 +218,25 @@ def test_missing_token_never_reaches_the_verifier(tmp_path: Path) -> None:
     assert calls == []
 
 
+def test_a_principal_without_subject_is_refused(tmp_path: Path) -> None:
+    class NoSubject:
+        def verify(self, token: str) -> Principal:
+            return Principal(subject="", scopes=ALL_SCOPES, expires_at=2**40, token_id="j",
+                             client_id="c")
+
+        def close(self) -> None:
+            pass
+
+    with PostsServer(data_dir=tmp_path, verifier=NoSubject()) as server:
+        client = open_client(posts_thrift.Posts, "127.0.0.1", server.port)
+        try:
+            with pytest.raises(common_thrift.Unauthenticated):
+                client.create_post("any-token", "t", "b")
+        finally:
+            client.close()
+        assert server.store.list_page(10, 0) == []
+
+
 # -- the handler class cannot forget the guard ------------------------------------
 
 
