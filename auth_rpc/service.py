@@ -227,6 +227,7 @@ class AuthService:
         username = check_username(username)
         check_password(password)
         requested = parse_scope(scope)
+        client_id = check_client_id(client_id)
         with self._login_throttle.attempt(username) as attempt:
             user = self._accounts.get_user(username)
             ok = self._hasher.verify(user.password_hash if user else None, password)
@@ -269,6 +270,7 @@ class AuthService:
         requested = parse_scope(scope)
         now = int(self._clock())
         self._maybe_purge(now)
+        key = self._keys.signer()  # before the transaction: it may reload the key ring
         issued: dict[str, Any] = {}
 
         def issue(family: Family) -> Rotation:
@@ -277,7 +279,7 @@ class AuthService:
                 raise TokenRejected("invalid refresh token")
             current = tuple(s for s in family.scopes if s in set(user.scopes))
             scopes = _narrow(current, requested)
-            access, jti, exp = self._mint(family.subject, scopes, family.client_id, now)
+            access, jti, exp = self._mint(family.subject, scopes, family.client_id, now, key)
             new_refresh = new_refresh_token()
             issued.update(access=access, refresh=new_refresh, scope=" ".join(scopes))
             return Rotation(hash_refresh_token(new_refresh), jti, exp)
@@ -329,9 +331,14 @@ class AuthService:
         return client.scopes
 
     def _mint(
-        self, subject: str, scopes: Iterable[str], client_id: str, now: int
+        self,
+        subject: str,
+        scopes: Iterable[str],
+        client_id: str,
+        now: int,
+        key: SigningKey | None = None,
     ) -> tuple[str, str, int]:
-        key = self._keys.signer()
+        key = key or self._keys.signer()
         jti = new_jti()
         ttl = self.settings.access_ttl_s
         token = mint_access_token(
