@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
 
@@ -153,8 +154,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 def _session(ca_file: str) -> requests.Session:
     """An HTTP session trusting ``ca_file`` (hostnames checked), nothing from the environment."""
     session = requests.Session()
-    session.trust_env = False
+    session.trust_env = False  # no proxies or .netrc credentials from the environment
     session.verify = ca_file
+    # Shared by every serving thread: keep it stateless (no cookies from the server).
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     adapter = HTTPAdapter(pool_connections=1, pool_maxsize=16, max_retries=0)
     session.mount("https://", adapter)
     session.mount("http://", adapter)

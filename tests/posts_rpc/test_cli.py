@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import re
 import selectors
 import signal
+import ssl
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from jwt.algorithms import OKPAlgorithm
 from thriftpy2.transport import TTransportException
 
 from auth_rpc.idl import common_thrift, posts_thrift
@@ -21,7 +28,7 @@ from posts_rpc import cli
 
 Mint = Callable[..., str]
 
-READY = re.compile(r"^posts-rpc ready: thrift=127\.0\.0\.1:(\d+) verify=local ")
+READY = re.compile(r"^posts-rpc ready: thrift=127\.0\.0\.1:(\d+) verify=(\w+) ")
 
 
 def _read_line(proc: subprocess.Popen[str], timeout_s: float) -> str:
@@ -49,12 +56,15 @@ def serve(
     procs: list[subprocess.Popen[str]] = []
     issuer, audience = issuer_audience
 
-    def _serve(*extra: str) -> tuple[subprocess.Popen[str], int]:
+    def _serve(
+        *extra: str, verify: tuple[str, ...] = ()
+    ) -> tuple[subprocess.Popen[str], int]:
+        verify = verify or ("--verify", "local", "--hs256-secret-file", str(secret_file))
         cmd = [
             sys.executable, "-m", "posts_rpc.cli", "serve",
             "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", "0",
-            "--verify", "local", "--hs256-secret-file", str(secret_file),
-            "--issuer", issuer, "--audience", audience, "--log-level", "WARNING", *extra,
+            *verify, "--issuer", issuer, "--audience", audience, "--log-level", "WARNING",
+            *extra,
         ]
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -64,6 +74,7 @@ def serve(
         line = _read_line(proc, 60)
         match = READY.match(line)
         assert match, f"unexpected first line {line!r}"
+        assert match.group(2) == verify[1]
         return proc, int(match.group(1))
 
     yield _serve
@@ -162,6 +173,61 @@ def test_tls_listener_with_client_certificates(
             anonymous.list_posts(mint(), 0, 0)
         finally:
             anonymous.close()
+    proc.terminate()
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+@pytest.fixture
+def https_jwks(tmp_path: Path) -> Iterator[tuple[str, str, Ed25519PrivateKey]]:
+    """A JWK Set served over HTTPS from this process: (URL, CA file, signing key)."""
+    key = Ed25519PrivateKey.generate()
+    jwk = json.loads(OKPAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="test-ed25519", use="sig", alg="EdDSA")
+    body = json.dumps({"keys": [jwk]}).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    ca = trustme.CA()
+    ca_file = tmp_path / "jwks-ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}/jwks.json", str(ca_file), key
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(10)
+
+
+def test_jwks_mode_over_https_with_auth_tls_ca(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]],
+    mint: Mint,
+    https_jwks: tuple[str, str, Ed25519PrivateKey],
+) -> None:
+    url, ca_file, key = https_jwks
+    proc, port = serve(verify=("--verify", "jwks", "--jwks-url", url, "--auth-tls-ca", ca_file))
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, timeout_s=10)
+    try:
+        token = mint("alice", key=key, alg="EdDSA", headers={"kid": "test-ed25519"})
+        post = client.create_post(token, "via JWKS", "")
+        assert post.author == "alice"
+        with pytest.raises(common_thrift.Unauthenticated):
+            client.get_post(mint("alice"), post.id)  # HS256: not a key of the set
+    finally:
+        client.close()
     proc.terminate()
     proc.communicate(timeout=30)
     assert proc.returncode == 0
