@@ -104,8 +104,9 @@ def requires(
         @functools.wraps(func)
         def guarded(self: H, token: Any, /, *args: P.args, **kwargs: P.kwargs) -> R:
             try:
-                # RFC 6750 3.1: a request that lacks the credentials is refused
-                # as unauthenticated ("invalid_request"/no error code).
+                # RFC 6750 3.1: "If the request lacks any authentication
+                # information [...], the resource server SHOULD NOT include
+                # an error code or other error information."
                 if not token or token.__class__ is not str:
                     raise TokenRejected("missing access token")
                 if len(token) > MAX_TOKEN_CHARS:
@@ -142,7 +143,8 @@ class GuardedHandler:
     """Base of a Thrift handler whose every method is guarded by :func:`requires`.
 
     Subclass with the thriftpy2 service class: ``class H(GuardedHandler,
-    service=posts_thrift.Posts)``. Defining the subclass raises ``TypeError``
+    service=posts_thrift.Posts)`` (subclasses of ``H`` inherit the service
+    and are checked too). Defining the subclass raises ``TypeError``
     if any method of the service is missing, unguarded, or takes a different
     number of arguments than the IDL declares, or if an IDL method's first
     argument is not ``1: string token``.
@@ -152,8 +154,15 @@ class GuardedHandler:
     thrift_service: ClassVar[Any]
     _verify: Callable[[str], Principal]
 
-    def __init_subclass__(cls, *, service: Any, **kwargs: Any) -> None:
+    def __init_subclass__(cls, *, service: Any = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        # A subclass of a handler inherits its service, and is checked again:
+        # overriding a method without @requires fails just the same.
+        service = service if service is not None else getattr(cls, "thrift_service", None)
+        if service is None:
+            raise TypeError(
+                f"{cls.__qualname__}: name the service: class X(GuardedHandler, service=...)"
+            )
         _check_handler_class(cls, service)
         cls.thrift_service = service
 

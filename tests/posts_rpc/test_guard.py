@@ -273,6 +273,26 @@ def test_a_missing_method_fails_at_class_definition(method: str) -> None:
         type("Incomplete", (GuardedHandler,), methods, service=posts_thrift.Posts)
 
 
+def test_a_subclass_overriding_a_method_without_the_guard_fails() -> None:
+    with pytest.raises(TypeError, match="get_post: not guarded"):
+
+        class Sneaky(PostsHandler):
+            def get_post(self, principal: Any, post_id: Any) -> Any:
+                return None
+
+    class Fine(PostsHandler):
+        @requires(SCOPE_ADMIN)
+        def get_post(self, principal: Any, post_id: Any) -> Any:
+            return None
+
+    assert Fine.thrift_service is posts_thrift.Posts
+
+
+def test_a_handler_class_must_name_its_service() -> None:
+    with pytest.raises(TypeError, match="name the service"):
+        type("Nameless", (GuardedHandler,), _complete_methods())
+
+
 def test_a_method_with_the_wrong_arguments_fails_at_class_definition() -> None:
     methods = _complete_methods()
 
