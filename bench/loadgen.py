@@ -213,12 +213,13 @@ def _worker_main(
         while True:
             msg = conn.recv()
             op = msg["op"]
+            seq = msg.get("seq")
             try:
                 if op == "exit":
                     return
                 if op == "affinity":
                     os.sched_setaffinity(0, msg["cpus"])
-                    conn.send({"ok": True})
+                    conn.send({"ok": True, "seq": seq})
                 elif op == "prepare":
                     spec: TokenSpec = msg["tokens"]
                     if spec.fixed is not None:
@@ -231,13 +232,13 @@ def _worker_main(
                     got = call(tokens[-1])  # checked call; the last token, not used before t_end
                     if got != msg["target"].limit:
                         raise RuntimeError(f"expected {msg['target'].limit} posts, got {got}")
-                    conn.send({"ok": True})
+                    conn.send({"ok": True, "seq": seq})
                 elif op == "go":
                     assert call is not None and close is not None, "go before prepare"
                     result = _run_phase(call, tokens, msg["t0"], msg["t_measure"], msg["t_end"])
                     close()
                     call = close = None
-                    conn.send({"ok": True, "result": result})
+                    conn.send({"ok": True, "seq": seq, "result": result})
                 else:
                     raise ValueError(f"unknown op {op!r}")
             except Exception as exc:
@@ -245,7 +246,7 @@ def _worker_main(
                     with contextlib.suppress(Exception):
                         close()
                     call = close = None
-                conn.send({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]})
+                conn.send({"ok": False, "seq": seq, "error": f"{type(exc).__name__}: {exc}"[:500]})
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         return
 
@@ -261,6 +262,7 @@ class ClientPool:
         self._conns: list[multiprocessing.connection.Connection] = []
         self._procs: list[Any] = []
         self._running = (0, 0.0)
+        self._seq = 0
         try:
             for index in range(size):
                 parent, child = ctx.Pipe()
@@ -287,20 +289,40 @@ class ClientPool:
         return [int(proc.pid) for proc in self._procs]
 
     def _send(self, indexes: range, messages: list[dict[str, Any]]) -> None:
+        self._seq += 1
         for i, message in zip(indexes, messages, strict=True):
-            self._conns[i].send(message)
+            self._conns[i].send({**message, "seq": self._seq})
 
     def _collect(self, indexes: range, timeout_s: float) -> list[Any]:
+        """Every client's reply (all are read, so none is left for the next request).
+
+        Replies to an earlier, abandoned request (another sequence number) are
+        skipped. Raises ``RuntimeError`` naming the first client that failed,
+        exited or did not answer within ``timeout_s``.
+        """
         replies = []
+        problems: list[str] = []
         deadline = time.monotonic() + timeout_s
         for i in indexes:
             conn = self._conns[i]
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
-                raise RuntimeError(f"client {i} did not answer within {timeout_s} s")
-            reply = conn.recv()
-            if not reply.get("ok"):
-                raise RuntimeError(f"client {i}: {reply.get('error')}")
-            replies.append(reply)
+            reply: dict[str, Any] | None = None
+            try:
+                while reply is None or reply.get("seq") != self._seq:
+                    if not conn.poll(max(0.0, deadline - time.monotonic())):
+                        break
+                    reply = conn.recv()
+            except (EOFError, OSError):
+                problems.append(f"client {i} has exited")
+                continue
+            if reply is None or reply.get("seq") != self._seq:
+                problems.append(f"client {i} did not answer within {timeout_s:.0f} s")
+            elif not reply.get("ok"):
+                problems.append(f"client {i}: {reply.get('error')}")
+            else:
+                replies.append(reply)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise RuntimeError(problems[0] + more)
         return replies
 
     def _ask(self, indexes: range, messages: list[dict[str, Any]], timeout_s: float) -> list[Any]:

@@ -762,6 +762,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(env.logs, ignore_errors=True)
     run = Run()
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Ctrl-C must stop the run even when started with SIGINT ignored (``cmd &``).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     env.logs.mkdir(parents=True, exist_ok=True)
     print(
         f"bench: {len(main_configs)} configurations x clients {args.clients}, "
@@ -808,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         stop_all()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         shutil.rmtree(work, ignore_errors=True)
 
     elapsed = time.monotonic() - started
