@@ -507,7 +507,7 @@ class RpcServer:
                     message = reader.read_message()
                 except WireError as exc:
                     if exc.method is not None and exc.seqid is not None:
-                        sock.settimeout(write_timeout)
+                        reader.set_timeout(write_timeout)
                         _answer_refusal(processor, oprot, exc.method, exc.seqid, exc.reason)
                     raise
                 if message is None:
@@ -517,7 +517,7 @@ class RpcServer:
                         return  # stop() began while this call was arriving
                     conn.busy = True
                 try:
-                    sock.settimeout(write_timeout)
+                    reader.set_timeout(write_timeout)
                     self._handle(message, mem, iprot, oprot, peer, peer_cert, host=_host(conn))
                 finally:
                     with conn.lock:
@@ -537,11 +537,13 @@ class RpcServer:
         host: str,
     ) -> None:
         processor = self._processor
-        if len(message.payload) > _REUSE_DECODE_BUFFER:
+        payload = message.payload
+        if len(payload) > _REUSE_DECODE_BUFFER:
             # Do not keep a large decode buffer alive for the connection's lifetime.
             mem = TCyMemoryBuffer()
             iprot = self._decoder(mem)
-        mem.setvalue(message.payload)
+        mem.write(payload)
+        payload.release()
         try:
             api, seqid, result, call = processor.process_in(iprot)
         except Exception as exc:
@@ -565,7 +567,7 @@ class RpcServer:
         processor.process_call(api, seqid, result, call, oprot, ctx)
 
 
-_REUSE_DECODE_BUFFER = 64 * 1024
+_REUSE_DECODE_BUFFER = 128 * 1024
 _STACK_SIZE_LOCK = threading.Lock()
 
 

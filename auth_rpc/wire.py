@@ -61,6 +61,7 @@ _MIN_SIZE = {**_FIXED_SIZE, _STRING: 4, _STRUCT: 1, _MAP: 6, _SET: 5, _LIST: 5}
 _VALID_TYPES = frozenset(_MIN_SIZE)
 
 _I32_AT = struct.Struct("!i").unpack_from
+_I32_I32_AT = struct.Struct("!ii").unpack_from
 _BYTE_I32_AT = struct.Struct("!bi").unpack_from
 _BYTE_BYTE_I32_AT = struct.Struct("!bbi").unpack_from
 
@@ -133,9 +134,15 @@ class MessageScanner:
 
     def __init__(self, limits: WireLimits, *, limit: int | None = None) -> None:
         self._limits = limits
-        # The message may not extend past this many bytes (a frame's length in
-        # framed mode).
-        self._limit = limits.max_message_bytes if limit is None else limit
+        self.reset(limit)
+
+    def reset(self, limit: int | None = None) -> None:
+        """Forget the message scanned so far, to scan the next one.
+
+        ``limit`` is the most bytes the message may take (a frame's length in
+        framed mode); by default the message limit.
+        """
+        self._limit = self._limits.max_message_bytes if limit is None else limit
         self._stack: list[list[int]] | None = None  # None until the header is read
         self._pending = -1  # type of the value due next, or -1
         self.pos = 0
@@ -184,6 +191,25 @@ class MessageScanner:
                             pos += 1
                             stack.pop()
                             continue
+                        # Fast path, the common case: a scalar or string field is
+                        # taken with its header in one step (or not at all).
+                        step = fixed.get(ftype)
+                        if step is not None:
+                            end = pos + 3 + step
+                            if end > size:
+                                if end > limit:
+                                    raise self._too_long(end)
+                                self.need = end
+                                return None
+                            pos = end
+                            continue
+                        if ftype == _STRING and pos + 7 <= size:
+                            (length,) = _I32_AT(buf, pos + 3)
+                            if 0 <= length <= max_string:
+                                end = pos + 7 + length
+                                if end <= size:
+                                    pos = end
+                                    continue
                         if ftype not in valid:
                             raise self._refuse(f"invalid field type {ftype}")
                         if pos + 3 > size:
@@ -315,13 +341,12 @@ class MessageScanner:
         if size < 8:
             self.need = 8
             return False
-        (version,) = _I32_AT(buf, 0)
-        if version >= 0 or (version & _VERSION_MASK) != _VERSION_1:
+        version, name_len = _I32_I32_AT(buf, 0)
+        if (version & _VERSION_MASK) != _VERSION_1:
             raise WireError("not a strict binary-protocol message header")
         mtype = version & 0xFF
         if mtype != _CALL and mtype != _ONEWAY:
             raise WireError(f"message type {mtype} is not a call")
-        (name_len,) = _I32_AT(buf, 4)
         if name_len < 0 or name_len > MAX_METHOD_NAME_BYTES:
             raise WireError(f"method name length {name_len} out of range")
         end = 8 + name_len + 4
@@ -331,7 +356,7 @@ class MessageScanner:
             self.need = end
             return False
         try:
-            self.method = bytes(buf[8 : 8 + name_len]).decode("utf-8")
+            self.method = str(buf[8 : 8 + name_len], "utf-8")
         except UnicodeDecodeError:
             raise WireError("method name is not UTF-8") from None
         (self.seqid,) = _I32_AT(buf, 8 + name_len)
@@ -340,13 +365,19 @@ class MessageScanner:
         return True
 
 
-@dataclass(frozen=True)
 class Message:
-    """One complete, validated call: the bytes for thriftpy2 and its header."""
+    """One complete, validated call: the bytes for thriftpy2 and its header.
 
-    payload: bytes
-    method: str
-    seqid: int
+    ``payload`` is a view of the reader's buffer, valid until the next
+    :meth:`MessageReader.read_message`; release it when done.
+    """
+
+    __slots__ = ("method", "payload", "seqid")
+
+    def __init__(self, payload: memoryview, method: str, seqid: int) -> None:
+        self.payload = payload
+        self.method = method
+        self.seqid = seqid
 
 
 _INITIAL_BUFFER = 16 * 1024
@@ -377,10 +408,19 @@ class MessageReader:
         self._framed = framed
         self._idle_timeout_s = idle_timeout_s
         self._message_timeout_s = message_timeout_s
+        self._scanner = MessageScanner(limits)
         self._buf = bytearray(_INITIAL_BUFFER)
         self._view = memoryview(self._buf)
         self._start = 0  # first byte of the next message
         self._end = 0  # end of the bytes received
+        self._timeout: float | None = None
+        self._deadline = 0.0
+
+    def set_timeout(self, timeout_s: float) -> None:
+        """Set the socket's timeout (skipped when it is already set)."""
+        if timeout_s != self._timeout:
+            self._sock.settimeout(timeout_s)
+            self._timeout = timeout_s
 
     def close(self) -> None:
         """Release the buffer (the socket belongs to the caller)."""
@@ -395,29 +435,32 @@ class MessageReader:
         ``ConnectionError`` when the peer closes in the middle of a message,
         and ``OSError`` on socket errors.
         """
-        self._compact()
+        if self._start:
+            self._compact()
         if self._end == 0:
-            self._sock.settimeout(self._idle_timeout_s)
-            if self._recv(self._end) == 0:
+            self.set_timeout(self._idle_timeout_s)
+            if self._recv(0) == 0:
                 return None
-        deadline = time.monotonic() + self._message_timeout_s
+        # The message has begun: it must be complete by its deadline.
+        self._deadline = time.monotonic() + self._message_timeout_s
         if self._framed:
-            return self._read_framed(deadline)
-        scanner = MessageScanner(self._limits)
+            return self._read_framed()
+        scanner = self._scanner
+        scanner.reset()
         while True:
             length = scanner.scan(self._buf, self._end)
             if length is not None:
-                break
-            self._fill(scanner.need, deadline)
-        return self._take(0, length, scanner)
+                return self._take(0, length, scanner)
+            self._fill(scanner.need)
 
-    def _read_framed(self, deadline: float) -> Message:
-        self._fill(4, deadline)
+    def _read_framed(self) -> Message:
+        self._fill(4)
         (frame_len,) = _I32_AT(self._buf, 0)
         if frame_len <= 0 or frame_len > self._limits.max_message_bytes:
             raise WireError(f"frame length {frame_len} outside 1..{self._limits.max_message_bytes}")
-        self._fill(4 + frame_len, deadline)
-        scanner = MessageScanner(self._limits, limit=frame_len)
+        self._fill(4 + frame_len)
+        scanner = self._scanner
+        scanner.reset(frame_len)
         frame = self._view[4 : 4 + frame_len]
         try:
             length = scanner.scan(frame, frame_len)
@@ -432,16 +475,19 @@ class MessageReader:
         return self._take(4, frame_len, scanner)
 
     def _take(self, offset: int, length: int, scanner: MessageScanner) -> Message:
-        payload = bytes(self._view[offset : offset + length])
-        self._start = offset + length
-        assert scanner.method is not None and scanner.seqid is not None
-        return Message(payload, scanner.method, scanner.seqid)
+        end = offset + length
+        payload = self._view[offset:end]  # no copy: valid until the next read
+        if end == self._end:
+            self._end = 0  # everything received is consumed
+        else:
+            self._start = end
+        method, seqid = scanner.method, scanner.seqid
+        assert method is not None and seqid is not None
+        return Message(payload, method, seqid)
 
     def _compact(self) -> None:
-        """Move the bytes of the next message (if any) to the buffer's start."""
+        """Move the bytes of the next message to the buffer's start."""
         start, end = self._start, self._end
-        if start == 0:
-            return
         left = end - start
         if left:
             self._buf[0:left] = self._buf[start:end]
@@ -456,13 +502,14 @@ class MessageReader:
         self._buf = new
         self._view = memoryview(new)
 
-    def _fill(self, need: int, deadline: float) -> None:
+    def _fill(self, need: int) -> None:
         """Receive until ``need`` bytes of the message are buffered."""
         while self._end < need:
-            remaining = deadline - time.monotonic()
+            remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 raise MessageTimeout("message not complete before its read deadline")
             self._sock.settimeout(remaining)
+            self._timeout = remaining
             try:
                 received = self._recv(need)
             except TimeoutError:
@@ -472,13 +519,17 @@ class MessageReader:
 
     def _recv(self, need: int) -> int:
         """One ``recv_into`` after the buffered bytes; grows the buffer up to ``need``."""
-        if need > len(self._buf) or self._end == len(self._buf):
+        end = self._end
+        if need > len(self._buf) or end == len(self._buf):
             capacity = max(need, min(2 * len(self._buf), self._limits.max_message_bytes + 4))
-            self._resize(max(capacity, self._end + 1))
-        view = self._view[self._end :]
-        try:
-            received = self._sock.recv_into(view)
-        finally:
-            view.release()
-        self._end += received
+            self._resize(max(capacity, end + 1))
+        if end == 0:
+            received: int = self._sock.recv_into(self._view)
+        else:
+            view = self._view[end:]
+            try:
+                received = self._sock.recv_into(view)
+            finally:
+                view.release()
+        self._end = end + received
         return received

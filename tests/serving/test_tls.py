@@ -220,3 +220,35 @@ def test_parse_hostport(text: str, expected: tuple[str, int]) -> None:
 def test_parse_hostport_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_hostport(text)
+
+
+def test_slow_drip_tls_handshake_is_cut_at_the_handshake_timeout(
+    wire: Any, make_server: Any, pki: dict[str, str]
+) -> None:
+    server = make_server(
+        tls=TLSServerConfig(pki["server_cert"], pki["server_key"]), handshake_timeout_s=0.5
+    )
+    # A real ClientHello, sent one byte every 50 ms.
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    hello_maker = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="x")
+    with pytest.raises(ssl.SSLWantReadError):
+        hello_maker.do_handshake()
+    hello = outgoing.read()
+    sock = wire.raw_connect(server)
+    started = time.monotonic()
+    try:
+        for byte in hello:
+            sock.sendall(bytes([byte]))
+            sock.settimeout(0.05)
+            try:
+                if sock.recv(100) == b"":
+                    break
+            except TimeoutError:
+                pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    elapsed = time.monotonic() - started
+    print(f"\nslow-drip ClientHello cut after {elapsed:.2f} s")
+    assert 0.4 <= elapsed < 3.0
