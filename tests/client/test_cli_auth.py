@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -204,14 +205,38 @@ def test_tls_failure_exits_7_and_a_good_ca_logs_in(
         ["get", "0"],
         ["list", "--limit", "-1"],
         ["create", "--title", "t"],
+        ["update", "1"],
         ["frobnicate"],
+        [],
         ["--tls-cert", "x.pem", "whoami"],
+        ["--tls-ca", "/no/such/ca.pem", "whoami"],
     ],
 )
-def test_usage_errors_exit_2(cli: Any, args: list[str]) -> None:
-    result = cli.run(*args)
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
+def test_usage_errors_exit_2(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process (main() is the console script's entry point): no server needed.
+    from client.cli import main
+
+    code = main(args, env={"POSTS_CLIENT_CONFIG_DIR": str(tmp_path)})
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "usage: posts-client" in err and "Traceback" not in err
+
+
+def test_environment_sets_the_addresses(tmp_path: Path, unused_port: int) -> None:
+    from client.cli import main
+
+    env = {
+        "POSTS_CLIENT_CONFIG_DIR": str(tmp_path),
+        "POSTS_CLIENT_AUTH": f"127.0.0.1:{unused_port}",
+    }
+    stdin = io.StringIO("password\n")
+    stderr = io.StringIO()
+    code = main(["login", "alice", "--password-stdin"], env=env, stdin=stdin, stderr=stderr)
+    assert code == EXIT_UNAVAILABLE
+    assert f"cannot connect to 127.0.0.1:{unused_port}" in stderr.getvalue()
+    assert main(["whoami"], env={**env, "POSTS_CLIENT_AUTH": "bad"}) == 2
 
 
 def test_a_group_readable_token_file_is_refused(cli: Any, auth_server: Any, user: Any) -> None:
