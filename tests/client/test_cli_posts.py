@@ -170,3 +170,8 @@ def test_posts_refusing_every_token_exits_3_after_one_retry(
     )
     assert strict.calls.count("list_posts") == 2
     assert auth_calls.count("refresh") == 1
+
+
+def test_posts_unable_to_check_tokens_exits_7(logged_in: Any, auth_server: Any) -> None:
+    auth_server.stop()
+    _fails(logged_in.run("list"), EXIT_UNAVAILABLE, "unavailable:")

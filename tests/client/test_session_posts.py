@@ -246,3 +246,15 @@ def test_framed_transport_end_to_end(
         created = posts.create_post(title="framed", body="")
         assert posts.get_post(created.id).title == "framed"
         assert session.validate().subject == "frank"
+
+
+def test_unavailable_comes_through_unchanged(
+    login: Any, auth_server: Any, posts_srv: Any
+) -> None:
+    session = login()
+    with session.posts(f"127.0.0.1:{posts_srv.port}") as posts:
+        posts.list_posts()
+        auth_server.stop()  # the Posts server can no longer ask about tokens
+        with pytest.raises(common_thrift.Unavailable):
+            posts.list_posts()
+        assert posts_srv.calls.count("list_posts") == 2  # refused, not retried
