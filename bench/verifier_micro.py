@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import statistics
 import subprocess
@@ -68,7 +69,7 @@ def _local_cases() -> Iterator[tuple[str, Callable[[float], TokenVerifier], str]
         lambda ttl: LocalVerifier(issuer=ISS, audience=AUD, hs256_secret=secret, cache_ttl_s=ttl),
         jwt.encode(claims, secret, algorithm="HS256", headers=headers),
     )
-    keys = {
+    keys: dict[str, Any] = {
         "EdDSA": ed25519.Ed25519PrivateKey.generate(),
         "RS256": rsa.generate_private_key(public_exponent=65537, key_size=2048),
         "ES256": ec.generate_private_key(ec.SECP256R1()),
@@ -77,11 +78,13 @@ def _local_cases() -> Iterator[tuple[str, Callable[[float], TokenVerifier], str]
         pem = _pem(key)
         yield (
             f"local {alg}",
-            lambda ttl, pem=pem: LocalVerifier(  # type: ignore[misc]
-                issuer=ISS, audience=AUD, public_key_pem=pem, cache_ttl_s=ttl
-            ),
+            functools.partial(_local_pem, pem),
             jwt.encode(claims, key, algorithm=alg, headers=headers),
         )
+
+
+def _local_pem(pem: bytes, ttl: float) -> TokenVerifier:
+    return LocalVerifier(issuer=ISS, audience=AUD, public_key_pem=pem, cache_ttl_s=ttl)
 
 
 class AuthProcess:
