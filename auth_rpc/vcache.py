@@ -31,7 +31,13 @@ from collections.abc import Callable
 from auth_rpc.errors import TokenRejected
 from auth_rpc.principal import Principal
 
-__all__ = ["DEFAULT_CACHE_SIZE", "DEFAULT_CACHE_TTL_S", "VerifiedCache"]
+__all__ = [
+    "DEFAULT_CACHE_SIZE",
+    "DEFAULT_CACHE_TTL_S",
+    "CachingVerifier",
+    "VerifiedCache",
+    "token_key",
+]
 
 DEFAULT_CACHE_SIZE = 10_000
 DEFAULT_CACHE_TTL_S = 30.0
