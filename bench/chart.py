@@ -30,7 +30,7 @@ def draw(data: dict[str, Any], path: Path) -> bool:
         ys, values, lo, hi = [], [], [], []
         for i, by_n in enumerate(table.values()):
             row = by_n.get(str(n))
-            if row is None:
+            if row is None or "calls_per_s" not in row:  # failed
                 continue
             ys.append(i + (k - (len(counts) - 1) / 2) * height)
             values.append(row["calls_per_s"])

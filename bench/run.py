@@ -404,6 +404,7 @@ class Run:
     samples: dict[str, dict[str, dict[int, list[Measurement]]]] = field(default_factory=dict)
     ratios: dict[str, dict[str, dict[int, dict[str, list[float]]]]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    failed: dict[str, dict[str, dict[int, str]]] = field(default_factory=dict)
     rss_100k: dict[str, Any] = field(default_factory=dict)
 
     def add(self, kind: str, config: str, clients: int, m: Measurement) -> None:
@@ -477,6 +478,7 @@ def _round(
                     )
                 except Exception as exc:
                     run.failures.append(f"{label} at {n} clients: {exc}")
+                    run.failed.setdefault(kind, {}).setdefault(config.id, {})[n] = str(exc)
                     print(f"bench: {label} at {n} clients failed: {exc}", file=sys.stderr)
                     continue
                 run.add(kind, config.id, n, m)
@@ -544,10 +546,19 @@ def table(run: Run, kind: str, configs: Sequence[Config]) -> tuple[str, dict[str
     lines = [header, "-" * len(header)]
     data: dict[str, Any] = {}
     by_id = {c.id: c for c in configs}
-    for config_id, by_n in run.samples.get(kind, {}).items():
+    samples = run.samples.get(kind, {})
+    failed = run.failed.get(kind, {})
+    order = [c.id for c in configs if c.id in samples or c.id in failed]
+    for config_id in order:
+        by_n = samples.get(config_id, {})
         config = by_id.get(config_id)
         label = config.label if config else config_id
-        for n in sorted(by_n):
+        for n in sorted({*by_n, *failed.get(config_id, {})}):
+            if n not in by_n:
+                reason = failed[config_id][n]
+                lines.append(f"{label:<42} {n:>2} FAILED in every round: {reason[:120]}")
+                data.setdefault(config_id, {})[str(n)] = {"label": label, "failed": reason}
+                continue
             s: Summary = summarize(by_n[n])
             ratios = run.ratios.get(kind, {}).get(config_id, {}).get(n, {})
             flags = ""
