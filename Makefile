@@ -32,9 +32,12 @@ test: $(STAMP) tools
 	$(BIN)/mypy examples/demo.py
 	$(BIN)/python -m pytest -q
 
+# The benchmark (about 4 minutes; loopback only). Options through BENCH_ARGS,
+# e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--only limit hs256".
+BENCH_ARGS ?=
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[bench]'
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
