@@ -194,7 +194,7 @@ class CachingVerifier:
                     if recheck is not None:
                         recheck(entry[0])
                     return entry[0]
-                cache.discard(key)
+                cache.get(key, now)  # drops the stale entry (under the lock)
             principal = self._verify_uncached(token, now)
             if recheck is not None:
                 recheck(principal)
