@@ -541,7 +541,8 @@ def table(run: Run, kind: str, configs: Sequence[Config]) -> tuple[str, dict[str
     """The table of one round kind, and the same figures as data."""
     header = (
         f"{'configuration':<42} {'cl':>2} {'calls/s':>8} {'spread':>7} {'p50 us':>8} "
-        f"{'p99 us':>8} {'CPU us/call':>11} {'RSS MB':>7} {'x limit':>7} {'x off':>6}"
+        f"{'p99 us':>8} {'CPU us/call':>11} {'srv busy':>8} {'RSS MB':>7} {'x limit':>7} "
+        f"{'x off':>6}"
     )
     lines = [header, "-" * len(header)]
     data: dict[str, Any] = {}
@@ -568,7 +569,8 @@ def table(run: Run, kind: str, configs: Sequence[Config]) -> tuple[str, dict[str
                 flags += " (token pool wrapped: some hits)"
             lines.append(
                 f"{label:<42} {n:>2} {s.calls_per_s:>8,.0f} {s.spread:>6.0%} {s.p50_us:>8,.0f} "
-                f"{s.p99_us:>8,.0f} {s.server_cpu_us_per_call:>11,.1f} {s.peak_rss_mb:>7.1f} "
+                f"{s.p99_us:>8,.0f} {s.server_cpu_us_per_call:>11,.1f} "
+                f"{s.server_cpu_share:>8.0%} {s.peak_rss_mb:>7.1f} "
                 f"{_fmt_ratio(ratios.get('x_limit')):>7} {_fmt_ratio(ratios.get('x_off')):>6}"
                 f"{flags}"
             )
@@ -787,10 +789,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         _make_keys(env)
         with ClientPool(max(args.clients), cpus=client_cpus) as pool:
             round_s: float | None = None
+            # Time kept for what follows the pinned rounds (RSS step, unpinned round).
+            unpinned_n = sum(1 for c in main_configs if c.unpinned)
+            reserve = (0.0 if args.no_rss else 10.0) + (
+                0.0 if args.no_unpinned else unpinned_n * (args.warmup + args.window + 0.2) + 5.0
+            )
             for round_no in range(1, args.rounds + 1):
                 t = time.monotonic()
-                if round_s and t - started + round_s > args.budget:
-                    run.failures.append(f"pinned round {round_no} skipped: time budget")
+                if round_s and t - started + round_s + reserve > args.budget:
+                    run.failures.append(
+                        f"pinned round {round_no} skipped: it would end after the "
+                        f"{args.budget:g} s budget"
+                    )
                     break
                 _round("pinned", main_configs, env, pool, run, args.clients, round_no)
                 round_s = time.monotonic() - t

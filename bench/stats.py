@@ -93,6 +93,8 @@ class Summary:
     p99_us: float
     server_cpu_us_per_call: float
     peak_rss_mb: float
+    server_cpu_share: float
+    client_cpu_share: float
     other_cpu_share: float
     errors: int
     pool_wrapped: bool
@@ -122,6 +124,8 @@ def summarize(samples: Sequence[Measurement]) -> Summary:
         p99_us=statistics.median(m.p99_us for m in samples),
         server_cpu_us_per_call=statistics.median(m.server_cpu_us_per_call for m in samples),
         peak_rss_mb=max(m.peak_rss_mb for m in samples),
+        server_cpu_share=statistics.median(m.server_cpu_share for m in samples),
+        client_cpu_share=statistics.median(m.client_cpu_share for m in samples),
         other_cpu_share=statistics.median(m.other_cpu_share for m in samples),
         errors=sum(m.errors for m in samples),
         pool_wrapped=any(m.pool_wrapped for m in samples),
