@@ -670,7 +670,9 @@ class Session:
                 pair = client.refresh(tokens.refresh_token)
         new = Tokens.from_pair(pair, now=self._clock())
         if not new.refresh_token and tokens.refresh_token and self._credentials is None:
-            raise ProtocolError("the Auth service returned no refresh token on refresh")
+            # The old refresh token is spent either way; keep the new access
+            # token, and let the next renewal fail as unauthenticated.
+            log.warning("the Auth service returned no new refresh token; cannot refresh again")
         self._tokens = new
         self._next_early_attempt = float("-inf")
         log.debug("access token renewed; expires in %.0f s", new.lifetime_s)
