@@ -17,8 +17,10 @@ Usage::
 
 Addresses: ``--auth`` (else ``$POSTS_CLIENT_AUTH``, else the address saved at
 login, else ``127.0.0.1:9090``) and ``--posts`` (else ``$POSTS_CLIENT_POSTS``,
-else saved, else ``127.0.0.1:9091``). ``login`` saves the addresses and the
-connection options, so later commands need none of them. The saved tokens are
+else saved, else ``127.0.0.1:9091``). ``login`` takes only what it is given
+(options, environment, defaults) and saves the addresses and the connection
+options (``--framed``, TLS files), so later commands need none of them.
+Global options go before the command. The saved tokens are
 only ever sent to the Auth service they came from: with a different
 ``--auth``, a command says "not logged in" instead.
 
@@ -382,9 +384,10 @@ def _cmd_login(ctx: _Context) -> int:
         previous = ctx.load()
     except ConfigError:
         previous = None  # replaced below
-    auth = ctx.address("auth", previous)
-    posts = ctx.address("posts", previous)
-    options = ctx.connection_options(previous)
+    # login uses only what it is given (flags, environment, defaults) and saves it.
+    auth = ctx.address("auth", None)
+    posts = ctx.address("posts", None)
+    options = ctx.connection_options(None)
     password = _read_password(ctx, args.username)
     session = Session.login(ctx.endpoint(auth, options), args.username, password)
     del password
