@@ -32,7 +32,16 @@ class TLSClientConfig:
     key_file: str | None = None
     server_hostname: str | None = None  # defaults to the host connected to
 
+    def __post_init__(self) -> None:
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file given without cert_file")
+
     def context(self) -> ssl.SSLContext:
+        """A client context that verifies the server certificate and its hostname.
+
+        ``ca_file`` ``None`` trusts the system's CAs. Raises ``OSError`` /
+        ``ssl.SSLError`` when a file is missing or malformed.
+        """
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.ca_file)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.check_hostname = True
@@ -43,7 +52,10 @@ class TLSClientConfig:
 
 
 def parse_hostport(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``, or ``":port"``) as a pair; ``ValueError`` if malformed."""
+    """``"host:port"`` (or ``"[v6]:port"``, or ``":port"``) as a pair.
+
+    Raises ``ValueError`` when the port is missing, not a number or out of range.
+    """
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit():
         raise ValueError(f"expected HOST:PORT, got {value!r}")

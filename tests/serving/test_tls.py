@@ -252,3 +252,8 @@ def test_slow_drip_tls_handshake_is_cut_at_the_handshake_timeout(
     elapsed = time.monotonic() - started
     print(f"\nslow-drip ClientHello cut after {elapsed:.2f} s")
     assert 0.4 <= elapsed < 3.0
+
+
+def test_client_key_without_certificate_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError):
+        TLSClientConfig(key_file="client.key")
