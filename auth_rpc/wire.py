@@ -438,9 +438,12 @@ class MessageReader:
         if self._start:
             self._compact()
         if self._end == 0:
-            self.set_timeout(self._idle_timeout_s)
-            if self._recv(0) == 0:
+            if self._timeout != self._idle_timeout_s:
+                self.set_timeout(self._idle_timeout_s)
+            received: int = self._sock.recv_into(self._view)
+            if received == 0:
                 return None
+            self._end = received
         # The message has begun: it must be complete by its deadline.
         self._deadline = time.monotonic() + self._message_timeout_s
         if self._framed:
