@@ -37,6 +37,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -331,3 +332,46 @@ def make_posts_server(
 def posts_server(make_posts_server: Callable[..., Any]) -> Any:
     """A started Posts service verifying ``auth_server``'s tokens in ``jwks`` mode."""
     return make_posts_server("jwks")
+
+
+@pytest.fixture
+def make_session(auth_server: AuthServer) -> Iterator[Callable[..., Any]]:
+    """``make_session(username="alice", scopes=..., password=None)``: a logged-in Session.
+
+    The user is created in ``auth_server`` first (with a random password when
+    none is given). Sessions are logged out at teardown.
+    """
+    import secrets
+
+    from client import Session
+
+    sessions: list[Any] = []
+
+    def make(
+        username: str = "alice",
+        scopes: Iterable[str] | str = DEFAULT_SCOPES,
+        *,
+        password: str | None = None,
+        **options: Any,
+    ) -> Any:
+        password = password or secrets.token_urlsafe(16)
+        scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
+        auth_server.service.add_user(username, password, scope_list)
+        session = Session.login(f"127.0.0.1:{auth_server.port}", username, password, **options)
+        sessions.append(session)
+        return session
+
+    yield make
+    for session in sessions:
+        with contextlib.suppress(Exception):  # the test may have logged out or stopped Auth
+            session.logout()
+        session.close()
+
+
+@pytest.fixture
+def posts_session(make_session: Callable[..., Any], posts_server: Any) -> Any:
+    """A Posts client of ``posts_server`` logged in as ``alice`` (read and write).
+
+    Call the Posts methods without the token: ``posts_session.list_posts(limit=10)``.
+    """
+    return make_session("alice").posts(f"127.0.0.1:{posts_server.port}")

@@ -1,0 +1,46 @@
+"""The pytest plugin, used as a user of the package would: only its fixtures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from auth_rpc.idl import common_thrift, posts_thrift
+from auth_rpc.testing import TokenFactory
+
+
+def test_posts_session_calls_without_passing_the_token(posts_session: Any) -> None:
+    created = posts_session.create_post(title="From the plugin", body="hello")
+    assert posts_session.list_posts(limit=5).posts[0].id == created.id
+
+
+def test_token_factory_tokens_pass_the_posts_server(
+    token_factory: TokenFactory, posts_server: Any
+) -> None:
+    from client import connect_posts
+
+    with connect_posts("127.0.0.1", posts_server.port) as posts:
+        assert posts.list_posts(token_factory.mint("zoe", ["posts:read"]), 1, 0).posts == []
+        with pytest.raises(common_thrift.PermissionDenied):
+            posts.create_post(token_factory.mint("zoe", ["posts:read"]), "t", "b")
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(token_factory.expired(), 1, 0)
+        with pytest.raises(common_thrift.Unauthenticated):
+            posts.list_posts(token_factory.mint(key=TokenFactory.new_key("ES256")), 1, 0)
+
+
+def test_serve_thrift_serves_your_own_service(serve_thrift: Any) -> None:
+    """Users test their own Thrift services with the same hardened server."""
+    from auth_rpc.transport import open_client
+
+    class Echo:
+        def list_posts(self, token: str, limit: int, before_id: int) -> Any:
+            return posts_thrift.PostPage(posts=[], next_before_id=limit)
+
+    server = serve_thrift(posts_thrift.Posts, Echo())
+    client = open_client(posts_thrift.Posts, "127.0.0.1", server.port)
+    try:
+        assert client.list_posts("t", 7, 0).next_before_id == 7
+    finally:
+        client.close()
