@@ -100,9 +100,13 @@ class ServerSettings:
     ``max_container_items``, ``max_nesting_depth``) bound what one incoming
     call may declare; see :mod:`auth_rpc.wire`. ``idle_timeout_s`` bounds the
     wait for the next call, ``message_read_timeout_s`` the time one call may
-    take to arrive once it has begun, ``write_timeout_s`` the time a reply may
-    take to be sent. ``thread_stack_bytes`` sets the stack size of connection
-    threads (``None``: the interpreter's default).
+    take to arrive once it has begun. A reply is sent under the idle timeout:
+    a client that stops reading holds its connection no longer than an idle
+    one (and switching timeouts per call would cost two system calls).
+    ``thread_stack_bytes`` sets the stack size of connection threads
+    (``None``: the interpreter's default; measured with 1,000 idle
+    connections, 256 KiB cuts virtual memory from 8.9 GiB to 1.2 GiB but not
+    resident memory, ~44 KiB per connection either way).
     """
 
     max_connections: int = 2048
@@ -117,7 +121,6 @@ class ServerSettings:
     max_container_items: int = 10_000
     max_nesting_depth: int = 64
     message_read_timeout_s: float = 10.0
-    write_timeout_s: float = 10.0
     thread_stack_bytes: int | None = None
 
     def __post_init__(self) -> None:
@@ -126,7 +129,6 @@ class ServerSettings:
             "idle_timeout_s",
             "handshake_timeout_s",
             "message_read_timeout_s",
-            "write_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
@@ -511,14 +513,13 @@ class RpcServer:
         iprot = self._decoder(mem)
         processor = self._processor
         peer = conn.peer if isinstance(conn.peer, tuple) else None
-        write_timeout = settings.write_timeout_s
         try:
             while not self._closing.is_set():
                 try:
                     message = reader.read_message()
                 except WireError as exc:
                     if exc.method is not None and exc.seqid is not None:
-                        reader.set_timeout(write_timeout)
+                        reader.set_timeout(_REFUSAL_WRITE_TIMEOUT_S)
                         _answer_refusal(processor, oprot, exc.method, exc.seqid, exc.reason)
                     raise
                 if message is None:
@@ -528,7 +529,6 @@ class RpcServer:
                         return  # stop() began while this call was arriving
                     conn.busy = True
                 try:
-                    reader.set_timeout(write_timeout)
                     self._handle(message, mem, iprot, oprot, peer, peer_cert, host=_host(conn))
                 finally:
                     with conn.lock:
@@ -579,6 +579,7 @@ class RpcServer:
 
 
 _REUSE_DECODE_BUFFER = 128 * 1024
+_REFUSAL_WRITE_TIMEOUT_S = 1.0
 _STACK_SIZE_LOCK = threading.Lock()
 
 

@@ -381,6 +381,7 @@ class Message:
 
 
 _INITIAL_BUFFER = 16 * 1024
+_TIMEOUT_SLACK_S = 0.25
 _KEEP_BUFFER = 256 * 1024
 
 
@@ -511,8 +512,11 @@ class MessageReader:
             remaining = self._deadline - time.monotonic()
             if remaining <= 0:
                 raise MessageTimeout("message not complete before its read deadline")
-            self._sock.settimeout(remaining)
-            self._timeout = remaining
+            if self._timeout is None or self._timeout > remaining + _TIMEOUT_SLACK_S:
+                # Each recv may wait only until the message's deadline (with a
+                # little slack, to spare a system call per recv).
+                self._sock.settimeout(remaining)
+                self._timeout = remaining
             try:
                 received = self._recv(need)
             except TimeoutError:
