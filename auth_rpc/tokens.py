@@ -204,7 +204,7 @@ class AccessTokenChecker:
             raise TokenRejected("missing claim") from exc
         except jwt.InvalidSignatureError as exc:
             raise TokenRejected("bad signature") from exc
-        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:
             raise TokenRejected("invalid token") from exc
         self._check_claims(claims, check_time=check_time)
         if check_revoked and self._is_revoked is not None and self._is_revoked(claims["jti"]):
@@ -255,7 +255,8 @@ def _unverified_header(token: str) -> dict[str, Any]:
         raise TokenRejected("malformed token")
     try:
         header = json.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except (ValueError, binascii.Error) as exc:  # JSONDecodeError and UnicodeDecodeError too
+    # ValueError covers JSONDecodeError and UnicodeDecodeError; RecursionError: deep nesting.
+    except (ValueError, binascii.Error, RecursionError) as exc:
         raise TokenRejected("malformed token") from exc
     if not isinstance(header, dict):
         raise TokenRejected("malformed token")
