@@ -327,3 +327,13 @@ def test_checker_alone_with_a_test_key(clock: Any) -> None:
     principal = checker.check(mint(key, clock()))
     assert principal.subject == "alice" and principal.audience == (AUDIENCE,)
     assert principal.scopes == frozenset({"posts:read"}) and principal.issuer == ISSUER
+
+
+@pytest.mark.parametrize("depth", [2000, 4000])
+def test_deeply_nested_header_is_rejected_not_a_crash(service: AuthService, depth: int) -> None:
+    token = f"{b64(b'[' * depth)}.{b64json({'a': 1})}.c2ln"
+    assert len(token) <= MAX_TOKEN_BYTES
+    with pytest.raises(TokenRejected):
+        service.validate(token)
+    assert service.introspect(token) == {"active": False}
+    service.revoke(token)  # a no-op
