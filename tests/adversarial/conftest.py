@@ -1,0 +1,63 @@
+"""Fixtures of the adversarial suites: an attacker's web server that counts its visitors."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+
+@dataclass
+class AttackerSite:
+    """An HTTP server an attacker controls; it counts every request that reaches it."""
+
+    url: str
+    key: Any  # the attacker's SigningKey (private), for signing forged tokens
+    jwks: dict[str, Any]
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def attacker_site() -> Iterator[AttackerSite]:
+    """A counting web server on 127.0.0.1 (port 0) serving an attacker's JWK Set and PEM."""
+    from auth_rpc.keys import SigningKey
+
+    key = SigningKey.generate("EdDSA", kid="attacker-key")
+    jwks = {"keys": [key.public_jwk()]}
+    body = json.dumps(jwks).encode()
+    pem = key.public_pem()
+    seen: list[str] = []
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with lock:
+                seen.append(self.path)
+            data = pem if self.path.endswith(".pem") else body
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_POST = do_GET
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, name="attacker-site", daemon=True)
+    thread.start()
+    site = AttackerSite(url=f"http://127.0.0.1:{httpd.server_address[1]}", key=key, jwks=jwks,
+                        requests=seen)
+    try:
+        yield site
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
