@@ -333,8 +333,15 @@ class ClientPool:
         self._ask(range(self.size), [{"op": "affinity", "cpus": cpus}] * self.size, 10.0)
 
     def prepare(self, n: int, target: Target, tokens: TokenSpec, timeout_s: float = 120.0) -> None:
-        """Connect clients ``0..n-1`` and get their tokens ready; raises ``RuntimeError``."""
-        self._ask(range(n), [{"op": "prepare", "target": target, "tokens": tokens}] * n, timeout_s)
+        """Connect clients ``0..n-1`` and get their tokens ready; raises ``RuntimeError``.
+
+        One client after the other: each makes its checked call alone, so a
+        warm token is cached by the first, and the set-up never sends the
+        server a burst of concurrent first calls (the window does that).
+        """
+        message = {"op": "prepare", "target": target, "tokens": tokens}
+        for i in range(n):
+            self._ask(range(i, i + 1), [message], timeout_s)
 
     def go(self, n: int, t0: float, t_measure: float, t_end: float) -> None:
         """Start clients ``0..n-1`` (prepared): they call from ``t0`` until ``t_end``."""

@@ -83,7 +83,8 @@ def _b64(data: bytes) -> str:
 
 
 def _fill_cache(verifier: TokenVerifier, secret: bytes, args: argparse.Namespace) -> float:
-    """Verify ``args.fill_cache`` distinct HS256 tokens; returns the seconds it took.
+    """Verify ``args.fill_cache`` distinct HS256 tokens (or as many as fit before
+    ``args.fill_deadline``); returns the seconds it took.
 
     Tokens are made one at a time (a minimal HS256 JWS, the same claims as
     ``bench.data.mint``) and dropped after verification: what stays in memory
@@ -92,7 +93,10 @@ def _fill_cache(verifier: TokenVerifier, secret: bytes, args: argparse.Namespace
     header = _b64(json.dumps({"alg": "HS256", "typ": "at+jwt", "kid": "bench-hs"}).encode())
     now = int(time.time())
     started = time.monotonic()
+    deadline = started + args.fill_deadline if args.fill_deadline else float("inf")
     for n in range(args.fill_cache):
+        if n % 1000 == 0 and time.monotonic() > deadline:
+            break
         claims = {
             "iss": args.issuer, "sub": AUTHOR, "aud": args.audience, "exp": now + 3600,
             "iat": now, "nbf": now, "jti": f"fill-{n:08d}-{now}", "scope": SCOPE,
@@ -123,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth-addr")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--fill-cache", type=int, default=0, metavar="N")
+    parser.add_argument("--fill-deadline", type=float, default=0.0, metavar="SECONDS",
+                        help="stop filling after this long (0: no limit); cached= says how far")
     parser.add_argument("--profile", type=Path, metavar="FILE",
                         help="cProfile every connection thread; write merged stats at exit")
     return parser

@@ -86,6 +86,7 @@ class Env:
     auth: AuthInfo | None = None
     peer_auth_url: str = ""
     helpers: list[ServerProcess] = field(default_factory=list)
+    fixed_tokens: dict[str, TokenSpec] = field(default_factory=dict)  # warm: one per config
     posts_workers: bool = False  # whether the Posts server takes --workers
 
 
@@ -235,7 +236,9 @@ def _peer_argv(env: Env) -> list[str]:
     return [PY, "-m", "bench.gateway", "gateway", "--auth-url", env.peer_auth_url]
 
 
-HS_CAP, ED_CAP, REMOTE_CAP = 14_000, 9_000, 5_000
+# Most calls/s expected cold at 8 clients (sizes the token pools): above what one
+# CPU can do for each (an HS256 check ~36 us, EdDSA ~142 us, a remote round trip).
+HS_CAP, ED_CAP, THRIFT_CAP, INTROSPECT_CAP = 14_000, 8_000, 4_000, 2_000
 
 CONFIGS: list[Config] = [
     Config("limit", "limit: bare thriftpy2", "thrift", "limit",
@@ -253,19 +256,19 @@ CONFIGS: list[Config] = [
            _tokens_eddsa(False, ED_CAP), warm=False, needs="posts", rate_cap=ED_CAP,
            unpinned=False),
     Config("jwks-warm", "Posts jwks warm", "thrift", "remote", _remote("jwks"),
-           _tokens_auth(True, 0), warm=True, needs="auth"),
+           _tokens_auth(True, 0), warm=True, needs="auth", unpinned=False),
     Config("jwks-cold", "Posts jwks cold", "thrift", "remote", _remote("jwks"),
            _tokens_auth(False, ED_CAP), warm=False, needs="auth", rate_cap=ED_CAP,
            unpinned=False),
     Config("introspect-warm", "Posts introspect warm", "thrift", "remote", _remote("introspect"),
-           _tokens_auth(True, 0), warm=True, needs="auth"),
+           _tokens_auth(True, 0), warm=True, needs="auth", unpinned=False),
     Config("introspect-cold", "Posts introspect cold", "thrift", "remote",
-           _remote("introspect"), _tokens_auth(False, REMOTE_CAP), warm=False, needs="auth",
-           rate_cap=REMOTE_CAP, unpinned=False),
+           _remote("introspect"), _tokens_auth(False, INTROSPECT_CAP), warm=False, needs="auth",
+           rate_cap=INTROSPECT_CAP, unpinned=False),
     Config("thrift-warm", "Posts thrift warm", "thrift", "remote", _remote("thrift"),
-           _tokens_auth(True, 0), warm=True, needs="auth"),
+           _tokens_auth(True, 0), warm=True, needs="auth", unpinned=False),
     Config("thrift-cold", "Posts thrift cold", "thrift", "remote", _remote("thrift"),
-           _tokens_auth(False, REMOTE_CAP), warm=False, needs="auth", rate_cap=REMOTE_CAP,
+           _tokens_auth(False, THRIFT_CAP), warm=False, needs="auth", rate_cap=THRIFT_CAP,
            unpinned=False),
     Config("peer", "peer: Flask gateway + /validate", "http", "peer", _peer_argv, _tokens_peer,
            needs="flask"),
@@ -283,6 +286,14 @@ WORKER_CONFIGS: list[Config] = [
 
 
 # -- helper services ---------------------------------------------------------------
+
+_T0 = time.monotonic()
+
+
+def _say(message: str) -> None:
+    """A progress line on standard error, with the seconds since the start."""
+    print(f"bench [{time.monotonic() - _T0:5.1f}s] {message}", file=sys.stderr, flush=True)
+
 
 
 def _ready_fields(line: str) -> dict[str, str]:
@@ -411,6 +422,15 @@ class Run:
         self.samples.setdefault(kind, {}).setdefault(config, {}).setdefault(clients, []).append(m)
 
 
+def _tokens_for(env: Env, config: Config, n: int, tag: str) -> TokenSpec:
+    """The clients' tokens: one token per configuration for the whole run, or a pool."""
+    if config.rate_cap:
+        return config.tokens(env, n, tag)
+    if config.id not in env.fixed_tokens:
+        env.fixed_tokens[config.id] = config.tokens(env, n, tag)
+    return env.fixed_tokens[config.id]
+
+
 def _launch_round(
     kind: str, configs: Sequence[Config], env: Env, run: Run, round_no: int
 ) -> dict[str, ServerProcess]:
@@ -435,14 +455,14 @@ def _launch_round(
             ).launch()
         except Exception as exc:
             run.failures.append(f"{label}: could not start: {exc}")
-            print(f"bench: {label}: could not start: {exc}", file=sys.stderr)
+            _say(f"{label}: could not start: {exc}")
     ready: dict[str, ServerProcess] = {}
     for config_id, server in launched.items():
         try:
             ready[config_id] = server.wait_ready()
         except Exception as exc:
             run.failures.append(f"{kind} round {round_no}: {config_id}: could not start: {exc}")
-            print(f"bench: {config_id}: could not start: {exc}", file=sys.stderr)
+            _say(f"{config_id}: could not start: {exc}")
     return ready
 
 
@@ -460,7 +480,7 @@ def _round(
             if server is None:
                 continue
             label = f"{kind} round {round_no}: {config.id}"
-            print(f"bench: {label}", file=sys.stderr, flush=True)
+            _say(label)
             port = int(_ready_fields(server.ready_line)["port"])
             target = (
                 Target("http", url=f"http://127.0.0.1:{port}/posts")
@@ -472,21 +492,20 @@ def _round(
                 tag = f"{config.id}-{kind}-c{n}"
                 try:
                     m = measure_phase(
-                        pool, server, target, config.tokens(env, n, tag), n,
+                        pool, server, target, _tokens_for(env, config, n, tag), n,
                         warmup_s=env.warmup_s, window_s=env.window_s,
                         helper_pids=[h.pid for h in env.helpers],
                     )
                 except Exception as exc:
                     run.failures.append(f"{label} at {n} clients: {exc}")
                     run.failed.setdefault(kind, {}).setdefault(config.id, {})[n] = str(exc)
-                    print(f"bench: {label} at {n} clients failed: {exc}", file=sys.stderr)
+                    _say(f"{label} at {n} clients failed: {exc}")
                     continue
                 run.add(kind, config.id, n, m)
                 this.setdefault(config.id, {})[n] = m
-                print(
-                    f"bench:   {n} clients: {m.calls_per_s:,.0f} calls/s, "
-                    f"p99 {m.p99_us:,.0f} us, {m.server_cpu_us_per_call:.0f} us CPU/call",
-                    file=sys.stderr, flush=True,
+                _say(
+                    f"  {n} clients: {m.calls_per_s:,.0f} calls/s, "
+                    f"p99 {m.p99_us:,.0f} us, {m.server_cpu_us_per_call:.0f} us CPU/call"
                 )
             # Reaped below; its shutdown (joins, mostly sleeping) overlaps the
             # next configuration's connection set-up, not a measurement window.
@@ -505,23 +524,34 @@ def _round(
                         entry.setdefault(f"p99_x_{ref}", []).append(m.p99_us / base.p99_us)
 
 
-def measure_rss_100k(env: Env, count: int) -> dict[str, Any]:
-    """RSS of a Posts server (local HS256) whose verifier cache holds ``count`` tokens."""
-    argv = [*_local_hs256(env), "--fill-cache", str(count)]
+def measure_rss_100k(env: Env, count: int, deadline_s: float) -> dict[str, Any]:
+    """RSS of a Posts server (local HS256) whose verifier cache holds ``count`` tokens.
+
+    The filling stops after ``deadline_s`` (on a loaded machine); then the
+    result says how many were cached and extrapolates linearly.
+    """
+    argv = [*_local_hs256(env), "--fill-cache", str(count),
+            "--fill-deadline", f"{deadline_s:.0f}"]
     server = ServerProcess(
         "rss-100k", argv, cpus=env.server_cpus, log_path=env.logs / "rss-100k.log",
-        ready_prefix=READY, ready_timeout_s=120.0,
+        ready_prefix=READY, ready_timeout_s=deadline_s + 60.0,
     ).start()
     try:
         fields = _ready_fields(server.ready_line)
-        return {
+        cached = int(fields.get("cached", "0"))
+        baseline = float(fields.get("baseline_rss_mb", "0"))
+        rss = float(fields.get("rss_mb", "0"))
+        result: dict[str, Any] = {
             "tokens": count,
-            "cached": int(fields.get("cached", "0")),
-            "baseline_rss_mb": float(fields.get("baseline_rss_mb", "0")),
-            "rss_mb": float(fields.get("rss_mb", "0")),
+            "cached": cached,
+            "baseline_rss_mb": baseline,
+            "rss_mb": rss,
             "peak_rss_mb": peak_rss_mb(server.pid),
             "fill_s": float(fields.get("fill_s", "0")),
         }
+        if 0 < cached < count:
+            result["extrapolated_rss_mb"] = baseline + (rss - baseline) * count / cached
+        return result
     finally:
         server.stop()
 
@@ -633,7 +663,17 @@ def targets(run: Run, clients: int) -> list[TargetResult]:
             )
         )
     rss = run.rss_100k
-    if rss:
+    if rss and rss.get("cached", 0) < rss.get("tokens", 0):
+        out.append(
+            TargetResult(
+                "RSS <= 100 MB with 100,000 tokens cached",
+                f"only {rss.get('cached', 0):,} cached in {rss.get('fill_s', 0):.0f} s: "
+                f"{rss.get('rss_mb', 0):.1f} MB; extrapolated to {rss.get('tokens', 0):,}: "
+                f"{rss.get('extrapolated_rss_mb', 0):.1f} MB",
+                None,
+            )
+        )
+    elif rss:
         mb = max(rss.get("rss_mb", 0.0), rss.get("peak_rss_mb", 0.0))
         out.append(
             TargetResult(
@@ -749,7 +789,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.rounds, args.window, args.warmup = 1, 0.5, 0.2
         args.no_unpinned = args.no_rss = args.no_workers = True
-    started = time.monotonic()
+    global _T0
+    started = _T0 = time.monotonic()
     cpus = sorted(all_cpus())
     pinned = len(cpus) >= 2
     server_cpus = {cpus[0]} if pinned else None
@@ -813,12 +854,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.rss_tokens or args.no_rss or _available("posts"):
                 pass
             else:
-                print(f"bench: RSS with {args.rss_tokens:,} tokens cached ...", file=sys.stderr)
+                unpinned_s = 0.0 if args.no_unpinned else unpinned_n * (
+                    args.warmup + args.window + 0.2) + 5.0
+                deadline_s = min(90.0, max(
+                    15.0, args.budget - (time.monotonic() - started) - unpinned_s - 10.0))
+                _say(f"RSS with {args.rss_tokens:,} tokens cached (at most {deadline_s:.0f} s)")
                 try:
-                    run.rss_100k = measure_rss_100k(env, args.rss_tokens)
+                    run.rss_100k = measure_rss_100k(env, args.rss_tokens, deadline_s)
                 except Exception as exc:
                     run.failures.append(f"RSS step: {exc}")
-            if not args.no_unpinned and pinned:
+            unpinned_est = unpinned_n * (args.warmup + args.window + 0.2) + 5.0
+            if not args.no_unpinned and pinned and (
+                time.monotonic() - started + unpinned_est > args.budget
+            ):
+                run.failures.append("unpinned round skipped: it would end after the budget")
+            elif not args.no_unpinned and pinned:
                 every = set(cpus)
                 pool.set_affinity(every)
                 for helper in env.helpers:
