@@ -61,3 +61,54 @@ def attacker_site() -> Iterator[AttackerSite]:
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=5)
+
+
+class FakeClock:
+    """A clock the test moves by hand (throttle windows, token lifetimes)."""
+
+    def __init__(self) -> None:
+        import time
+
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class ClockedAuth:
+    """An Auth server whose service runs on a :class:`FakeClock`."""
+
+    server: Any
+    service: Any
+    clock: FakeClock
+
+    @property
+    def port(self) -> int:
+        port: int = self.server.port
+        return port
+
+
+@pytest.fixture
+def clocked_auth(tmp_path: Any) -> Iterator[ClockedAuth]:
+    """A started Auth server (Thrift and HTTP on free ports) with an injected clock."""
+    from auth_rpc.server import AuthServer
+    from auth_rpc.service import AuthService, AuthSettings
+    from auth_rpc.testing import AUDIENCE, ISSUER
+
+    clock = FakeClock()
+    settings = AuthSettings(data_dir=tmp_path / "auth", issuer=ISSUER, audience=AUDIENCE)
+    service = AuthService.open(settings, clock=clock)
+    try:
+        server = AuthServer(service, port=0, http_port=0).start()
+    except BaseException:
+        service.close()
+        raise
+    try:
+        yield ClockedAuth(server=server, service=service, clock=clock)
+    finally:
+        server.stop(grace_s=2.0)
+        service.close()
