@@ -6,16 +6,25 @@ loads it with 8 pinned clients for a few seconds, stops it, and prints the top
 functions by own time and by cumulative time. cProfile slows Python code
 several-fold: read the shares, not the absolute times. The raw stats are kept
 in ``bench/out/profile-<config>.pstats`` (open with ``python -m pstats``).
+
+``--py-spy PATH`` samples the server with py-spy instead (no slow-down of the
+server: the figures are those of the real run; only the thread holding the
+GIL is sampled, so waiting in ``recv`` does not show): the top functions by own samples and by
+samples anywhere in the stack; the collapsed stacks are kept in
+``bench/out/profile-<config>.pyspy.txt``.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import pstats
 import shutil
+import subprocess
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,6 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--py-spy", metavar="PATH", help="sample with this py-spy binary")
     args = parser.parse_args(argv)
     config = next((c for c in CONFIGS if c.id == args.config), None)
     if config is None or not config.argv(_dummy_env()).count("bench.posts_sut"):
@@ -52,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     client_cpus = {cpus[1]} if len(cpus) > 1 else None
     work = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    out = OUT_DIR / f"profile-{config.id}.pstats"
+    out = OUT_DIR / f"profile-{config.id}.{'pyspy.txt' if args.py_spy else 'pstats'}"
     env = Env(work=work, logs=OUT_DIR / "logs", server_cpus=server_cpus,
               client_cpus=client_cpus, window_s=args.seconds, warmup_s=0.5)
     try:
@@ -61,23 +71,40 @@ def main(argv: Sequence[str] | None = None) -> int:
             _ensure_auth(env)
         if config.family == "peer":
             _ensure_peer_auth(env)
+        extra = [] if args.py_spy else ["--profile", str(out)]
         server = ServerProcess(
-            f"profile-{config.id}", [*config.argv(env), "--profile", str(out)],
+            f"profile-{config.id}", [*config.argv(env), *extra],
             cpus=server_cpus, log_path=env.logs / f"profile-{config.id}.log", ready_prefix=READY,
         ).start()
         port = int(_ready_fields(server.ready_line)["port"])
         with ClientPool(args.clients, cpus=client_cpus) as pool:
+            spy = None
+            if args.py_spy:
+                spy = subprocess.Popen(
+                    [args.py_spy, "record", "--pid", str(server.pid), "--rate", "250",
+                     "--duration", str(int(env.warmup_s + args.seconds + 1)), "--format", "raw",
+                     "--nonblocking", "--gil", "--output", str(out)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    preexec_fn=(lambda: os.sched_setaffinity(0, client_cpus))
+                    if client_cpus else None,
+                )
             m = measure_phase(
                 pool, server, Target("thrift", port=port),
                 config.tokens(env, args.clients, f"profile-{config.id}"), args.clients,
                 warmup_s=env.warmup_s, window_s=args.seconds,
             )
+            if spy is not None:
+                spy.wait(timeout=60)
         server.stop()
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"{config.label}, {args.clients} clients under cProfile: {m.calls_per_s:,.0f} calls/s, "
+    tool = "py-spy (samples of the thread holding the GIL)" if args.py_spy else "cProfile"
+    print(f"{config.label}, {args.clients} clients under {tool}: {m.calls_per_s:,.0f} calls/s, "
           f"{m.server_cpu_us_per_call:.0f} us server CPU per call ({m.calls:,} calls)")
+    if args.py_spy:
+        _print_collapsed(out, args.top)
+        return 0
     for key, title in (("tottime", "own time"), ("cumulative", "cumulative time")):
         buf = io.StringIO()
         stats = pstats.Stats(str(out), stream=buf)
@@ -87,6 +114,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nTop {args.top} by {title}:\n{body.rstrip()}")
     print(f"\nRaw stats: {out}")
     return 0
+
+
+def _print_collapsed(path: Path, top: int) -> None:
+    """Top functions of py-spy's collapsed stacks by own and by total samples."""
+    own: Counter[str] = Counter()
+    total: Counter[str] = Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = stack.split(";")
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    for title, counter in (("own samples", own), ("samples anywhere in the stack", total)):
+        print(f"\nTop {top} by {title} (of {samples:,} samples):")
+        for frame, count in counter.most_common(top):
+            print(f"  {count / samples:6.1%}  {frame}")
+    print(f"\nCollapsed stacks: {path}")
 
 
 def _dummy_env() -> Env:
