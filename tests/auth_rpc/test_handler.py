@@ -290,3 +290,36 @@ def test_undeclared_internal_errors_become_declared_ones(
     monkeypatch.setattr(service, method, boom)
     with pytest.raises(expected):
         getattr(client, method)(*args)
+
+
+def test_revocation_survives_a_restart_over_rpc(
+    open_service: Callable[..., AuthService],
+) -> None:
+    def serve(service: AuthService) -> tuple[RpcServer, Any]:
+        rpc = RpcServer(auth_thrift.Auth, AuthHandler(service), host="127.0.0.1", port=0)
+        rpc.start()
+        return rpc, open_client(auth_thrift.Auth, "127.0.0.1", rpc.port, timeout_s=30)
+
+    first = open_service()
+    first.add_user("alice", PASSWORD, "posts:read")
+    rpc, c = serve(first)
+    try:
+        pair = c.login("alice", PASSWORD)
+        kept = c.login("alice", PASSWORD)
+        c.revoke(pair.access_token)
+        c.revoke(pair.refresh_token)
+    finally:
+        c.close()
+        rpc.stop(5)
+        first.close()
+    rpc, c = serve(open_service())
+    try:
+        with pytest.raises(common_thrift.Unauthenticated):
+            c.validate(pair.access_token)
+        with pytest.raises(common_thrift.Unauthenticated):
+            c.refresh(pair.refresh_token)
+        assert c.validate(kept.access_token).subject == "alice"
+        assert c.refresh(kept.refresh_token).refresh_token
+    finally:
+        c.close()
+        rpc.stop(5)

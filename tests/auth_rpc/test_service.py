@@ -805,3 +805,23 @@ def test_a_database_failure_during_login_is_not_a_guess(
     conn.commit()
     conn.close()
     service.login("alice", PASSWORD)  # not throttled: outages are not failures
+
+
+def test_unknown_user_costs_one_argon2_verification_like_a_wrong_password(
+    service: AuthService, alice: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str | None] = []
+    real_verify = service._hasher.verify
+
+    def spy(stored_hash: str | None, secret: str) -> bool:
+        calls.append(stored_hash)
+        return real_verify(stored_hash, secret)
+
+    monkeypatch.setattr(service._hasher, "verify", spy)
+    with pytest.raises(InvalidCredentials):
+        service.login("nobody", "wrong password")
+    with pytest.raises(InvalidCredentials):
+        service.login("alice", "wrong password")
+    assert len(calls) == 2
+    assert calls[0] is None  # verified against the dummy hash made at startup
+    assert calls[1] is not None and calls[1].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
