@@ -613,6 +613,23 @@ def table(run: Run, kind: str, configs: Sequence[Config]) -> tuple[str, dict[str
     return "\n".join(lines), data
 
 
+def check_costs(run: Run, clients: int) -> list[str]:
+    """Per Posts configuration: its server CPU per call over the check-off service's."""
+    pinned = run.samples.get("pinned", {})
+    off = pinned.get("off", {}).get(clients)
+    if not off:
+        return []
+    base = summarize(off).server_cpu_us_per_call
+    lines = [f"  {'check-off service':<28} {base:8.1f} us per call"]
+    for config in CONFIGS:
+        samples = pinned.get(config.id, {}).get(clients)
+        if config.family not in ("local", "remote") or not samples:
+            continue
+        cpu = summarize(samples).server_cpu_us_per_call
+        lines.append(f"  {config.id:<28} {cpu - base:+8.1f} us per call")
+    return lines
+
+
 @dataclass(frozen=True)
 class TargetResult:
     name: str
@@ -936,6 +953,13 @@ def _report(
         data["tables"][kind] = table_data
         parts.append(f"\n{title}\n{text}")
     max_clients = max(args.clients)
+    cost_lines = check_costs(run, max_clients)
+    if cost_lines:
+        parts.append(
+            f"\nCOST OF THE CHECK ({max_clients} clients, pinned): server CPU per call minus the "
+            "check-off service's (medians)"
+        )
+        parts.extend(cost_lines)
     target_results = targets(run, max_clients)
     parts.append(f"\nTARGETS (issue 6, {max_clients} clients, pinned rounds)")
     parts.extend(t.line() for t in target_results)
