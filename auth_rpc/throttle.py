@@ -19,8 +19,8 @@ cannot overshoot it: a fresh key allows 5 concurrent attempts, a key with 4
 failures one.
 
 State is in memory and bounded: at most ``max_keys`` names are tracked; when
-full, names whose failures aged out are dropped first, then the names whose
-last failure is oldest. The state is lost on restart (an attacker gains at
+full, the names whose last failure is oldest are dropped first (their
+streaks end first). The state is lost on restart (an attacker gains at
 most ``limit`` guesses per restart). ``clock`` is injected for tests.
 """
 
@@ -153,16 +153,11 @@ class Throttle:
                     entry.failures = 0
                 if not entry.failures and entry.in_flight == 0:
                     self._entries.pop(key, None)
-                self._evict(self._clock())
+                self._evict()
 
-    def _evict(self, now: float) -> None:
-        if len(self._entries) <= self.max_keys:
-            return
-        for key in list(self._entries):
-            entry = self._entries[key]
-            self._prune(entry, now)
-            if not entry.failures and entry.in_flight == 0:
-                del self._entries[key]
+    def _evict(self) -> None:
+        # Entries are kept in order of their last failure (move_to_end), so the
+        # front holds the streaks that ended first: O(1) per eviction.
         while len(self._entries) > self.max_keys:
             self._entries.popitem(last=False)
 
