@@ -136,7 +136,12 @@ class Database:
             # Create the file ourselves so that it (and SQLite's -wal and -shm
             # files, which copy its mode) is never readable by others.
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            try:
+                if os.fstat(fd).st_mode & 0o077:
+                    log.warning("restricting the database file to its owner (mode 0600)")
+                    os.fchmod(fd, 0o600)
+            finally:
+                os.close(fd)
             conn = sqlite3.connect(
                 str(path),
                 timeout=busy_timeout_s,

@@ -262,6 +262,9 @@ class KeyStore:
         """Read and parse one key file. Raises DependencyUnavailable if it is missing or bad."""
         path = self._path(record.kid)
         try:
+            if path.stat().st_mode & 0o077:
+                log.warning("restricting signing key file %s to its owner (mode 0600)", path.name)
+                os.chmod(path, 0o600)
             return SigningKey.from_pem(path.read_bytes(), kid=record.kid, alg=record.alg)
         except (OSError, ValueError, TypeError) as exc:
             log.error("cannot load signing key %s: %s", record.kid, type(exc).__name__)

@@ -825,3 +825,17 @@ def test_unknown_user_costs_one_argon2_verification_like_a_wrong_password(
     assert len(calls) == 2
     assert calls[0] is None  # verified against the dummy hash made at startup
     assert calls[1] is not None and calls[1].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
+
+
+def test_loose_file_modes_are_tightened_on_open(
+    open_service: Callable[..., AuthService], data_dir: Path
+) -> None:
+    open_service().close()
+    db_file = data_dir / "auth.sqlite3"
+    (key_file,) = (data_dir / "keys").iterdir()
+    for path, mode in ((data_dir, 0o755), (db_file, 0o644), (key_file, 0o644)):
+        path.chmod(mode)
+    open_service()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE(db_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
