@@ -322,7 +322,10 @@ def target_port(target: str, auth_server: Any, make_posts_server: Callable[..., 
         port: int = auth_server.port
         return port
     # cache_ttl_s=0: every token goes through the verifier, not a cached answer.
-    server_port: int = make_posts_server(target, cache_ttl_s=0).port
+    # Introspection costs an argon2id client check per call: a longer timeout
+    # than the 2 s default, so a busy 2-core box gives no spurious Unavailable.
+    extra: dict[str, Any] = {"timeout_s": 10} if target == "introspect" else {}
+    server_port: int = make_posts_server(target, cache_ttl_s=0, **extra).port
     return server_port
 
 
