@@ -40,6 +40,7 @@ from auth_rpc.principal import Principal
 __all__ = [
     "ACCESS_TOKEN_TYPES",
     "LEEWAY_S",
+    "MAX_LIFETIME_S",
     "MAX_TOKEN_BYTES",
     "AccessTokenChecker",
     "Family",
@@ -60,6 +61,8 @@ ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")
 MAX_TOKEN_BYTES = 8192
 #: Clock skew tolerated on exp, nbf and iat, in seconds.
 LEEWAY_S = 30
+#: The longest access-token lifetime (exp - iat) accepted, in seconds.
+MAX_LIFETIME_S = 86400
 _REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "jti")
 _MAX_CLAIM_CHARS = 1024
 
@@ -144,6 +147,7 @@ class AccessTokenChecker:
         clock: Callable[[], float],
         is_revoked: Callable[[str], bool] | None = None,
         leeway_s: int = LEEWAY_S,
+        max_lifetime_s: int = MAX_LIFETIME_S,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
@@ -151,6 +155,7 @@ class AccessTokenChecker:
         self._clock = clock
         self._is_revoked = is_revoked
         self._leeway_s = leeway_s
+        self._max_lifetime_s = max_lifetime_s
 
     def decode(
         self, token: str, *, check_time: bool = True, check_revoked: bool = True
@@ -225,6 +230,10 @@ class AccessTokenChecker:
             value = claims.get(name, "")
             if not isinstance(value, str) or len(value) > _MAX_CLAIM_CHARS:
                 raise TokenRejected("invalid token")
+        # A token living longer than any we issue was not made by us as
+        # configured (a leaked key, a test factory): refuse it.
+        if not 0 < claims["exp"] - claims["iat"] <= self._max_lifetime_s:
+            raise TokenRejected("invalid token lifetime")
         if not check_time:
             return
         now = self._clock()

@@ -259,6 +259,10 @@ REFUSED: dict[str, Case] = {
     "scope not a string": simple(claims={"scope": ["posts:read"]}),
     "not yet valid": simple(rel_claims={"nbf": 120}),
     "issued in the future": simple(rel_claims={"iat": 120}),
+    "lifetime over a day": simple(ttl_s=86401),
+    "valid until 9999": simple(claims={"exp": 253402300799}),
+    "exp before iat": simple(rel_claims={"iat": 10, "exp": 5}),
+    "exp equal to iat": simple(rel_claims={"iat": 0, "exp": 0}),
     "tampered payload": tampered_payload,
     "tampered signature": tampered_signature,
     "foreign key with our kid": foreign_key_with_our_kid,
@@ -296,6 +300,7 @@ ACCEPTED: dict[str, Case] = {
     "expired within the leeway": simple(offset=-620),
     "nbf within the leeway": simple(rel_claims={"nbf": 20}),
     "iat within the leeway": simple(rel_claims={"iat": 20}),
+    "lifetime of exactly a day": simple(ttl_s=86400),
     "hand-built header with our kid": lambda s, k, n: raw_header(
         {"alg": "EdDSA", "typ": "at+jwt", "kid": k.kid}
     )(s, k, n),
