@@ -23,6 +23,7 @@ __all__ = [
     "User",
     "check_client_id",
     "check_password",
+    "check_scopes",
     "check_username",
     "parse_scope",
 ]

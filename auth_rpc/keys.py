@@ -47,6 +47,8 @@ __all__ = [
     "MIN_HS256_SECRET_BYTES",
     "RETIRE_SLACK_S",
     "KeyManager",
+    "KeyRecord",
+    "KeyRing",
     "KeyStore",
     "SigningKey",
     "read_hs256_secret",

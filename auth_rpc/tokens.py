@@ -46,11 +46,13 @@ __all__ = [
     "Family",
     "RefreshStore",
     "RevocationStore",
+    "Rotation",
     "SigningKey",
     "hash_refresh_token",
     "mint_access_token",
     "new_jti",
     "new_refresh_token",
+    "principal_from_claims",
 ]
 
 log = logging.getLogger("auth_rpc.tokens")
