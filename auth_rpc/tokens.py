@@ -100,6 +100,9 @@ def mint_access_token(
 ) -> str:
     """Sign an RFC 9068 access token with ``key``.
 
+    ``key`` is a :class:`~auth_rpc.keys.SigningKey` (its ``kid`` goes in the
+    header, its ``alg`` signs): the service's own (``AuthService.signing_key()``)
+    or, in a test, ``SigningKey.generate("EdDSA")``. ``now`` is unix seconds.
     ``scopes`` is an iterable of scope tokens (or one space-separated
     string). ``headers`` and ``claims`` are merged over the defaults, so a
     test can change anything (``typ``, ``kid``, ``alg`` - PyJWT then signs
