@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from auth_rpc.errors import AuthError
-from auth_rpc.runner import configure_logging, run_until_signal
-from auth_rpc.server import AuthServer, bind_socket
+from auth_rpc.runner import bind_socket, configure_logging, run_until_signal, run_workers
+from auth_rpc.server import AuthServer
 from auth_rpc.service import AuthService, AuthSettings
 from auth_rpc.serving import ServerSettings, TLSServerConfig
 
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     serve.add_argument("--max-connections", type=int, default=2048)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="pre-forked processes sharing the listening sockets (default 1)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     add_user = sub.add_parser("add-user", help="create a user")
@@ -108,27 +115,42 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("auth-rpc: error: --alg HS256 needs --hs256-secret-file")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("auth-rpc: error: --tls-cert and --tls-key go together")
+    if args.workers < 1:
+        raise SystemExit("auth-rpc: error: --workers must be at least 1")
     http_sock = bind_socket(args.host, args.http_port)
-    http_port = http_sock.getsockname()[1]
-    issuer = args.issuer or f"http://{args.host}:{http_port}"
-    service = AuthService.open(_settings(args, issuer))
-    tls = (
-        TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    )
+    thrift_sock = bind_socket(args.host, args.port)
+    issuer = args.issuer or f"http://{args.host}:{http_sock.getsockname()[1]}"
+    tls = None
+    if args.tls_cert:
+        tls = TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
     settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
-    server = AuthServer(
-        service, host=args.host, port=args.port, http_sock=http_sock, settings=settings
-    ).start()
 
-    def stop() -> None:
-        server.stop()
-        service.close()
+    def start() -> Callable[[], None]:
+        service = AuthService.open(_settings(args, issuer))
+        try:
+            server = AuthServer(
+                service, host=args.host, sock=thrift_sock, http_sock=http_sock, settings=settings
+            ).start()
+        except BaseException:
+            service.close()
+            raise
 
-    return run_until_signal(
-        f"auth-rpc ready: thrift={args.host}:{server.port} http={server.http_url} "
-        f"issuer={issuer} audience={args.audience}",
-        stop,
+        def stop() -> None:
+            server.stop()
+            service.close()
+
+        return stop
+
+    ready = (
+        f"auth-rpc ready: thrift={args.host}:{thrift_sock.getsockname()[1]} "
+        f"http=http://{args.host}:{http_sock.getsockname()[1]} "
+        f"issuer={issuer} audience={args.audience}"
     )
+    if args.workers == 1:
+        return run_until_signal(ready, start())
+    # Make the data dir, schema and signing key once, before the workers open them.
+    AuthService.open(_settings(args, issuer)).close()
+    return run_workers(args.workers, ready, start)
 
 
 def _read_password(from_stdin: bool) -> str:

@@ -8,14 +8,32 @@ accepting, finish calls in flight), and return 0.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["configure_logging", "run_until_signal"]
+__all__ = ["bind_socket", "configure_logging", "run_until_signal", "run_workers"]
+
+
+def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (``port=0`` picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def configure_logging(level: str = "INFO") -> None:
@@ -27,8 +45,8 @@ def configure_logging(level: str = "INFO") -> None:
     )
 
 
-def run_until_signal(ready_line: str, stop: Callable[[], None]) -> int:
-    """Print ``ready_line``, block until SIGTERM/SIGINT, call ``stop``; return 0."""
+def run_until_signal(ready_line: str, stop: Callable[[], None], *, announce: bool = True) -> int:
+    """Print ``ready_line`` (if ``announce``), wait for SIGTERM/SIGINT, call ``stop``; return 0."""
     stopping = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:
@@ -36,7 +54,8 @@ def run_until_signal(ready_line: str, stop: Callable[[], None]) -> int:
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        print(ready_line, flush=True)
+        if announce:
+            print(ready_line, flush=True)
         while not stopping.wait(1.0):
             pass
         logging.getLogger("auth_rpc.runner").info("signal received; stopping")
@@ -45,3 +64,92 @@ def run_until_signal(ready_line: str, stop: Callable[[], None]) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def run_workers(
+    workers: int,
+    ready_line: str,
+    start_child: Callable[[], Callable[[], None]],
+    *,
+    stop_timeout_s: float = 30.0,
+) -> int:
+    """Pre-fork ``workers`` processes that share the listening sockets bound before the call.
+
+    Each child calls ``start_child()`` (which opens its own stores and
+    verifiers, starts serving on the inherited sockets, and returns its stop
+    function), then serves until SIGTERM/SIGINT. The parent prints
+    ``ready_line`` (the sockets already listen: connections queue until a
+    child accepts them), restarts a child that dies unexpectedly, and on
+    SIGTERM/SIGINT stops every child gracefully (SIGKILL after
+    ``stop_timeout_s``) and returns 0. Nothing may run threads in the parent
+    before this call: ``fork`` copies only the calling thread.
+    """
+    log = logging.getLogger("auth_rpc.runner")
+    stopping = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    children: dict[int, int] = {}  # pid -> worker number
+
+    def spawn(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the child
+            code = 1
+            try:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+                stop = start_child()
+                code = run_until_signal("", stop, announce=False)
+            except BaseException:
+                log.exception("worker %d failed", number)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children[pid] = number
+
+    try:
+        for number in range(workers):
+            spawn(number)
+        print(ready_line, flush=True)
+        restarts: list[float] = []
+        while not stopping.wait(0.2):
+            while children:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                number = children.pop(pid, -1)
+                if stopping.is_set() or number < 0:
+                    continue
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60] + [now]
+                if len(restarts) > 5 * workers:
+                    log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
+                    stopping.set()
+                    break
+                log.warning("worker %d exited (status %d); starting a new one", number, status)
+                spawn(number)
+        log.info("signal received; stopping %d workers", len(children))
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + stop_timeout_s
+        clean = True
+        while children:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                if time.monotonic() > deadline:
+                    for straggler in children:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(straggler, signal.SIGKILL)
+                    clean = False
+                    deadline = float("inf")
+                stopping.wait(0.05)
+                continue
+            children.pop(pid, None)
+            clean &= os.waitstatus_to_exitcode(status) == 0
+        return 0 if clean else 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -20,26 +20,13 @@ from waitress.server import create_server
 from auth_rpc.handler import AuthHandler
 from auth_rpc.http import make_app
 from auth_rpc.idl import auth_thrift
+from auth_rpc.runner import bind_socket
 from auth_rpc.service import AuthService
 from auth_rpc.serving import RpcServer, ServerSettings
 
-__all__ = ["AuthServer", "HttpListener", "bind_socket"]
+__all__ = ["AuthServer", "HttpListener"]
 
 log = logging.getLogger("auth_rpc.server")
-
-
-def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``port=0`` picks a free one)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class HttpListener:
@@ -122,6 +109,7 @@ class AuthServer:
         http_host: str | None = None,
         http_port: int = 0,
         http_sock: socket.socket | None = None,
+        sock: socket.socket | None = None,
         settings: ServerSettings | None = None,
     ) -> None:
         self.service = service
@@ -133,6 +121,7 @@ class AuthServer:
             port=port,
             settings=settings,
             name="auth",
+            sock=sock,
         )
         http_host = http_host or host
         self._http_sock = http_sock if http_sock is not None else bind_socket(http_host, http_port)

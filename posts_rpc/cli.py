@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from http.cookiejar import DefaultCookiePolicy
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from requests.adapters import HTTPAdapter
 
 from auth_rpc.errors import AuthError, DependencyUnavailable
 from auth_rpc.principal import TokenVerifier
-from auth_rpc.runner import configure_logging, run_until_signal
+from auth_rpc.runner import bind_socket, configure_logging, run_until_signal, run_workers
 from auth_rpc.serving import ServerSettings, TLSServerConfig
 from auth_rpc.transport import TLSClientConfig, parse_hostport
 from auth_rpc.verifiers import JwksVerifier, make_verifier
@@ -110,6 +111,12 @@ def _parser() -> argparse.ArgumentParser:
         "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
     )
     serve.add_argument("--max-connections", type=int, default=2048)
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="pre-forked processes sharing the listening socket (default 1)",
+    )
     serve.add_argument("--log-level", default="INFO")
     return parser
 
@@ -149,6 +156,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--port must be 0..65535")
     if args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
 
 
 def _session(ca_file: str) -> requests.Session:
@@ -202,45 +211,45 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
 
 def _serve(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
-    verifier, session = _verifier(args)
-    try:
-        if isinstance(verifier, JwksVerifier):
-            try:
-                count = verifier.prefetch()
-                log.info("fetched %d signing keys from the JWK Set", count)
-            except DependencyUnavailable:
-                # Serve anyway: calls are refused (Unavailable) until the keys arrive.
-                log.warning("JWK Set unreachable at start; calls fail until it answers")
-        tls = (
-            TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
-            if args.tls_cert
-            else None
-        )
-        settings = ServerSettings(
-            framed=args.framed, tls=tls, max_connections=args.max_connections
-        )
-        server = PostsServer(
-            data_dir=args.data_dir,
-            verifier=verifier,
-            host=args.host,
-            port=args.port,
-            settings=settings,
-        ).start()
-    except BaseException:
-        _close(verifier, session)
-        raise
+    tls = (
+        TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    )
+    settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
+    sock = bind_socket(args.host, args.port)
 
-    def stop() -> None:
-        server.stop()
-        _close(verifier, session)
+    def start() -> Callable[[], None]:
+        verifier, session = _verifier(args)
+        try:
+            if isinstance(verifier, JwksVerifier):
+                try:
+                    count = verifier.prefetch()
+                    log.info("fetched %d signing keys from the JWK Set", count)
+                except DependencyUnavailable:
+                    # Serve anyway: calls are refused (Unavailable) until the keys arrive.
+                    log.warning("JWK Set unreachable at start; calls fail until it answers")
+            server = PostsServer(
+                data_dir=args.data_dir, verifier=verifier, host=args.host, sock=sock,
+                settings=settings,
+            ).start()
+        except BaseException:
+            _close(verifier, session)
+            raise
+
+        def stop() -> None:
+            server.stop()
+            _close(verifier, session)
+
+        return stop
 
     host = f"[{args.host}]" if ":" in args.host else args.host
-    return run_until_signal(
-        f"posts-rpc ready: thrift={host}:{server.port} verify={args.verify} "
+    ready = (
+        f"posts-rpc ready: thrift={host}:{sock.getsockname()[1]} verify={args.verify} "
         f"tls={'on' if tls else 'off'} framed={'on' if args.framed else 'off'} "
-        f"issuer={args.issuer} audience={args.audience}",
-        stop,
+        f"issuer={args.issuer} audience={args.audience} workers={args.workers}"
     )
+    if args.workers == 1:
+        return run_until_signal(ready, start())
+    return run_workers(args.workers, ready, start)
 
 
 def _close(verifier: TokenVerifier, session: requests.Session | None) -> None:

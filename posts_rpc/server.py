@@ -21,6 +21,7 @@ logs a warning when used.
 from __future__ import annotations
 
 import logging
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,7 @@ class PostsServer:
         port: int = 0,
         settings: ServerSettings | None = None,
         clock: Callable[[], float] = time.time,
+        sock: socket.socket | None = None,
         _unsafe_skip_auth_for_benchmarks: bool = False,
     ) -> None:
         if (data_dir is None) == (store is None):
@@ -93,6 +95,7 @@ class PostsServer:
                 port=port,
                 settings=settings,
                 name="posts",
+                sock=sock,
             )
         except BaseException:
             self._close_store()
