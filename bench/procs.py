@@ -73,8 +73,10 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
 
 
-def cpu_seconds(pid: int) -> float:
-    """User+sys CPU seconds of ``pid`` and its live descendants."""
+def cpu_seconds(pid: int, *, descendants: bool = True) -> float:
+    """User+sys CPU seconds of ``pid`` (and of its live descendants, by default)."""
+    if not descendants:
+        return _cpu_of(pid)
     return sum(_cpu_of(p) for p in _descendants(pid))
 
 

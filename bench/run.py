@@ -362,13 +362,19 @@ def _ensure_peer_auth(env: Env) -> None:
 # -- measuring -----------------------------------------------------------------------
 
 
-def _system_busy_s() -> float:
-    """Busy CPU seconds of the whole machine since boot (``/proc/stat``)."""
+def _busy_s() -> dict[str, float]:
+    """Busy CPU seconds since boot, of the machine (``"all"``) and of each CPU (``/proc/stat``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
     with open("/proc/stat") as f:
-        parts = f.readline().split()[1:]
-    ticks = [int(v) for v in parts]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        for line in f:
+            if not line.startswith("cpu"):
+                break
+            name, *parts = line.split()
+            ticks = [int(v) for v in parts[:8]]
+            idle = ticks[3] + ticks[4]  # idle, iowait
+            out["all" if name == "cpu" else name[3:]] = (sum(ticks) - idle) / tick
+    return out
 
 
 def _sleep_until(t: float) -> None:
@@ -380,6 +386,7 @@ def _sleep_until(t: float) -> None:
 def measure_phase(
     pool: ClientPool, server: ServerProcess, target: Target, tokens: TokenSpec, n: int,
     *, warmup_s: float, window_s: float, helper_pids: Sequence[int] = (),
+    client_cpus: set[int] | None = None,
 ) -> Measurement:
     """One window: ``n`` clients against ``server``; raises ``RuntimeError`` on failure."""
     pool.prepare(n, target, tokens)
@@ -390,12 +397,12 @@ def measure_phase(
     others = [*pool.pids[:n], *helper_pids, os.getpid()]
     _sleep_until(t_measure)
     cpu0 = cpu_seconds(server.pid)
-    mine0 = sum(cpu_seconds(p) for p in others)
-    busy0 = _system_busy_s()
+    mine0 = sum(cpu_seconds(p, descendants=False) for p in others)
+    busy0 = _busy_s()
     _sleep_until(t_end)
     cpu1 = cpu_seconds(server.pid)
-    mine1 = sum(cpu_seconds(p) for p in others)
-    busy1 = _system_busy_s()
+    mine1 = sum(cpu_seconds(p, descendants=False) for p in others)
+    busy1 = _busy_s()
     results = pool.results()
     server_cpu = cpu1 - cpu0
     return measurement(
@@ -403,7 +410,11 @@ def measure_phase(
         window_s=window_s,
         server_cpu_s=server_cpu,
         client_cpu_s=mine1 - mine0,
-        other_cpu_s=(busy1 - busy0) - server_cpu - (mine1 - mine0),
+        other_cpu_s=(busy1["all"] - busy0["all"]) - server_cpu - (mine1 - mine0),
+        client_cpus_busy_s=(
+            sum(busy1[str(c)] - busy0[str(c)] for c in client_cpus) / len(client_cpus)
+            if client_cpus else float("nan")
+        ),
         peak_rss_mb=peak_rss_mb(server.pid),
     )
 
@@ -494,7 +505,7 @@ def _round(
                     m = measure_phase(
                         pool, server, target, _tokens_for(env, config, n, tag), n,
                         warmup_s=env.warmup_s, window_s=env.window_s,
-                        helper_pids=[h.pid for h in env.helpers],
+                        helper_pids=[h.pid for h in env.helpers], client_cpus=env.client_cpus,
                     )
                 except Exception as exc:
                     run.failures.append(f"{label} at {n} clients: {exc}")
@@ -563,6 +574,10 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _pct(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0%}"
+
+
 def _fmt_ratio(values: Sequence[float] | None) -> str:
     return f"{_median(values):.2f}" if values else "-"
 
@@ -571,7 +586,8 @@ def table(run: Run, kind: str, configs: Sequence[Config]) -> tuple[str, dict[str
     """The table of one round kind, and the same figures as data."""
     header = (
         f"{'configuration':<42} {'cl':>2} {'calls/s':>8} {'spread':>7} {'p50 us':>8} "
-        f"{'p99 us':>8} {'CPU us/call':>11} {'srv busy':>8} {'RSS MB':>7} {'x limit':>7} "
+        f"{'p99 us':>8} {'CPU us/call':>11} {'srv busy':>8} {'cli busy':>8} {'RSS MB':>7} "
+        f"{'x limit':>7} "
         f"{'x off':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -600,7 +616,7 @@ def table(run: Run, kind: str, configs: Sequence[Config]) -> tuple[str, dict[str
             lines.append(
                 f"{label:<42} {n:>2} {s.calls_per_s:>8,.0f} {s.spread:>6.0%} {s.p50_us:>8,.0f} "
                 f"{s.p99_us:>8,.0f} {s.server_cpu_us_per_call:>11,.1f} "
-                f"{s.server_cpu_share:>8.0%} {s.peak_rss_mb:>7.1f} "
+                f"{s.server_cpu_share:>8.0%} {_pct(s.client_cpus_busy):>8} {s.peak_rss_mb:>7.1f} "
                 f"{_fmt_ratio(ratios.get('x_limit')):>7} {_fmt_ratio(ratios.get('x_off')):>6}"
                 f"{flags}"
             )

@@ -32,7 +32,8 @@ class Measurement:
     p99_us: float
     server_cpu_us_per_call: float
     server_cpu_share: float  # CPU seconds of the server per wall second of the window
-    client_cpu_share: float  # CPU seconds of the client processes (and helpers) per wall second
+    client_cpu_share: float  # CPU seconds of the clients, helpers and orchestrator per wall second
+    client_cpus_busy: float  # busy share of the clients' CPU(s) (NaN when unpinned)
     other_cpu_share: float  # busy CPU of everything else on the machine (not server, not clients)
     peak_rss_mb: float
     errors: int
@@ -50,6 +51,7 @@ def measurement(
     server_cpu_s: float,
     client_cpu_s: float,
     other_cpu_s: float,
+    client_cpus_busy_s: float = float("nan"),
     peak_rss_mb: float,
 ) -> Measurement:
     """Merge the clients' results of one window with the server's CPU and memory."""
@@ -73,6 +75,7 @@ def measurement(
         server_cpu_us_per_call=(server_cpu_s / calls * 1e6) if calls else 0.0,
         server_cpu_share=server_cpu_s / window_s,
         client_cpu_share=client_cpu_s / window_s,
+        client_cpus_busy=client_cpus_busy_s / window_s,
         other_cpu_share=max(0.0, other_cpu_s / window_s),
         peak_rss_mb=peak_rss_mb,
         errors=errors,
@@ -95,6 +98,7 @@ class Summary:
     peak_rss_mb: float
     server_cpu_share: float
     client_cpu_share: float
+    client_cpus_busy: float
     other_cpu_share: float
     errors: int
     pool_wrapped: bool
@@ -126,6 +130,7 @@ def summarize(samples: Sequence[Measurement]) -> Summary:
         peak_rss_mb=max(m.peak_rss_mb for m in samples),
         server_cpu_share=statistics.median(m.server_cpu_share for m in samples),
         client_cpu_share=statistics.median(m.client_cpu_share for m in samples),
+        client_cpus_busy=statistics.median(m.client_cpus_busy for m in samples),
         other_cpu_share=statistics.median(m.other_cpu_share for m in samples),
         errors=sum(m.errors for m in samples),
         pool_wrapped=any(m.pool_wrapped for m in samples),
