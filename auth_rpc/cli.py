@@ -146,11 +146,12 @@ def _serve(args: argparse.Namespace) -> int:
         f"http=http://{args.host}:{http_sock.getsockname()[1]} "
         f"issuer={issuer} audience={args.audience}"
     )
-    if args.workers == 1:
-        return run_until_signal(ready, start())
-    # Make the data dir, schema and signing key once, before the workers open them.
-    AuthService.open(_settings(args, issuer)).close()
-    return run_workers(args.workers, ready, start)
+    with http_sock, thrift_sock:  # closed however serving ends
+        if args.workers == 1:
+            return run_until_signal(ready, start())
+        # Make the data dir, schema and signing key once, before the workers open them.
+        AuthService.open(_settings(args, issuer)).close()
+        return run_workers(args.workers, ready, start)
 
 
 def _read_password(from_stdin: bool) -> str:

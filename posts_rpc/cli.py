@@ -247,9 +247,10 @@ def _serve(args: argparse.Namespace) -> int:
         f"tls={'on' if tls else 'off'} framed={'on' if args.framed else 'off'} "
         f"issuer={args.issuer} audience={args.audience} workers={args.workers}"
     )
-    if args.workers == 1:
-        return run_until_signal(ready, start())
-    return run_workers(args.workers, ready, start)
+    with sock:  # closed however serving ends
+        if args.workers == 1:
+            return run_until_signal(ready, start())
+        return run_workers(args.workers, ready, start)
 
 
 def _close(verifier: TokenVerifier, session: requests.Session | None) -> None:
