@@ -546,3 +546,43 @@ def test_8_mb_token_refused_quickly(
     # A fresh connection is served normally.
     with connect(target, port) as (_, call):
         call(world.good)
+
+
+@pytest.mark.parametrize("alg", ["RS256", "ES256"])
+@pytest.mark.parametrize("target", ["validate", "local", "jwks"])
+def test_hs256_keyed_with_rsa_or_ec_public_key(
+    alg: str, target: str, make_auth_server: Callable[..., Any],
+    make_posts_server: Callable[..., Any],
+) -> None:
+    """The classic key confusion: RS256/ES256 issuer, HS256 token keyed with its public key."""
+    auth = make_auth_server(alg=alg)
+    real = auth.service.signing_key()
+    good = signed_token(header(real), claims(), real)
+    jwk = next(k for k in auth.service.jwks()["keys"] if k["kid"] == real.kid)
+    public = real.verification_key
+    forms = {
+        "PEM": public.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo),
+        "PKCS1 PEM" if alg == "RS256" else "PEM no newline": (
+            public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.PKCS1)
+            if alg == "RS256" else public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).rstrip(b"\n")),
+        "OpenSSH": public.public_bytes(serialization.Encoding.OpenSSH,
+                                       serialization.PublicFormat.OpenSSH),
+        "JWK JSON": json.dumps(jwk).encode(),
+    }
+    if target == "validate":
+        port = auth.port
+    else:
+        port = make_posts_server(target, auth=auth, cache_ttl_s=0).port
+    worst = 0.0
+    with connect(target, port) as (_, call):
+        call(good)
+        for secret in forms.values():
+            worst = max(worst, refuse(call, hs256_token(header(real, alg="HS256"), claims(),
+                                                        secret)))
+            call(good)
+    print(f"\n[jwt-attacks] {alg} issuer, target={target}: HS256 keyed with the public key "
+          f"({len(forms)} forms) refused, max {worst * 1000:.1f} ms")
+    assert worst < LOOSE_BOUND_S
