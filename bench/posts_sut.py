@@ -22,7 +22,6 @@ import argparse
 import base64
 import hashlib
 import hmac
-import inspect
 import json
 import logging
 import os
@@ -41,12 +40,13 @@ from bench.data import AUTHOR, PAGE_SIZE, SCOPE, post_dicts
 from bench.procs import rss_mb
 from posts_rpc.server import PostsServer
 
-__all__ = ["main", "supports_workers"]
+__all__ = ["main", "seed"]
 
 
-def supports_workers() -> bool:
-    """Whether the Posts server can run pre-forked worker processes (``workers=``)."""
-    return "workers" in inspect.signature(PostsServer.__init__).parameters
+def seed(store: Any) -> None:
+    """Add the 20 posts every configuration serves to an empty ``PostStore``."""
+    for post in reversed(post_dicts(PAGE_SIZE)):  # oldest first: ids ascend
+        store.create(author=post["author"], title=post["title"], body=post["body"])
 
 
 def _verifier(args: argparse.Namespace) -> TokenVerifier | None:
@@ -125,7 +125,6 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-id")
     parser.add_argument("--client-secret-file", type=Path)
     parser.add_argument("--auth-addr")
-    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--fill-cache", type=int, default=0, metavar="N")
     parser.add_argument("--fill-deadline", type=float, default=0.0, metavar="SECONDS",
                         help="stop filling after this long (0: no limit); cached= says how far")
@@ -187,15 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="bench-posts-"))
     verifier = _verifier(args)
     try:
-        extra: dict[str, Any] = {}
-        if args.workers != 1:
-            extra["workers"] = args.workers
         server = PostsServer(
             data_dir=data_dir, verifier=verifier, host=args.host, port=args.port,
-            _unsafe_skip_auth_for_benchmarks=verifier is None, **extra,
+            _unsafe_skip_auth_for_benchmarks=verifier is None,
         )
-        for post in reversed(post_dicts(PAGE_SIZE)):  # oldest first: ids ascend
-            server.store.create(author=post["author"], title=post["title"], body=post["body"])
+        seed(server.store)
         ready = f"bench-ready port={{port}} verify={args.verify}"
         if args.fill_cache:
             assert verifier is not None

@@ -119,6 +119,7 @@ class Config:
     needs: str = ""  # "posts", "auth", "flask"
     rate_cap: int = 0  # most calls/s expected cold (sizes the token pool)
     unpinned: bool = True  # also in the unpinned round
+    ready_prefix: str = "bench-ready"  # how the server's ready line starts
 
 
 def _secret_file(env: Env, name: str, data: bytes) -> Path:
@@ -226,9 +227,24 @@ def _remote(mode: str) -> Callable[[Env], list[str]]:
     return argv
 
 
-def _workers(base: Callable[[Env], list[str]], n: int) -> Callable[[Env], list[str]]:
+def _posts_cli_workers(n: int) -> Callable[[Env], list[str]]:
+    """``posts-rpc serve --workers n`` (the real command), local HS256, on a seeded store."""
     def argv(env: Env) -> list[str]:
-        return [*base(env), "--workers", str(n)]
+        from bench.posts_sut import seed
+        from posts_rpc.server import DB_FILE_NAME
+        from posts_rpc.store import SqlitePostStore
+
+        data_dir = env.work / f"posts-{n}w-{secrets.token_hex(4)}"
+        data_dir.mkdir(mode=0o700)
+        store = SqlitePostStore.open(data_dir / DB_FILE_NAME)
+        try:
+            seed(store)
+        finally:
+            store.close()
+        return [PY, "-c", "import sys; from posts_rpc.cli import main; sys.exit(main())",
+                "serve", "--data-dir", str(data_dir), "--port", "0", "--verify", "local",
+                "--hs256-secret-file", str(env.hs256_file), "--issuer", ISSUER,
+                "--audience", AUDIENCE, "--workers", str(n), "--log-level", "WARNING"]
     return argv
 
 
@@ -278,10 +294,12 @@ CONFIGS: list[Config] = [
 # with the server and the clients on every CPU (pinning both workers to one CPU
 # would measure nothing).
 WORKER_CONFIGS: list[Config] = [
-    Config("hs256-warm-1w", "Posts local HS256 warm, 1 worker, unpinned", "thrift", "workers",
-           _workers(_local_hs256, 1), _tokens_hs256(True, 0), warm=True, needs="workers"),
-    Config("hs256-warm-2w", "Posts local HS256 warm, 2 workers, unpinned", "thrift", "workers",
-           _workers(_local_hs256, 2), _tokens_hs256(True, 0), warm=True, needs="workers"),
+    Config("hs256-warm-1w", "posts-rpc --workers 1, HS256 warm", "thrift", "workers",
+           _posts_cli_workers(1), _tokens_hs256(True, 0), warm=True, needs="workers",
+           ready_prefix="posts-rpc ready"),
+    Config("hs256-warm-2w", "posts-rpc --workers 2, HS256 warm", "thrift", "workers",
+           _posts_cli_workers(2), _tokens_hs256(True, 0), warm=True, needs="workers",
+           ready_prefix="posts-rpc ready"),
 ]
 
 
@@ -303,6 +321,12 @@ def _ready_fields(line: str) -> dict[str, str]:
         if sep:
             fields[key] = value
     return fields
+
+
+def _port_of(ready_line: str) -> int:
+    """The port a ready line names: ``port=P`` (bench servers) or ``thrift=HOST:PORT``."""
+    fields = _ready_fields(ready_line)
+    return int(fields["port"] if "port" in fields else fields["thrift"].rpartition(":")[2])
 
 
 def _start(name: str, argv: list[str], cpus: set[int] | None, env: Env,
@@ -462,7 +486,7 @@ def _launch_round(
             cpus = None if config.family == "workers" else env.server_cpus
             launched[config.id] = ServerProcess(
                 config.id, config.argv(env), cpus=cpus,
-                log_path=env.logs / f"{config.id}.log", ready_prefix=READY,
+                log_path=env.logs / f"{config.id}.log", ready_prefix=config.ready_prefix,
             ).launch()
         except Exception as exc:
             run.failures.append(f"{label}: could not start: {exc}")
@@ -492,7 +516,7 @@ def _round(
                 continue
             label = f"{kind} round {round_no}: {config.id}"
             _say(label)
-            port = int(_ready_fields(server.ready_line)["port"])
+            port = _port_of(server.ready_line)
             target = (
                 Target("http", url=f"http://127.0.0.1:{port}/posts")
                 if config.kind == "http" else Target("thrift", port=port)
@@ -505,7 +529,8 @@ def _round(
                     m = measure_phase(
                         pool, server, target, _tokens_for(env, config, n, tag), n,
                         warmup_s=env.warmup_s, window_s=env.window_s,
-                        helper_pids=[h.pid for h in env.helpers], client_cpus=env.client_cpus,
+                        helper_pids=[h.pid for h in env.helpers],
+                        client_cpus=None if config.family == "workers" else env.client_cpus,
                     )
                 except Exception as exc:
                     run.failures.append(f"{label} at {n} clients: {exc}")
@@ -766,11 +791,12 @@ def _available(need: str) -> str:
 
 
 def _posts_has_workers() -> bool:
-    if importlib.util.find_spec("posts_rpc.server") is None:
+    """Whether ``posts-rpc serve`` can pre-fork workers (``auth_rpc.runner.run_workers``)."""
+    if importlib.util.find_spec("posts_rpc.cli") is None:
         return False
-    from bench.posts_sut import supports_workers
+    import auth_rpc.runner
 
-    return supports_workers()
+    return hasattr(auth_rpc.runner, "run_workers")
 
 
 def _select(only: Sequence[str] | None, with_workers: bool) -> list[Config]:
@@ -903,13 +929,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     break
                 _round("pinned", main_configs, env, pool, run, args.clients, round_no)
-                round_s = time.monotonic() - t
-            if worker_configs:
-                for round_no in range(1, args.rounds + 1):
+                if worker_configs:  # 1 against 2 workers: server and clients on every CPU
                     pool.set_affinity(set(cpus))
                     _round("workers", worker_configs, env, pool, run, args.clients, round_no)
                     if client_cpus:
                         pool.set_affinity(client_cpus)
+                round_s = time.monotonic() - t
             if not args.rss_tokens or args.no_rss or _available("posts"):
                 pass
             else:
@@ -994,6 +1019,14 @@ def _report(
         text, table_data = table(run, kind, configs)
         data["tables"][kind] = table_data
         parts.append(f"\n{title}\n{text}")
+        if kind == "workers":
+            two = run.ratios.get("workers", {}).get("hs256-warm-2w", {})
+            for n, entry in sorted(two.items()):
+                if entry.get("x_hs256-warm-1w"):
+                    parts.append(
+                        f"2 workers / 1 worker at {n} clients: "
+                        f"{_median(entry['x_hs256-warm-1w']):.2f}x calls/s (median of rounds)"
+                    )
     max_clients = max(args.clients)
     cost_lines = check_costs(run, max_clients)
     if cost_lines:
