@@ -525,11 +525,16 @@ class MessageReader:
                 raise ConnectionError("peer closed the connection in the middle of a message")
 
     def _recv(self, need: int) -> int:
-        """One ``recv_into`` after the buffered bytes; grows the buffer up to ``need``."""
+        """One ``recv_into`` after the buffered bytes.
+
+        A full buffer grows at most twofold, never past ``need``: memory follows
+        the bytes actually received, not the size a message declares (a client
+        declaring a 4 MiB frame and sending nothing gets no 4 MiB buffer).
+        """
         end = self._end
-        if need > len(self._buf) or end == len(self._buf):
-            capacity = max(need, min(2 * len(self._buf), self._limits.max_message_bytes + 4))
-            self._resize(max(capacity, end + 1))
+        capacity = len(self._buf)
+        if end == capacity:
+            self._resize(min(max(need, end + 1), 2 * capacity))
         if end == 0:
             received: int = self._sock.recv_into(self._view)
         else:

@@ -369,3 +369,26 @@ def test_pipelined_calls_are_answered_in_order(wire: Any, server: Any) -> None:
         assert positions == sorted(positions)
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("framed", [False, True], ids=["buffered", "framed"])
+def test_reader_memory_follows_bytes_received_not_sizes_declared(framed: bool) -> None:
+    import socket
+
+    from auth_rpc.wire import MessageReader, MessageTimeout
+
+    # Within the limits, but the bytes never come: no buffer of the declared size.
+    declared = call(field(STRING, 1) + struct.pack("!i", 1024 * 1024))
+    if framed:
+        declared = struct.pack("!i", 4 * 1024 * 1024) + declared
+    ours, theirs = socket.socketpair()
+    try:
+        reader = MessageReader(ours, WireLimits(), framed=framed, message_timeout_s=0.2)
+        theirs.sendall(declared + b"x" * 1000)
+        with pytest.raises(MessageTimeout):
+            reader.read_message()
+        assert len(reader._buf) <= 32 * 1024
+        reader.close()
+    finally:
+        ours.close()
+        theirs.close()
