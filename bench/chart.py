@@ -38,8 +38,8 @@ def draw(data: dict[str, Any], path: Path) -> bool:
             hi.append(row["calls_per_s_max"] - row["calls_per_s"])
         ax.barh(ys, values, height=height, xerr=[lo, hi], capsize=2,
                 color=colors[k % len(colors)], label=f"{n} client{'s' if n > 1 else ''}")
-        for y, v in zip(ys, values, strict=True):
-            ax.text(v, y, f" {v:,.0f}", va="center", fontsize=7)
+        for y, v, h in zip(ys, values, hi, strict=True):
+            ax.text(v + h, y, f"  {v:,.0f}", va="center", fontsize=7)
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()
