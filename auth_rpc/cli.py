@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rotate-key":
             service = _admin_service(args)
             try:
-                kid = service.rotate_key()
+                kid = service.rotate_key(args.alg)
             finally:
                 service.close()
             print(f"new signing key {kid}; the previous key verifies until its tokens expire")

@@ -346,14 +346,16 @@ class AuthHttpApp:
                     creds.client_secret,
                     client_auth=True,
                 )
+            named_client: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
             if grant_type == "password":
                 username = _required(form, "username")
                 password = _required(form, "password")
-                named: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
-                tokens = self._call(self._service.login, username, password, scope, **named)
+                tokens = self._call(self._service.login, username, password, scope, **named_client)
             else:
                 refresh_token = _required(form, "refresh_token")
-                tokens = self._call(self._service.refresh, refresh_token, scope)
+                # RFC 6749 6: the server MUST "ensure that it was issued to the
+                # authenticated client" - the service refuses another client's.
+                tokens = self._call(self._service.refresh, refresh_token, scope, **named_client)
         else:
             # RFC 6749 5.2 unsupported_grant_type: "The authorization grant type
             # is not supported by the authorization server."
@@ -395,11 +397,14 @@ class AuthHttpApp:
         form = self._read_form(environ)
         # RFC 7009 2.1: "The client also includes its authentication credentials
         # as described in Section 2.3. of [RFC6749]."
-        self._authenticate(environ, form)
+        client_id = self._authenticate(environ, form)
         # RFC 7009 2.1: "token REQUIRED."
         token = _required(form, "token")
         try:
-            self._service.revoke(token)
+            # RFC 7009 2.1: the server "verifies whether the token was issued to
+            # the client making the revocation request": another client's token
+            # is left alone (answered like an unknown one).
+            self._service.revoke(token, client_id=client_id)
         except (errors.TokenRejected, errors.InvalidInput):
             # RFC 7009 2.2: "The authorization server responds with HTTP status
             # code 200 if the token has been revoked successfully or if the

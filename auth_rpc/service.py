@@ -21,6 +21,7 @@ Tokens issued:
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import secrets
@@ -75,6 +76,9 @@ DB_FILENAME = "auth.sqlite3"
 LOGIN_FAILED = "invalid username or password"
 CLIENT_FAILED = "invalid client credentials"
 _PURGE_INTERVAL_S = 600
+#: How long a successful client authentication is remembered, and how many are.
+CLIENT_AUTH_CACHE_TTL_S = 300.0
+CLIENT_AUTH_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -171,6 +175,9 @@ class AuthService:
         )
         self._login_throttle = Throttle(clock=clock, what="logins")
         self._client_throttle = Throttle(clock=clock, what="client authentications")
+        self._client_cache_key = secrets.token_bytes(32)
+        self._client_cache: dict[bytes, tuple[float, tuple[str, ...]]] = {}
+        self._client_cache_lock = threading.Lock()
         self._purged_at = float("-inf")
         self._purge_lock = threading.Lock()
         self._closed = False
@@ -258,13 +265,18 @@ class AuthService:
         log.info("login succeeded for %r", username)
         return IssuedTokens(access, refresh, self.settings.access_ttl_s, " ".join(scopes))
 
-    def refresh(self, refresh_token: str, scope: str = "") -> IssuedTokens:
+    def refresh(
+        self, refresh_token: str, scope: str = "", *, client_id: str = USER_CLIENT_ID
+    ) -> IssuedTokens:
         """Refresh grant: rotate ``refresh_token`` and issue a new access token.
 
         Keeps the family's scopes (those the user still has), narrowed by
-        ``scope`` if given. Raises TokenRejected (unknown, expired, revoked,
-        or reused - which revokes the family), InvalidInput,
-        DependencyUnavailable.
+        ``scope`` if given. ``client_id`` is the client making the request
+        (the authenticated client on HTTP; :data:`USER_CLIENT_ID` otherwise):
+        RFC 6749 section 6 binds a refresh token to the client it was issued
+        to, so a family issued to another client is refused and left as it was.
+        Raises TokenRejected (unknown, expired, revoked, another client's, or
+        reused - which revokes the family), InvalidInput, DependencyUnavailable.
         """
         token = self._check_token_input(refresh_token, "refresh_token")
         requested = parse_scope(scope)
@@ -274,6 +286,11 @@ class AuthService:
         issued: dict[str, Any] = {}
 
         def issue(family: Family) -> Rotation:
+            # RFC 6749 section 6: the server MUST "validate the refresh token and
+            # ensure that it was issued to the authenticated client". Raising
+            # here aborts the transaction: the token stays unused.
+            if not hmac.compare_digest(family.client_id, client_id):
+                raise TokenRejected("invalid refresh token")
             user = self._accounts.get_user(family.subject)
             if user is None:  # the user was deleted since the login
                 raise TokenRejected("invalid refresh token")
@@ -320,6 +337,25 @@ class AuthService:
         return client_id
 
     def _authenticate_client(self, client_id: str, client_secret: str) -> tuple[str, ...]:
+        # argon2id costs ~30 ms by design; a resource server introspecting every
+        # call would pay it per call. A success is remembered for a short time
+        # under a keyed digest of (id, secret) - never the secret itself - so
+        # the same credentials are not hashed again; a failure always is.
+        digest = hmac.digest(
+            self._client_cache_key, f"{client_id}\0{client_secret}".encode(), "sha256"
+        )
+        cached = self._client_cache.get(digest)
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        scopes = self._authenticate_client_slow(client_id, client_secret)
+        with self._client_cache_lock:
+            if len(self._client_cache) >= CLIENT_AUTH_CACHE_SIZE:
+                self._client_cache.pop(next(iter(self._client_cache)))
+            self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, scopes)
+        return scopes
+
+    def _authenticate_client_slow(self, client_id: str, client_secret: str) -> tuple[str, ...]:
         with self._client_throttle.attempt(client_id) as attempt:
             client = self._accounts.get_client(client_id)
             ok = self._hasher.verify(client.secret_hash if client else None, client_secret)
@@ -398,12 +434,17 @@ class AuthService:
             body["username"] = principal.subject
         return body
 
-    def revoke(self, token: str) -> None:
+    def revoke(self, token: str, *, client_id: str | None = None) -> None:
         """Revoke an access token (its ``jti``, until it expires) or a refresh token (its family).
 
         RFC 7009 section 2.2: "invalid tokens do not cause an error" - an
-        unknown, expired or foreign token is a no-op. Idempotent. Raises
-        InvalidInput (empty, or over 8 KiB), DependencyUnavailable.
+        unknown, expired or foreign token is a no-op. Idempotent. With
+        ``client_id`` (the client authenticated on ``/revoke``), only a token
+        issued to that client is revoked; another client's token is left
+        alone, as if unknown (RFC 7009 section 2.1: the server "verifies
+        whether the token was issued to the client making the revocation
+        request"). Raises InvalidInput (empty, or over 8 KiB),
+        DependencyUnavailable.
         """
         token = self._check_token_input(token, "token")
         now = int(self._clock())
@@ -413,11 +454,13 @@ class AuthService:
                 claims = self._checker.decode(token, check_time=False, check_revoked=False)
             except TokenRejected:
                 return
+            if client_id is not None and claims.get("client_id") != client_id:
+                return
             if claims["exp"] + LEEWAY_S > now:
                 self._revocations.revoke(claims["jti"], expires_at=int(claims["exp"]))
                 log.info("access token revoked")
             return
-        if self._refresh.revoke_by_token(hash_refresh_token(token), now=now):
+        if self._refresh.revoke_by_token(hash_refresh_token(token), now=now, client_id=client_id):
             log.info("refresh token family revoked")
 
     def _check_token_input(self, token: object, field_name: str) -> str:
@@ -445,6 +488,10 @@ class AuthService:
         check_password(password)
         granted = check_scopes(scopes)
         self._check_open()
+        # A client-credentials token's sub is its client id: a user of the same
+        # name would own that client's posts (and the other way round).
+        if self._accounts.get_client(name) is not None:
+            raise InvalidInput("name", "already taken by a service client")
         self._accounts.add_user(name, self._hasher.hash(password), granted, now=int(self._clock()))
         log.info("user %r created", name)
 
@@ -456,6 +503,8 @@ class AuthService:
         client_id = check_client_id(client_id)
         granted = check_scopes(scopes)
         self._check_open()
+        if client_id == USER_CLIENT_ID or self._accounts.get_user(client_id) is not None:
+            raise InvalidInput("client_id", "reserved, or already taken by a user")
         secret = secrets.token_urlsafe(32)
         self._accounts.add_client(
             client_id, self._hasher.hash(secret), granted, now=int(self._clock())

@@ -409,13 +409,21 @@ class RefreshStore:
         assert rotation is not None
         return rotation
 
-    def revoke_by_token(self, token_hash: bytes, *, now: int) -> bool:
-        """Revoke the family of the refresh token with ``token_hash``; ``False`` if unknown."""
+    def revoke_by_token(
+        self, token_hash: bytes, *, now: int, client_id: str | None = None
+    ) -> bool:
+        """Revoke the family of the refresh token with ``token_hash``; ``False`` if unknown.
+
+        With ``client_id``, only a family issued to that client is revoked
+        (``False`` otherwise).
+        """
         with self._db.transaction() as conn:
             row = conn.execute(
-                "SELECT family_id FROM refresh_tokens WHERE token_hash = ?", (token_hash,)
+                "SELECT t.family_id, f.client_id FROM refresh_tokens t "
+                "JOIN refresh_families f ON f.family_id = t.family_id WHERE t.token_hash = ?",
+                (token_hash,),
             ).fetchone()
-            if row is None:
+            if row is None or (client_id is not None and row[1] != client_id):
                 return False
             self._revoke_family(conn, row[0], now)
         return True

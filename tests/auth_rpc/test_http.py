@@ -91,9 +91,14 @@ def post(base: str, path: str, data: Any, **kwargs: Any) -> requests.Response:
     return requests.post(base + path, data=data, timeout=TIMEOUT, **kwargs)
 
 
-def login(base: str, **extra: str) -> dict[str, Any]:
+def login(base: str, *, client_secret: str | None = None, **extra: str) -> dict[str, Any]:
+    """A password grant; with ``client_secret``, as the client CLIENT_ID (HTTP Basic)."""
+    headers = {} if client_secret is None else {"Authorization": basic(CLIENT_ID, client_secret)}
     r = post(
-        base, "/token", {"grant_type": "password", "username": USER, "password": PASSWORD, **extra}
+        base,
+        "/token",
+        {"grant_type": "password", "username": USER, "password": PASSWORD, **extra},
+        headers=headers,
     )
     assert r.status_code == 200, r.text
     body: dict[str, Any] = r.json()
@@ -677,7 +682,7 @@ def test_introspect_and_revoke_need_a_token(base: str, client_secret: str, path:
 
 def test_revoke_then_introspect_is_inactive(base: str, client_secret: str) -> None:
     auth = {"Authorization": basic(CLIENT_ID, client_secret)}
-    token = login(base)["access_token"]
+    token = login(base, client_secret=client_secret)["access_token"]
     r = post(base, "/revoke", {"token": token}, headers=auth)
     assert r.status_code == 200
     assert r.headers["Cache-Control"] == "no-store"
@@ -688,7 +693,7 @@ def test_revoke_then_introspect_is_inactive(base: str, client_secret: str) -> No
 
 
 def test_revoke_a_refresh_token(base: str, client_secret: str) -> None:
-    tokens = login(base)
+    tokens = login(base, client_secret=client_secret)
     r = post(
         base,
         "/revoke",
@@ -697,9 +702,59 @@ def test_revoke_a_refresh_token(base: str, client_secret: str) -> None:
     )
     assert r.status_code == 200
     refreshed = post(
-        base, "/token", {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]}
+        base,
+        "/token",
+        {"grant_type": "refresh_token", "refresh_token": tokens["refresh_token"]},
+        headers={"Authorization": basic(CLIENT_ID, client_secret)},
     )
     assert_oauth_error(refreshed, 400, "invalid_grant")
+
+
+def test_a_client_cannot_revoke_another_clients_tokens(
+    base: str, client_secret: str, service: AuthService
+) -> None:
+    """RFC 7009 2.1: only tokens issued to the requesting client are revoked."""
+    mine = login(base, client_secret=client_secret)
+    other_secret = service.add_client("other-svc", "posts:read")
+    other = {"Authorization": basic("other-svc", other_secret)}
+    for token in (mine["access_token"], mine["refresh_token"]):
+        assert post(base, "/revoke", {"token": token}, headers=other).status_code == 200
+    auth = {"Authorization": basic(CLIENT_ID, client_secret)}
+    assert post(base, "/introspect", {"token": mine["access_token"]}, headers=auth).json()[
+        "active"
+    ]
+    refreshed = post(
+        base,
+        "/token",
+        {"grant_type": "refresh_token", "refresh_token": mine["refresh_token"]},
+        headers=auth,
+    )
+    assert refreshed.status_code == 200, refreshed.text
+
+
+def test_a_refresh_token_is_bound_to_its_client(base: str, client_secret: str) -> None:
+    """RFC 6749 6: a refresh token issued to a client needs that client's authentication."""
+    theirs = login(base, client_secret=client_secret)["refresh_token"]
+    anonymous = post(base, "/token", {"grant_type": "refresh_token", "refresh_token": theirs})
+    assert_oauth_error(anonymous, 400, "invalid_grant")
+    public = login(base)["refresh_token"]
+    as_client = post(
+        base,
+        "/token",
+        {"grant_type": "refresh_token", "refresh_token": public},
+        headers={"Authorization": basic(CLIENT_ID, client_secret)},
+    )
+    assert_oauth_error(as_client, 400, "invalid_grant")
+    # Refused requests changed nothing: each token still works for its own client.
+    ok = post(
+        base,
+        "/token",
+        {"grant_type": "refresh_token", "refresh_token": theirs},
+        headers={"Authorization": basic(CLIENT_ID, client_secret)},
+    )
+    assert ok.status_code == 200, ok.text
+    ok = post(base, "/token", {"grant_type": "refresh_token", "refresh_token": public})
+    assert ok.status_code == 200, ok.text
 
 
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "A" * 43])

@@ -1,0 +1,87 @@
+"""Service clients: authentication cost, name collisions, tokens bound to their client."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from auth_rpc.errors import InvalidCredentials, InvalidInput, TokenRejected
+from auth_rpc.passwords import SecretHasher
+from auth_rpc.service import USER_CLIENT_ID, AuthService
+
+PASSWORD = "correct horse battery staple"
+
+
+class CountingHasher(SecretHasher):
+    def __init__(self) -> None:
+        super().__init__()
+        self.verifications = 0
+
+    def verify(self, stored_hash: str | None, secret: str) -> bool:
+        self.verifications += 1
+        return super().verify(stored_hash, secret)
+
+
+def test_a_successful_client_authentication_is_not_hashed_again(
+    open_service: Callable[..., AuthService],
+) -> None:
+    """Introspection authenticates the resource server on every call: argon2 once, not per call."""
+    service = open_service()
+    hasher = CountingHasher()
+    service._hasher = hasher  # the service's own hasher, counting
+    secret = service.add_client("posts-svc", ["introspect"])
+    for _ in range(5):
+        assert service.authenticate_client("posts-svc", secret) == "posts-svc"
+    assert hasher.verifications == 1
+    # A wrong secret is always checked (and throttled), never answered from memory.
+    for _ in range(3):
+        with pytest.raises(InvalidCredentials):
+            service.authenticate_client("posts-svc", secret + "x")
+    assert hasher.verifications == 4
+    # The memory is keyed by a digest: the secret itself is not kept.
+    assert all(secret.encode() not in key for key in service._client_cache)
+
+
+def test_users_and_clients_cannot_share_a_name(open_service: Callable[..., AuthService]) -> None:
+    """A client token's sub is the client id: a same-named user would own its posts."""
+    service = open_service()
+    service.add_user("alice", PASSWORD, ["posts:read"])
+    service.add_client("reporting", ["posts:read"])
+    with pytest.raises(InvalidInput, match="client_id"):
+        service.add_client("alice", ["posts:read"])
+    with pytest.raises(InvalidInput, match="name"):
+        service.add_user("reporting", PASSWORD, ["posts:read"])
+    with pytest.raises(InvalidInput, match="client_id"):
+        service.add_client(USER_CLIENT_ID, ["posts:read"])
+
+
+def test_refresh_is_bound_to_the_client_and_a_refusal_changes_nothing(
+    open_service: Callable[..., AuthService],
+) -> None:
+    service = open_service()
+    service.add_user("alice", PASSWORD, ["posts:read"])
+    service.add_client("web", ["posts:read"])
+    pair = service.login("alice", PASSWORD, client_id="web")
+    with pytest.raises(TokenRejected):
+        service.refresh(pair.refresh_token)  # as the default (public) client
+    with pytest.raises(TokenRejected):
+        service.refresh(pair.refresh_token, client_id="other")
+    # Not counted as a reuse: the family is intact and the token still rotates once.
+    rotated = service.refresh(pair.refresh_token, client_id="web")
+    assert service.validate(rotated.access_token).client_id == "web"
+
+
+def test_revoke_with_a_client_only_touches_that_clients_tokens(
+    open_service: Callable[..., AuthService],
+) -> None:
+    service = open_service()
+    service.add_user("alice", PASSWORD, ["posts:read"])
+    pair: Any = service.login("alice", PASSWORD)  # issued to the default client
+    service.revoke(pair.access_token, client_id="web")
+    service.revoke(pair.refresh_token, client_id="web")
+    assert service.validate(pair.access_token).subject == "alice"
+    service.revoke(pair.access_token, client_id=USER_CLIENT_ID)
+    with pytest.raises(TokenRejected):
+        service.validate(pair.access_token)
