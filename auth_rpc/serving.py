@@ -97,8 +97,9 @@ class ServerSettings:
     """Limits of one listener. Times in seconds, sizes in bytes.
 
     The wire limits (``max_message_bytes``, ``max_string_bytes``,
-    ``max_container_items``, ``max_nesting_depth``) bound what one incoming
-    call may declare; see :mod:`auth_rpc.wire`. ``idle_timeout_s`` bounds the
+    ``max_container_items``, ``max_nesting_depth``, ``max_message_values``:
+    fields and container elements of one message together) bound what one
+    incoming call may declare; see :mod:`auth_rpc.wire`. ``idle_timeout_s`` bounds the
     wait for the next call, ``message_read_timeout_s`` the time one call may
     take to arrive once it has begun. A reply is sent under the idle timeout:
     a client that stops reading holds its connection no longer than an idle
@@ -120,6 +121,7 @@ class ServerSettings:
     max_string_bytes: int = 1024 * 1024
     max_container_items: int = 10_000
     max_nesting_depth: int = 64
+    max_message_values: int = 100_000
     message_read_timeout_s: float = 10.0
     thread_stack_bytes: int | None = None
 
@@ -142,6 +144,7 @@ class ServerSettings:
             max_string_bytes=self.max_string_bytes,
             max_container_items=self.max_container_items,
             max_depth=self.max_nesting_depth,
+            max_values=self.max_message_values,
         )
 
 

@@ -125,6 +125,11 @@ HOSTILE = {
     "reply_message_type": struct.pack("!ii", -2147418112 | 2, 0) + b"\0" * 4,
     "bad_version": struct.pack("!ii", -2147352576 | 1, 0) + b"\0" * 4,
     "list_longer_than_message_limit": call(field(LIST) + list_header(I64, 9_999)),
+    "values_over_limit": call(
+        b"".join(
+            field(LIST, 10 + i) + list_header(BYTE, 10_000) + b"\1" * 10_000 for i in range(11)
+        )
+    ),
 }
 
 
@@ -241,6 +246,7 @@ def check_answer(wire: Any, answer: bytes, framed: bool) -> None:
 
 
 LIVE = [
+    "values_over_limit",
     "list_of_stop_2^31-1",
     "list_of_i32_2^31-1",
     "set_of_string_2^31-1",
@@ -392,3 +398,17 @@ def test_reader_memory_follows_bytes_received_not_sizes_declared(framed: bool) -
     finally:
         ours.close()
         theirs.close()
+
+
+def test_value_budget_counts_fields_and_elements_once_across_resumptions() -> None:
+    limits = WireLimits(max_values=5)
+    ok = call(
+        field(I32, 1) + b"\0\0\0\1" + field(LIST, 2) + list_header(I16, 3) + b"\0" * 6 + b"\0"
+    )
+    assert scan_all(ok, limits) == len(ok)  # 2 fields + 3 elements
+    assert scan_all(ok, limits, step=1) == len(ok)
+    over = call(
+        field(I32, 1) + b"\0\0\0\1" + field(LIST, 2) + list_header(I16, 4) + b"\0" * 8 + b"\0"
+    )
+    with pytest.raises(WireError, match="more than 5"):
+        scan_all(over, limits)
