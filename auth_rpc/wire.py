@@ -548,23 +548,23 @@ class MessageReader:
                 self._sock.settimeout(remaining)
                 self._timeout = remaining
             try:
-                received = self._recv(need)
+                received = self._recv()
             except TimeoutError:
                 raise MessageTimeout("message not complete before its read deadline") from None
             if received == 0:
                 raise ConnectionError("peer closed the connection in the middle of a message")
 
-    def _recv(self, need: int) -> int:
+    def _recv(self) -> int:
         """One ``recv_into`` after the buffered bytes.
 
-        A full buffer grows at most twofold, never past ``need``: memory follows
-        the bytes actually received, not the size a message declares (a client
-        declaring a 4 MiB frame and sending nothing gets no 4 MiB buffer).
+        A full buffer grows twofold: memory follows the bytes actually
+        received, not the size a message declares (a client declaring a 4 MiB
+        frame and sending nothing gets no 4 MiB buffer).
         """
         end = self._end
         capacity = len(self._buf)
         if end == capacity:
-            self._resize(min(max(need, end + 1), 2 * capacity))
+            self._resize(max(min(2 * capacity, self._limits.max_message_bytes + 4), end + 1))
         if end == 0:
             received: int = self._sock.recv_into(self._view)
         else:
