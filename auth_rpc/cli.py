@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--http-port", type=int, default=9080, help="HTTP port (default 9080; 0 = any free)"
     )
-    serve.add_argument("--issuer", help="the iss of issued tokens (default http://HOST:HTTP-PORT)")
+    serve.add_argument("--issuer", help="the iss of issued tokens (default: the HTTP base URL)")
     serve.add_argument(
         "--audience", default="posts", help="the aud of issued tokens (default posts)"
     )
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--hs256-secret-file", type=Path, help="the HS256 secret (>= 32 bytes)")
     serve.add_argument("--access-ttl", type=int, default=900, help="access token lifetime, seconds")
     serve.add_argument("--framed", action="store_true", help="framed Thrift transport")
-    serve.add_argument("--tls-cert", help="TLS certificate (PEM) for the Thrift listener")
+    serve.add_argument("--tls-cert", help="TLS certificate (PEM) for both listeners")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     serve.add_argument("--max-connections", type=int, default=2048)
@@ -119,10 +119,11 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit("auth-rpc: error: --workers must be at least 1")
     http_sock = bind_socket(args.host, args.http_port)
     thrift_sock = bind_socket(args.host, args.port)
-    issuer = args.issuer or f"http://{args.host}:{http_sock.getsockname()[1]}"
     tls = None
     if args.tls_cert:
         tls = TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    http_url = f"{'https' if tls else 'http'}://{args.host}:{http_sock.getsockname()[1]}"
+    issuer = args.issuer or http_url
     settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
 
     def start() -> Callable[[], None]:
@@ -143,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     ready = (
         f"auth-rpc ready: thrift={args.host}:{thrift_sock.getsockname()[1]} "
-        f"http=http://{args.host}:{http_sock.getsockname()[1]} "
+        f"http={http_url} "
         f"issuer={issuer} audience={args.audience}"
     )
     with http_sock, thrift_sock:  # closed however serving ends

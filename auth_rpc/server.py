@@ -22,7 +22,8 @@ from auth_rpc.http import make_app
 from auth_rpc.idl import auth_thrift
 from auth_rpc.runner import bind_socket
 from auth_rpc.service import AuthService
-from auth_rpc.serving import RpcServer, ServerSettings
+from auth_rpc.serving import RpcServer, ServerSettings, TLSServerConfig
+from auth_rpc.tls_front import TlsFront, peer_cert_middleware
 
 __all__ = ["AuthServer", "HttpListener"]
 
@@ -40,13 +41,23 @@ class HttpListener:
         port: int = 0,
         threads: int = 8,
         sock: socket.socket | None = None,
+        tls: TLSServerConfig | None = None,
     ) -> None:
         self._sock = sock if sock is not None else bind_socket(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
+        self.tls = tls
+        self._front: TlsFront | None = None
+        served = self._sock
+        if tls is not None:
+            # waitress has no TLS: it serves a private loopback socket, and
+            # TlsFront terminates TLS on the public one in front of it.
+            served = bind_socket("127.0.0.1", 0)
+            self._front = TlsFront(self._sock, served.getsockname(), tls)
+            app = peer_cert_middleware(app, self._front)
         self._server = create_server(
             app,
-            sockets=[self._sock],
+            sockets=[served],
             threads=threads,
             ident="auth-rpc",
             # waitress logs the peer of every failed request; it never logs bodies.
@@ -62,11 +73,14 @@ class HttpListener:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def start(self) -> HttpListener:
         self._thread = threading.Thread(target=self._run, name="auth-http", daemon=True)
         self._thread.start()
+        if self._front is not None:
+            self._front.start()
         return self
 
     def _run(self) -> None:
@@ -81,6 +95,9 @@ class HttpListener:
     def stop(self) -> None:
         """Stop accepting, close every connection, join the serving thread."""
         self._closing = True
+        if self._front is not None:
+            self._front.stop()
+            self._sock.close()
         server = self._server
         server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
         # waitress keeps no public list of its channels.
@@ -125,9 +142,11 @@ class AuthServer:
         )
         http_host = http_host or host
         self._http_sock = http_sock if http_sock is not None else bind_socket(http_host, http_port)
-        base = f"http://{http_host}:{self._http_sock.getsockname()[1]}"
+        tls = settings.tls if settings is not None else None
+        scheme = "https" if tls is not None else "http"
+        base = f"{scheme}://{http_host}:{self._http_sock.getsockname()[1]}"
         self._http = HttpListener(
-            make_app(service, base_url=base), host=http_host, sock=self._http_sock
+            make_app(service, base_url=base), host=http_host, sock=self._http_sock, tls=tls
         )
         self._started = False
 

@@ -60,6 +60,8 @@ _MODE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "--client-secret-file": ("client_secret_file", ("introspect",)),
     "--auth-addr": ("auth_addr", ("thrift",)),
     "--auth-tls-ca": ("auth_tls_ca", ("jwks", "introspect", "thrift")),
+    "--auth-tls-cert": ("auth_tls_cert", ("jwks", "introspect", "thrift")),
+    "--auth-tls-key": ("auth_tls_key", ("jwks", "introspect", "thrift")),
     "--auth-framed": ("auth_framed", ("thrift",)),
 }
 
@@ -104,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--auth-tls-ca", metavar="FILE", help="CA to trust for the Auth service's certificate"
     )
+    serve.add_argument(
+        "--auth-tls-cert", metavar="FILE", help="client certificate for a mutual-TLS Auth service"
+    )
+    serve.add_argument("--auth-tls-key", metavar="FILE", help="its private key (PEM)")
     serve.add_argument("--framed", action="store_true", help="framed Thrift transport")
     serve.add_argument("--tls-cert", metavar="FILE", help="TLS certificate (PEM) for the listener")
     serve.add_argument("--tls-key", metavar="FILE", help="TLS private key (PEM)")
@@ -152,6 +158,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if bool(args.auth_tls_cert) != bool(args.auth_tls_key):
+        parser.error("--auth-tls-cert and --auth-tls-key go together")
+    if args.auth_tls_cert and not args.auth_tls_ca:
+        parser.error("--auth-tls-cert needs --auth-tls-ca")
     if not 0 <= args.port < 65536:
         parser.error("--port must be 0..65535")
     if args.max_connections < 1:
@@ -197,9 +207,13 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
         settings["auth_addr"] = args.auth_addr
         settings["framed"] = args.auth_framed
         if args.auth_tls_ca:
-            settings["tls"] = TLSClientConfig(ca_file=args.auth_tls_ca)
+            settings["tls"] = TLSClientConfig(
+                ca_file=args.auth_tls_ca, cert_file=args.auth_tls_cert, key_file=args.auth_tls_key
+            )
     if mode in ("jwks", "introspect") and args.auth_tls_ca:
         session = _session(args.auth_tls_ca)
+        if args.auth_tls_cert:
+            session.cert = (args.auth_tls_cert, args.auth_tls_key)
         settings["session"] = session
     try:
         return make_verifier(mode, **settings), session
