@@ -86,6 +86,10 @@ def make_bare_server(host: str = "127.0.0.1", port: int = 0) -> tuple[TThreadedS
 
 
 def _stop(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM during interpreter shutdown (when Python has put back
+    # the default handlers) would end the process with -15: ignore it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise SystemExit(0)
 
 
