@@ -29,6 +29,7 @@ alone suffices; it need not also carry ``posts:write``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from auth_rpc.errors import Forbidden, InvalidInput, NotFoundError
@@ -56,6 +57,26 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 _Post = posts_thrift.Post
 _PostPage = posts_thrift.PostPage
+
+
+def _page_builder(limit: int) -> Callable[[list[PostRow]], Any]:
+    """Makes the PostPage from up to ``limit + 1`` rows (the store may reuse it: never mutated)."""
+    return _BUILDERS[limit]
+
+
+def _make_builder(limit: int) -> Callable[[list[PostRow]], Any]:
+    def build(rows: list[PostRow]) -> Any:
+        if len(rows) > limit:
+            del rows[limit:]
+            next_before_id = rows[-1].id
+        else:
+            next_before_id = 0
+        return _PostPage(posts=[_Post(*row) for row in rows], next_before_id=next_before_id)
+
+    return build
+
+
+_BUILDERS = {limit: _make_builder(limit) for limit in range(1, MAX_PAGE_SIZE + 1)}
 
 
 class PostsHandler(GuardedHandler, service=posts_thrift.Posts):
@@ -92,13 +113,7 @@ class PostsHandler(GuardedHandler, service=posts_thrift.Posts):
             raise InvalidInput("before_id", "must be 0 (from the newest) or a post id")
         limit = limit or DEFAULT_PAGE_SIZE
         # One more than asked: whether a next page exists is then known exactly.
-        rows = self.store.list_page(limit + 1, before_id)
-        if len(rows) > limit:
-            del rows[limit:]
-            next_before_id = rows[-1].id
-        else:
-            next_before_id = 0
-        return _PostPage(posts=[_Post(*row) for row in rows], next_before_id=next_before_id)
+        return self.store.list_page_view(limit + 1, before_id, _page_builder(limit))
 
     @requires(SCOPE_WRITE, SCOPE_ADMIN)
     def update_post(self, principal: Principal, post_id: Any, title: Any, body: Any) -> Any:

@@ -36,9 +36,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from auth_rpc.errors import DependencyUnavailable
+
+T = TypeVar("T")
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostRow", "PostStore", "SqlitePostStore"]
 
@@ -132,6 +134,18 @@ class PostStore(Protocol):
         """Delete the post (durably); ``False`` if there was none."""
         ...
 
+    def list_page_view(
+        self, limit: int, before_id: int, build: Callable[[list[PostRow]], T]
+    ) -> T:
+        """``build(list_page(limit, before_id))``, possibly reused.
+
+        A store that can tell cheaply that no post changed since (in any
+        process) may return what ``build`` made before for the same
+        arguments; one that cannot simply calls ``build`` every time. The
+        caller must never mutate the result. Raises ``DependencyUnavailable``.
+        """
+        ...
+
     def close(self) -> None:
         """Release the storage; later calls raise ``DependencyUnavailable``. Idempotent."""
         ...
@@ -163,6 +177,7 @@ class SqlitePostStore:
         # so taking and returning a reader needs no lock.
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
+        self._views: list[_PageView] = []
 
     @classmethod
     def open(
@@ -236,11 +251,56 @@ class SqlitePostStore:
             deleted: int = conn.execute(_SQL_DELETE, (post_id,)).rowcount
         return deleted > 0
 
+    def list_page_view(
+        self, limit: int, before_id: int, build: Callable[[list[PostRow]], T]
+    ) -> T:
+        # Each pooled view is one reader connection with the pages built from
+        # it. SQLite's PRAGMA data_version on that connection changes whenever
+        # another connection (the writer, another worker process) commits, so
+        # a page is reused only while nothing changed; checking costs a few
+        # microseconds against ~30 for the query and building the page. No
+        # lock: list.pop()/append() are atomic, and a view serves one call.
+        if self._closed:
+            raise DependencyUnavailable("post storage closed")
+        try:
+            view = self._views.pop()
+        except IndexError:
+            view = _PageView(self._take_reader())
+        try:
+            conn = view.conn
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+            if version != view.version:
+                view.pages.clear()
+                view.version = version
+            key = (limit, before_id)
+            page = view.pages.get(key)
+            if page is None:
+                make = PostRow._make
+                rows = conn.execute(_SQL_PAGE, (before_id or _NO_UPPER_BOUND, limit)).fetchall()
+                page = build([make(row) for row in rows])
+                if len(view.pages) >= _MAX_PAGES_PER_VIEW:
+                    view.pages.clear()
+                view.pages[key] = page
+        except sqlite3.Error as exc:
+            view.conn.close()  # a connection in an unknown state is not reused
+            log.error("post database error: %s", type(exc).__name__)
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        except BaseException:
+            view.conn.close()
+            raise
+        if len(self._views) < self._max_idle_readers and not self._closed:
+            self._views.append(view)
+        else:
+            view.conn.close()
+        return page  # what build returned for this key
+
     def close(self) -> None:
         with self._write_lock:
             self._closed = True
             writer, self._writer = self._writer, None
         readers, self._readers = self._readers, []
+        views, self._views = self._views, []
+        readers += [view.conn for view in views]
         for conn in [*readers, *([writer] if writer is not None else [])]:
             try:
                 conn.close()
@@ -349,6 +409,20 @@ class SqlitePostStore:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+
+_MAX_PAGES_PER_VIEW = 256
+
+
+class _PageView:
+    """A reader connection and the pages built from it at ``version``."""
+
+    __slots__ = ("conn", "pages", "version")
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.version: int | None = None
+        self.pages: dict[tuple[int, int], Any] = {}
 
 
 def _connect(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
