@@ -29,6 +29,7 @@ is what keyset pagination (``list_page``) relies on.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import sqlite3
 import threading
@@ -178,6 +179,9 @@ class SqlitePostStore:
         self._readers: list[sqlite3.Connection] = []
         self._closed = False
         self._views: list[_PageView] = []
+        self._shm: mmap.mmap | None = None
+        self._pages: dict[tuple[int, int], Any] = {}
+        self._pages_marker: object = None
 
     @classmethod
     def open(
@@ -217,6 +221,8 @@ class SqlitePostStore:
                 if str(mode).lower() != "wal":
                     log.warning("SQLite refused WAL mode (journal_mode=%s)", mode)
             store._migrate(migrations)
+            if str(mode).lower() == "wal":
+                store._shm = _map_wal_index(path)
         except BaseException:
             store.close()
             raise
@@ -254,31 +260,53 @@ class SqlitePostStore:
     def list_page_view(
         self, limit: int, before_id: int, build: Callable[[list[PostRow]], T]
     ) -> T:
-        # Each pooled view is one reader connection with the pages built from
-        # it. SQLite's PRAGMA data_version on that connection changes whenever
-        # another connection (the writer, another worker process) commits, so
-        # a page is reused only while nothing changed; checking costs a few
-        # microseconds against ~30 for the query and building the page. No
-        # lock: list.pop()/append() are atomic, and a view serves one call.
+        # A page is reused only while the database is unchanged. The change
+        # marker is the WAL-index header that every SQLite connection, in any
+        # process, updates on each commit (sqlite.org/walformat.html, "The
+        # WAL-Index Header": iChange "incremented each transaction", mxFrame,
+        # salts and checksums), read from the shared memory file without a
+        # system call. Without it (no WAL), PRAGMA data_version on the view's
+        # own connection serves the same purpose, at the cost of a query.
         if self._closed:
             raise DependencyUnavailable("post storage closed")
+        shm = self._shm
+        key = (limit, before_id)
+        if shm is not None:
+            marker: object = shm[:_WAL_INDEX_HEADER_BYTES]
+            if marker != self._pages_marker:
+                self._pages = {}
+                self._pages_marker = marker
+            pages = self._pages
+            page = pages.get(key)
+            if page is None:
+                page = build(self.list_page(limit, before_id))
+                if marker == self._pages_marker:
+                    if len(pages) >= _MAX_PAGES:
+                        pages.clear()
+                    pages[key] = page
+            return page  # what build returned for key
+        return self._list_page_view_by_pragma(key, build)
+
+    def _list_page_view_by_pragma(
+        self, key: tuple[int, int], build: Callable[[list[PostRow]], T]
+    ) -> T:
         try:
             view = self._views.pop()
         except IndexError:
             view = _PageView(self._take_reader())
+        limit, before_id = key
         try:
             conn = view.conn
             version = conn.execute("PRAGMA data_version").fetchone()[0]
             if version != view.version:
                 view.pages.clear()
                 view.version = version
-            key = (limit, before_id)
             page = view.pages.get(key)
             if page is None:
                 make = PostRow._make
                 rows = conn.execute(_SQL_PAGE, (before_id or _NO_UPPER_BOUND, limit)).fetchall()
                 page = build([make(row) for row in rows])
-                if len(view.pages) >= _MAX_PAGES_PER_VIEW:
+                if len(view.pages) >= _MAX_PAGES:
                     view.pages.clear()
                 view.pages[key] = page
         except sqlite3.Error as exc:
@@ -298,6 +326,9 @@ class SqlitePostStore:
         with self._write_lock:
             self._closed = True
             writer, self._writer = self._writer, None
+        shm, self._shm = self._shm, None
+        if shm is not None:
+            shm.close()
         readers, self._readers = self._readers, []
         views, self._views = self._views, []
         readers += [view.conn for view in views]
@@ -411,7 +442,20 @@ class SqlitePostStore:
             conn.execute("COMMIT")
 
 
-_MAX_PAGES_PER_VIEW = 256
+_MAX_PAGES = 256
+_WAL_INDEX_HEADER_BYTES = 48  # one copy of the WalIndexHdr
+
+
+def _map_wal_index(path: Path) -> mmap.mmap | None:
+    """The start of the database's WAL index (``-shm``), mapped read-only; ``None`` if absent."""
+    try:
+        with open(f"{path}-shm", "rb") as f:
+            if os.fstat(f.fileno()).st_size < _WAL_INDEX_HEADER_BYTES:
+                return None
+            return mmap.mmap(f.fileno(), _WAL_INDEX_HEADER_BYTES, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        log.info("no shared WAL index to watch; pages are checked with PRAGMA data_version")
+        return None
 
 
 class _PageView:

@@ -18,8 +18,9 @@ def test_a_page_is_reused_until_the_store_changes(
     page = client.list_posts(token, 10, 0)
     assert [p.id for p in page.posts] == [first.id]
     assert client.list_posts(token, 10, 0) == page
-    cached = [page for view in posts_server.store._views for page in view.pages.values()]
-    assert cached and cached[0] == page  # kept, and reused while nothing changes
+    store = posts_server.store
+    assert isinstance(store, SqlitePostStore)
+    assert list(store._pages.values()) == [page]  # kept, and reused while nothing changes
 
     second = client.create_post(token, "two", "")
     assert [p.id for p in client.list_posts(token, 10, 0).posts] == [second.id, first.id]
@@ -42,5 +43,25 @@ def test_a_write_by_another_process_is_seen_at_once(
         other.create(author="bob", title="from the other worker", body="")
         titles = [p.title for p in client.list_posts(token, 10, 0).posts]
         assert titles == ["from the other worker", "mine"]
+    finally:
+        other.close()
+
+
+def test_the_wal_index_is_watched_and_the_pragma_fallback_works(
+    posts_server: PostsServer, client: Any, mint: Callable[..., str], tmp_path: Path
+) -> None:
+    store = posts_server.store
+    assert isinstance(store, SqlitePostStore)
+    assert store._shm is not None, "WAL mode: changes are read from the shared WAL index"
+    token = mint()
+    client.create_post(token, "one", "")
+    assert len(client.list_posts(token, 10, 0).posts) == 1
+    store._shm.close()
+    store._shm = None  # as without WAL: PRAGMA data_version per reader connection
+    assert len(client.list_posts(token, 10, 0).posts) == 1
+    other = SqlitePostStore.open(next(Path(tmp_path).rglob(DB_FILE_NAME)))
+    try:
+        other.create(author="bob", title="two", body="")
+        assert [p.title for p in client.list_posts(token, 10, 0).posts] == ["two", "one"]
     finally:
         other.close()
