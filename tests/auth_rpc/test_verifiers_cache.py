@@ -157,3 +157,26 @@ def test_bad_settings() -> None:
         VerifiedCache(max_entries=0)
     with pytest.raises(ValueError):
         VerifiedCache(ttl_s=-1)
+
+
+def test_cached_principals_share_their_repeated_parts() -> None:
+    """100,000 tokens of one user keep one copy of the scope set and names (memory)."""
+    from auth_rpc.principal import Principal
+    from auth_rpc.vcache import VerifiedCache
+
+    cache = VerifiedCache(max_entries=10, ttl_s=30)
+    for i in range(3):
+        principal = Principal(
+            subject="alice" + "",
+            scopes=frozenset({"posts:read", "posts:write"}),
+            expires_at=2_000_000_000,
+            token_id=f"jti-{i}",
+            client_id="auth-rpc",
+            issuer="https://auth.test",
+            audience=("posts",),
+        )
+        cache.put(bytes([i]) * 32, principal, now=1_000_000_000)
+    stored = [entry[0] for entry in cache.entries.values()]
+    assert [p.token_id for p in stored] == ["jti-0", "jti-1", "jti-2"]
+    assert stored[0].scopes is stored[1].scopes is stored[2].scopes
+    assert stored[0].audience is stored[2].audience
