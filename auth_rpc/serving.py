@@ -42,8 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from thriftpy2.protocol import TCyBinaryProtocolFactory
-from thriftpy2.thrift import TApplicationException, TProcessor
+from thriftpy2.protocol import TCyBinaryProtocol, TCyBinaryProtocolFactory
+from thriftpy2.thrift import TApplicationException, TMessageType, TProcessor
 from thriftpy2.transport import (
     TCyBufferedTransport,
     TCyFramedTransportFactory,
@@ -56,6 +56,7 @@ from auth_rpc.wire import Message, MessageReader, MessageTimeout, WireError, Wir
 
 __all__ = [
     "CallContext",
+    "Preencoded",
     "RpcServer",
     "ServerSettings",
     "TLSServerConfig",
@@ -233,6 +234,26 @@ def _host(conn: _Connection) -> str:
     return str(conn.peer[0]) if isinstance(conn.peer, tuple) else "?"
 
 
+class Preencoded:
+    """A handler's return value together with its encoded ``<method>_result`` struct.
+
+    A handler that returns the same value to many calls (a cached page) can
+    return it wrapped in this, made once: the reply is then sent from the
+    stored bytes instead of being encoded again on every call. Raises
+    thriftpy2's ``TDecodeException`` (or ``TypeError``) when ``value`` does
+    not fit the method's return type.
+    """
+
+    __slots__ = ("result_bytes", "value")
+
+    def __init__(self, service: Any, method: str, value: Any) -> None:
+        result = getattr(service, f"{method}_result")(success=value)
+        buf = TCyMemoryBuffer()
+        result.write(TCyBinaryProtocol(buf))
+        self.value = value
+        self.result_bytes: bytes = buf.getvalue()
+
+
 class _SafeProcessor(TProcessor):
     """A processor that keeps the connection on undeclared handler errors."""
 
@@ -271,6 +292,12 @@ class _SafeProcessor(TProcessor):
         try:
             if reply_exc is not None:
                 self.send_exception(oprot, api, reply_exc, seqid)
+            elif getattr(result, "success", None).__class__ is Preencoded:
+                # A reply encoded once and sent many times (e.g. a cached page).
+                oprot.write_message_begin(api, TMessageType.REPLY, seqid)
+                oprot.trans.write(result.success.result_bytes)
+                oprot.write_message_end()
+                oprot.trans.flush()
             elif not result.oneway:
                 try:
                     self.send_result(oprot, api, result, seqid)

@@ -35,6 +35,7 @@ from typing import Any
 from auth_rpc.errors import Forbidden, InvalidInput, NotFoundError
 from auth_rpc.idl import posts_thrift
 from auth_rpc.principal import Principal, TokenVerifier
+from auth_rpc.serving import Preencoded
 from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE, GuardedHandler, requires
 from posts_rpc.store import PostRow, PostStore
 
@@ -71,7 +72,9 @@ def _make_builder(limit: int) -> Callable[[list[PostRow]], Any]:
             next_before_id = rows[-1].id
         else:
             next_before_id = 0
-        return _PostPage(posts=[_Post(*row) for row in rows], next_before_id=next_before_id)
+        page = _PostPage(posts=[_Post(*row) for row in rows], next_before_id=next_before_id)
+        # The page may be served many times from the store's cache: encode it once.
+        return Preencoded(posts_thrift.Posts, "list_posts", page)
 
     return build
 

@@ -20,7 +20,7 @@ def test_a_page_is_reused_until_the_store_changes(
     assert client.list_posts(token, 10, 0) == page
     store = posts_server.store
     assert isinstance(store, SqlitePostStore)
-    assert list(store._pages.values()) == [page]  # kept, and reused while nothing changes
+    assert [p.value for p in store._pages.values()] == [page]  # kept, reused while unchanged
 
     second = client.create_post(token, "two", "")
     assert [p.id for p in client.list_posts(token, 10, 0).posts] == [second.id, first.id]
