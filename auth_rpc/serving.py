@@ -370,6 +370,7 @@ class RpcServer:
         )
         self._ssl_context = self.settings.tls.context() if self.settings.tls else None
         self._listener: socket.socket | None = sock
+        self._owns_listener = sock is None
         self._port: int | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
@@ -438,8 +439,10 @@ class RpcServer:
         self._closing.set()
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         deadline = time.monotonic() + grace
-        if self._listener is not None:
+        if self._listener is not None and self._owns_listener:
             # Wakes accept() at once; further connection attempts are refused.
+            # Not on a socket given to us: pre-forked workers share it, and a
+            # shutdown would end accepting in every one of them.
             with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
         if self._accept_thread is not None:
