@@ -44,11 +44,10 @@ PASSWORD = "a password long enough"
 #: The issue's figure; the assertion uses LOOSE_BOUND_S so that it never flakes.
 TARGET_S = 0.050
 LOOSE_BOUND_S = 1.0
-#: Introspect mode asks Auth's /introspect for every token, and Auth checks the
-#: Posts service's client secret with argon2id on every request (~100+ ms here),
-#: so a refusal there costs that much: measured median ~150 ms, max ~1.5 s on a
-#: 2-core box. Reported as a product finding; the bound only catches hangs.
-INTROSPECT_BOUND_S = 5.0
+#: Introspect mode asks Auth's /introspect for every token. The first request
+#: pays one argon2id check of the Posts service's client secret (~30-50 ms);
+#: later ones reuse it (measured: median 2.7 ms, max 49.5 ms). Same loose bound.
+INTROSPECT_BOUND_S = LOOSE_BOUND_S
 YEAR_9999 = 253402300799  # 9999-12-31T23:59:59Z
 
 
