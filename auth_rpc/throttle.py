@@ -1,14 +1,14 @@
 """Throttling of guesses: per username for logins, per client id for client tokens.
 
-The rule: failures of one key form a streak; a failure more than
-``window_s`` (15 minutes) after the previous one starts a new streak. Once a
-streak reaches ``limit`` (5) failures, the next attempt must wait
-``base_delay_s * 2 ** (failures - limit)`` seconds after the last failure
-(60 s, 120 s, 240 s, ...), capped at ``max_delay_s`` (15 minutes). Attempts
-refused while waiting are not counted, do not check the password, and cost
-nothing. A streak ends 15 minutes after its last failure, and a success ends
-it at once, so the real owner is never locked out for good: at worst they
-wait out the delay an attacker's guesses earned (at most 15 minutes).
+The rule: failures of one key form a streak. Once a streak reaches ``limit``
+(5) failures, the next attempt must wait ``base_delay_s * 2 ** (failures -
+limit)`` seconds after the last failure (60 s, 120 s, 240 s, ...), capped at
+``max_delay_s`` (15 minutes). Attempts refused while waiting are not counted,
+do not check the password, and cost nothing. A streak ends ``window_s`` (15
+minutes) after its delay has run out (so a guesser at the cap gets one guess
+per 15 minutes, not a fresh five), and a success ends it at once, so the real
+owner is never locked out for good: at worst they wait out the delay an
+attacker's guesses earned (at most 15 minutes).
 
 The rule is the same for existing and unknown names (the key is the name as
 given), so a refusal reveals nothing about whether an account exists.
@@ -97,7 +97,10 @@ class Throttle:
         return min(self.max_delay_s, self.base_delay_s * 2 ** min(failures - self.limit, 30))
 
     def _prune(self, entry: _Entry, now: float) -> None:
-        if entry.failures and now - entry.last > self.window_s:
+        # A streak ends window_s after its delay has run out, not after its last
+        # failure: else, once the delay reaches its cap (= the window), every
+        # wait would also end the streak and give a fresh ``limit`` guesses.
+        if entry.failures and now - entry.last > self.window_s + self.delay_s(entry.failures):
             entry.failures = 0
 
     def check(self, key: str) -> None:

@@ -156,3 +156,23 @@ def test_aged_entries_are_evicted_first(clock: Clock) -> None:
 def test_settings_are_checked(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
         Throttle(**kwargs)
+
+
+def test_at_the_cap_waiting_out_the_delay_does_not_reset_the_streak(
+    throttle: Throttle, clock: Clock
+) -> None:
+    """A guesser at the 15-minute cap gets one guess per wait, never a fresh five."""
+    failures(throttle, "alice", 5)
+    for _ in range(10):  # 60, 120, ... s: keep guessing as soon as allowed
+        wait_s = retry_after(throttle, "alice") / 1000
+        clock.now += wait_s
+        failures(throttle, "alice", 1)
+    assert retry_after(throttle, "alice") == 15 * 60 * 1000
+    clock.now += 15 * 60
+    failures(throttle, "alice", 1)  # the one guess the wait allowed...
+    assert retry_after(throttle, "alice") == 15 * 60 * 1000  # ...and the cap again
+    # The streak ends a window after the delay has run out: then five guesses again.
+    clock.now += 15 * 60 + 15 * 60 + 1
+    failures(throttle, "alice", 4)
+    with throttle.attempt("alice") as attempt:
+        attempt.succeeded()  # and the owner gets in
