@@ -97,6 +97,17 @@ MIGRATIONS: tuple[str, ...] = (
     ) WITHOUT ROWID;
     CREATE INDEX revoked_tokens_expires ON revoked_tokens (expires_at);
     """,
+    # 2: throttling streaks, shared by every process on the data dir (--workers).
+    """
+    CREATE TABLE throttle_streaks (
+        kind     TEXT NOT NULL,
+        key      TEXT NOT NULL,
+        failures INTEGER NOT NULL,
+        last     REAL NOT NULL,
+        PRIMARY KEY (kind, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX throttle_streaks_last ON throttle_streaks (last);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -50,7 +50,7 @@ from auth_rpc.errors import (
 from auth_rpc.keys import ALGORITHMS, KeyManager, KeyStore, SigningKey, read_hs256_secret
 from auth_rpc.passwords import SecretHasher
 from auth_rpc.principal import Principal
-from auth_rpc.throttle import Throttle
+from auth_rpc.throttle import SqliteStreakStore, Throttle
 from auth_rpc.tokens import (
     LEEWAY_S,
     MAX_TOKEN_BYTES,
@@ -173,8 +173,11 @@ class AuthService:
             clock=clock,
             is_revoked=self._revocations.is_revoked,
         )
-        self._login_throttle = Throttle(clock=clock, what="logins")
-        self._client_throttle = Throttle(clock=clock, what="client authentications")
+        self._streaks = SqliteStreakStore(db)
+        self._login_throttle = Throttle(clock=clock, what="logins", store=self._streaks)
+        self._client_throttle = Throttle(
+            clock=clock, what="client authentications", store=self._streaks
+        )
         self._client_cache_key = secrets.token_bytes(32)
         self._client_cache: dict[bytes, tuple[float, tuple[str, ...]]] = {}
         self._client_cache_lock = threading.Lock()
@@ -558,6 +561,9 @@ class AuthService:
             self._purged_at = now
             removed = self._revocations.purge(now=now)
             self._refresh.purge(now=now)
+            # A streak is over a window after its longest possible delay.
+            throttle = self._login_throttle
+            self._streaks.purge(before=now - throttle.window_s - throttle.max_delay_s)
             if removed:
                 log.debug("purged %d expired revocations", removed)
         except DependencyUnavailable:

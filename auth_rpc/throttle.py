@@ -20,8 +20,10 @@ failures one.
 
 State is in memory and bounded: at most ``max_keys`` names are tracked; when
 full, the names whose last failure is oldest are dropped first (their
-streaks end first). The state is lost on restart (an attacker gains at
-most ``limit`` guesses per restart). ``clock`` is injected for tests.
+streaks end first). With a :class:`StreakStore` (the Auth service passes
+one on its database) every streak is also written there and read back
+before each attempt, so that the processes of ``--workers N`` share one
+count and a restart forgets nothing. ``clock`` is injected for tests.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 
-from auth_rpc.errors import Throttled
+from auth_rpc.db import Database
+from auth_rpc.errors import DependencyUnavailable, Throttled
 
-__all__ = ["Attempt", "Throttle"]
+__all__ = ["Attempt", "SqliteStreakStore", "StreakStore", "Throttle"]
 
 log = logging.getLogger("auth_rpc.throttle")
 
@@ -47,6 +51,18 @@ class _Entry:
     failures: int = 0  # in the current streak
     last: float = 0.0  # time of the streak's last failure
     in_flight: int = 0
+
+
+class StreakStore(Protocol):
+    """Where failure streaks are shared between processes."""
+
+    def load(self, kind: str, key: str) -> tuple[int, float] | None:
+        """``(failures, time of the last)`` of ``key``'s streak, or ``None``."""
+        ...
+
+    def save(self, kind: str, key: str, failures: int, last: float) -> None:
+        """Record the streak (``failures=0`` forgets it)."""
+        ...
 
 
 class Attempt:
@@ -77,6 +93,7 @@ class Throttle:
         max_keys: int = 50_000,
         clock: Callable[[], float] = time.time,
         what: str = "attempts",
+        store: StreakStore | None = None,
     ) -> None:
         if limit < 1 or window_s <= 0 or base_delay_s <= 0 or max_delay_s < base_delay_s:
             raise ValueError("invalid throttle settings")
@@ -89,6 +106,7 @@ class Throttle:
         self._what = what
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
+        self._store = store
 
     def delay_s(self, failures: int) -> float:
         """The wait after the last failure when ``failures`` happened within the window."""
@@ -128,14 +146,24 @@ class Throttle:
         The body reports the outcome on the yielded :class:`Attempt`; an
         unreported outcome (an exception) counts as neither.
         """
+        shared = self._load(key)
         now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None:
-                self._refuse_if_needed(entry, now)
-            else:
+            if entry is None:
                 entry = _Entry()
                 self._entries[key] = entry
+            if shared is not None and shared[1] >= entry.last:
+                # Another process (or a previous run) saw the latest failures.
+                entry.failures, entry.last = shared
+            elif shared is None and self._store is not None and not entry.in_flight:
+                entry.failures = 0  # ended elsewhere (a success in another worker)
+            try:
+                self._refuse_if_needed(entry, now)
+            except Throttled:
+                if not entry.failures and entry.in_flight == 0:
+                    self._entries.pop(key, None)
+                raise
             entry.in_flight += 1
         attempt = Attempt()
         try:
@@ -154,9 +182,29 @@ class Throttle:
                         log.info("throttling %s after %d failures", self._what, entry.failures)
                 elif attempt.outcome is True:
                     entry.failures = 0
+                streak = (entry.failures, entry.last)
                 if not entry.failures and entry.in_flight == 0:
                     self._entries.pop(key, None)
                 self._evict()
+            if attempt.outcome is not None:
+                self._save(key, *streak)
+
+    def _load(self, key: str) -> tuple[int, float] | None:
+        if self._store is None:
+            return None
+        try:
+            return self._store.load(self._what, key)
+        except DependencyUnavailable:
+            log.warning("throttle state unreadable; using this process's count")
+            return None
+
+    def _save(self, key: str, failures: int, last: float) -> None:
+        if self._store is None:
+            return
+        try:
+            self._store.save(self._what, key, failures, last)
+        except DependencyUnavailable:
+            log.warning("throttle state not saved; this process still counts it")
 
     def _evict(self) -> None:
         # Entries are kept in order of their last failure (move_to_end), so the
@@ -167,3 +215,40 @@ class Throttle:
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+class SqliteStreakStore:
+    """A :class:`StreakStore` in the Auth service's database (table ``throttle_streaks``)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def load(self, kind: str, key: str) -> tuple[int, float] | None:
+        with self._db.read() as conn:
+            row = conn.execute(
+                "SELECT failures, last FROM throttle_streaks WHERE kind = ? AND key = ?",
+                (kind, key),
+            ).fetchone()
+        return (int(row[0]), float(row[1])) if row else None
+
+    def save(self, kind: str, key: str, failures: int, last: float) -> None:
+        with self._db.transaction() as conn:
+            if failures:
+                conn.execute(
+                    "INSERT INTO throttle_streaks (kind, key, failures, last) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (kind, key) DO UPDATE SET failures = excluded.failures, "
+                    "last = excluded.last",
+                    (kind, key, failures, last),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM throttle_streaks WHERE kind = ? AND key = ?", (kind, key)
+                )
+
+    def purge(self, *, before: float) -> int:
+        """Forget streaks whose last failure is before ``before``; returns how many."""
+        with self._db.transaction() as conn:
+            removed: int = conn.execute(
+                "DELETE FROM throttle_streaks WHERE last < ?", (before,)
+            ).rowcount
+        return removed

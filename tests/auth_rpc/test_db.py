@@ -29,6 +29,7 @@ EXPECTED_SCHEMA = {
     "refresh_tokens": ["token_hash", "family_id", "issued_at", "used_at"],
     "family_access_tokens": ["jti", "family_id", "expires_at"],
     "revoked_tokens": ["jti", "expires_at"],
+    "throttle_streaks": ["kind", "key", "failures", "last"],
 }
 
 

@@ -85,3 +85,44 @@ def test_revoke_with_a_client_only_touches_that_clients_tokens(
     service.revoke(pair.access_token, client_id=USER_CLIENT_ID)
     with pytest.raises(TokenRejected):
         service.validate(pair.access_token)
+
+
+def test_workers_on_one_data_dir_share_the_login_throttle(
+    open_service: Callable[..., AuthService],
+) -> None:
+    """--workers N: failures in one process count in the others (and survive a restart)."""
+    from auth_rpc.errors import Throttled
+
+    first = open_service()
+    first.add_user("alice", PASSWORD, ["posts:read"])
+    second = open_service()  # another worker on the same data dir
+    for service in (first, second, first, second, first):
+        with pytest.raises(InvalidCredentials):
+            service.login("alice", "wrong password")
+    for service in (first, second):
+        with pytest.raises(Throttled):
+            service.login("alice", PASSWORD)
+    restarted = open_service()
+    with pytest.raises(Throttled):
+        restarted.login("alice", PASSWORD)
+    # Unknown names are throttled the same way, across processes too.
+    for service in (first, second, first, second, first):
+        with pytest.raises(InvalidCredentials):
+            service.login("nobody", "wrong password")
+    with pytest.raises(Throttled):
+        second.login("nobody", "wrong password")
+
+
+def test_a_success_in_one_worker_ends_the_streak_in_the_others(
+    open_service: Callable[..., AuthService],
+) -> None:
+    first = open_service()
+    first.add_user("alice", PASSWORD, ["posts:read"])
+    second = open_service()
+    for _ in range(4):
+        with pytest.raises(InvalidCredentials):
+            first.login("alice", "wrong password")
+    second.login("alice", PASSWORD)
+    for _ in range(4):  # a fresh streak: four more failures are not yet throttled
+        with pytest.raises(InvalidCredentials):
+            first.login("alice", "wrong password")
