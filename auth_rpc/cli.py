@@ -18,7 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth_rpc.errors import AuthError
-from auth_rpc.runner import bind_socket, configure_logging, run_until_signal, run_workers
+from auth_rpc.runner import (
+    bind_socket,
+    configure_logging,
+    report_error,
+    run_until_signal,
+    run_workers,
+)
 from auth_rpc.server import AuthServer
 from auth_rpc.service import AuthService, AuthSettings
 from auth_rpc.serving import ServerSettings, TLSServerConfig
@@ -206,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"new signing key {kid}; the previous key verifies until its tokens expire")
             return 0
     except (AuthError, ValueError, OSError) as exc:
-        message = exc.message if isinstance(exc, AuthError) else str(exc)
-        print(f"auth-rpc: error: {message}", file=sys.stderr)
-        return 1
+        return report_error("auth-rpc", exc)
     raise AssertionError(args.command)  # argparse only allows the commands above
 
 

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from types import FrameType
 
-__all__ = ["bind_socket", "configure_logging", "run_until_signal", "run_workers"]
+__all__ = ["bind_socket", "configure_logging", "report_error", "run_until_signal", "run_workers"]
 
 
 def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
@@ -34,6 +34,13 @@ def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def report_error(prog: str, exc: Exception) -> int:
+    """Print the one-line error of a command (``PROG: error: ...``); returns exit code 1."""
+    message = getattr(exc, "message", None) or str(exc)
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 1
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -196,6 +196,31 @@ def _cert_identity(cert: dict[str, Any] | None) -> str | None:
     return None
 
 
+def accept_until(
+    listener: socket.socket,
+    closing: threading.Event,
+    admit: Callable[[socket.socket, Any], None],
+) -> None:
+    """Accept connections on ``listener`` until ``closing`` is set; ``admit`` takes each.
+
+    ``listener`` must have a timeout (so that ``closing`` is noticed). A
+    failing ``accept()`` (e.g. EMFILE) is logged and retried after a short
+    pause instead of spinning.
+    """
+    while not closing.is_set():
+        try:
+            sock, peer = listener.accept()
+        except TimeoutError:
+            continue
+        except OSError:
+            if closing.is_set():
+                return
+            log.warning("accept failed", exc_info=True)
+            closing.wait(0.01)
+            continue
+        admit(sock, peer)
+
+
 _request_counter = itertools.count(1)
 _request_prefix = os.urandom(4).hex()
 
@@ -473,50 +498,43 @@ class RpcServer:
 
     def _accept_loop(self) -> None:
         assert self._listener is not None
+        accept_until(self._listener, self._closing, self._admit)
+
+    def _admit(self, sock: socket.socket, peer: Any) -> None:
+        """Serve an accepted connection in its own thread, or close it (cap, stopping)."""
+        with self._lock:
+            if self._closing.is_set():
+                refused = True
+            elif len(self._connections) >= self.settings.max_connections:
+                refused = True
+                log.warning("connection limit reached; refusing %s", peer[0])
+            else:
+                refused = False
+                conn = _Connection(sock, peer)
+                self._connections.add(conn)
+        if refused:
+            sock.close()
+            return
         stack_bytes = self.settings.thread_stack_bytes
-        while not self._closing.is_set():
-            try:
-                sock, peer = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._closing.is_set():
-                    return
-                log.warning("accept failed", exc_info=True)
-                time.sleep(0.01)  # e.g. EMFILE: do not spin
-                continue
+        thread = threading.Thread(
+            target=self._serve_connection, args=(conn,), name=f"{self.name}-conn", daemon=True
+        )
+        conn.thread = thread
+        try:
+            if stack_bytes is None:
+                thread.start()
+            else:
+                with _STACK_SIZE_LOCK:
+                    previous = threading.stack_size(stack_bytes)
+                    try:
+                        thread.start()
+                    finally:
+                        threading.stack_size(previous)
+        except RuntimeError:  # cannot start a thread: out of resources
+            log.warning("cannot start a connection thread; refusing %s", peer[0])
             with self._lock:
-                if self._closing.is_set():
-                    refused = True
-                elif len(self._connections) >= self.settings.max_connections:
-                    refused = True
-                    log.warning("connection limit reached; refusing %s", peer[0])
-                else:
-                    refused = False
-                    conn = _Connection(sock, peer)
-                    self._connections.add(conn)
-            if refused:
-                sock.close()
-                continue
-            thread = threading.Thread(
-                target=self._serve_connection, args=(conn,), name=f"{self.name}-conn", daemon=True
-            )
-            conn.thread = thread
-            try:
-                if stack_bytes is None:
-                    thread.start()
-                else:
-                    with _STACK_SIZE_LOCK:
-                        previous = threading.stack_size(stack_bytes)
-                        try:
-                            thread.start()
-                        finally:
-                            threading.stack_size(previous)
-            except RuntimeError:  # cannot start a thread: out of resources
-                log.warning("cannot start a connection thread; refusing %s", peer[0])
-                with self._lock:
-                    self._connections.discard(conn)
-                sock.close()
+                self._connections.discard(conn)
+            sock.close()
 
     def _serve_connection(self, conn: _Connection) -> None:
         sock = conn.sock

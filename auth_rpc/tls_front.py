@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from auth_rpc.serving import TLSServerConfig, _cert_identity
+from auth_rpc.serving import TLSServerConfig, _cert_identity, accept_until
 
 __all__ = ["PEER_CERT_KEY", "PEER_IDENTITY_KEY", "TlsFront", "peer_cert_middleware"]
 
@@ -86,28 +86,20 @@ class TlsFront:
             thread.join(10)
 
     def _accept_loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                sock, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._closing.is_set():
-                    return
-                log.warning("accept failed", exc_info=True)
-                self._closing.wait(0.01)  # e.g. EMFILE: do not spin
-                continue
-            with self._lock:
-                if len(self._threads) >= self._max:
-                    sock.close()
-                    log.warning("TLS front: connection limit reached")
-                    continue
-                thread = threading.Thread(
-                    target=self._serve, args=(sock,), name="tls-front-conn", daemon=True
-                )
-                self._threads.add(thread)
-                self._open.add(sock)
-            thread.start()
+        accept_until(self._listener, self._closing, self._admit)
+
+    def _admit(self, sock: socket.socket, peer: Any) -> None:
+        with self._lock:
+            if len(self._threads) >= self._max:
+                sock.close()
+                log.warning("TLS front: connection limit reached")
+                return
+            thread = threading.Thread(
+                target=self._serve, args=(sock,), name="tls-front-conn", daemon=True
+            )
+            self._threads.add(thread)
+            self._open.add(sock)
+        thread.start()
 
     def _serve(self, raw: socket.socket) -> None:
         tls: ssl.SSLSocket | None = None

@@ -38,7 +38,13 @@ from requests.adapters import HTTPAdapter
 
 from auth_rpc.errors import AuthError, DependencyUnavailable
 from auth_rpc.principal import TokenVerifier
-from auth_rpc.runner import bind_socket, configure_logging, run_until_signal, run_workers
+from auth_rpc.runner import (
+    bind_socket,
+    configure_logging,
+    report_error,
+    run_until_signal,
+    run_workers,
+)
 from auth_rpc.serving import ServerSettings, TLSServerConfig
 from auth_rpc.transport import TLSClientConfig, parse_hostport
 from auth_rpc.verifiers import JwksVerifier, make_verifier
@@ -282,9 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
     except (AuthError, ValueError, OSError) as exc:
-        message = exc.message if isinstance(exc, AuthError) else str(exc)
-        print(f"posts-rpc: error: {message}", file=sys.stderr)
-        return 1
+        return report_error("posts-rpc", exc)
     raise AssertionError(args.command)  # argparse only allows the commands above
 
 
