@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from auth_rpc.errors import DependencyUnavailable
 
@@ -180,6 +180,7 @@ class SqlitePostStore:
         self._closed = False
         self._views: list[_PageView] = []
         self._shm: mmap.mmap | None = None
+        self._wal_index: _WalIndex | None = None
         self._pages: dict[tuple[int, int], Any] = {}
         self._pages_marker: object = None
 
@@ -222,7 +223,8 @@ class SqlitePostStore:
                     log.warning("SQLite refused WAL mode (journal_mode=%s)", mode)
             store._migrate(migrations)
             if str(mode).lower() == "wal":
-                store._shm = _map_wal_index(path)
+                store._wal_index = _WalIndex.acquire(path)
+                store._shm = store._wal_index.header if store._wal_index else None
         except BaseException:
             store.close()
             raise
@@ -326,9 +328,7 @@ class SqlitePostStore:
         with self._write_lock:
             self._closed = True
             writer, self._writer = self._writer, None
-        shm, self._shm = self._shm, None
-        if shm is not None:
-            shm.close()
+        self._shm = None
         readers, self._readers = self._readers, []
         views, self._views = self._views, []
         readers += [view.conn for view in views]
@@ -337,6 +337,11 @@ class SqlitePostStore:
                 conn.close()
             except sqlite3.Error:  # pragma: no cover - nothing useful to do
                 log.warning("error while closing the post database")
+        # Last: releasing the WAL index may close descriptors of the -shm file,
+        # which drops this process's POSIX locks on it (see _WalIndex).
+        wal_index, self._wal_index = self._wal_index, None
+        if wal_index is not None:
+            wal_index.release()
 
     # -- extras (not part of the Protocol) -----------------------------------
 
@@ -446,16 +451,82 @@ _MAX_PAGES = 256
 _WAL_INDEX_HEADER_BYTES = 48  # one copy of the WalIndexHdr
 
 
-def _map_wal_index(path: Path) -> mmap.mmap | None:
-    """The start of the database's WAL index (``-shm``), mapped read-only; ``None`` if absent."""
-    try:
-        with open(f"{path}-shm", "rb") as f:
-            if os.fstat(f.fileno()).st_size < _WAL_INDEX_HEADER_BYTES:
-                return None
-            return mmap.mmap(f.fileno(), _WAL_INDEX_HEADER_BYTES, access=mmap.ACCESS_READ)
-    except (OSError, ValueError):
-        log.info("no shared WAL index to watch; pages are checked with PRAGMA data_version")
-        return None
+class _WalIndex:
+    """The start of a database's WAL index (``-shm``), mapped read-only, once per process.
+
+    Why the care: SQLite holds a shared POSIX lock on the ``-shm`` file for as
+    long as a connection is open; the next process to open the database takes
+    that lock as the sign that the file is in use and must not be truncated.
+    POSIX drops *all* of a process's locks on a file when the process closes
+    *any* descriptor of it, and CPython's ``mmap`` keeps a duplicate descriptor
+    that it closes on ``mmap.close()``. Opening the file, mapping it and
+    closing the file - the obvious code - therefore silently dropped SQLite's
+    lock: the next ``sqlite3`` reader, or a restarted worker, truncated the
+    file and this process died of SIGBUS on its next read of the mapping.
+
+    So both descriptors (the file's and the mapping's) stay open while any
+    store of this process uses the database, shared by all of them and
+    counted; they are closed only when the last store releases the index,
+    after it has closed its own connections. Keyed by ``(st_dev, st_ino)`` so
+    that two paths of one file share one entry.
+    """
+
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _open: ClassVar[dict[tuple[int, int], _WalIndex]] = {}
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self._key = key
+        self._files: list[Any] = []
+        self._users = 0
+        self.header: mmap.mmap | None = None
+
+    @classmethod
+    def acquire(cls, path: Path) -> _WalIndex | None:
+        """The shared index of the database at ``path`` (counted); ``None`` if there is no file.
+
+        ``header`` is ``None`` when the file cannot be mapped (the page cache
+        then checks ``PRAGMA data_version``); the descriptor is kept all the same.
+        """
+        try:
+            file = open(f"{path}-shm", "rb")  # noqa: SIM115 - closed by release()
+        except OSError:
+            log.info("no shared WAL index to watch; pages are checked with PRAGMA data_version")
+            return None
+        with cls._lock:
+            try:
+                st = os.fstat(file.fileno())
+            except OSError:
+                st = None
+            key = (st.st_dev, st.st_ino) if st is not None else (-1, id(file))
+            index = cls._open.get(key)
+            if index is None:
+                index = cls._open[key] = cls(key)
+                if st is not None and st.st_size >= _WAL_INDEX_HEADER_BYTES:
+                    with suppress(OSError, ValueError):
+                        index.header = mmap.mmap(
+                            file.fileno(), _WAL_INDEX_HEADER_BYTES, access=mmap.ACCESS_READ
+                        )
+                if index.header is None:
+                    log.info(
+                        "shared WAL index not mapped; pages are checked with PRAGMA data_version"
+                    )
+            # Never closed before release(): closing it would drop the locks.
+            index._files.append(file)
+            index._users += 1
+            return index
+
+    def release(self) -> None:
+        """One store no longer uses the index; the last one unmaps and closes it."""
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            del self._open[self._key]
+            files, self._files = self._files, []
+        if self.header is not None:
+            self.header.close()
+        for file in files:
+            file.close()
 
 
 class _PageView:

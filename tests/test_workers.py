@@ -14,11 +14,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+from thriftpy2.transport import TTransportException
 
 from auth_rpc.idl import auth_thrift, posts_thrift
 from auth_rpc.keys import SigningKey
 from auth_rpc.testing import TokenFactory
 from auth_rpc.transport import open_client
+from posts_rpc.server import DB_FILE_NAME
 
 
 def _children(pid: int) -> set[int]:
@@ -35,17 +37,21 @@ def _wait_for(condition: object, what: str, timeout_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
-def serve(*args: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        yield proc, proc.stdout.readline()
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=60)
+def serve(*args: str, log: Path | None = None) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """Start a server command; its stderr goes to ``log`` if given (a busy
+    server's access log would fill an unread pipe and block it)."""
+    with contextlib.ExitStack() as stack:
+        stderr = stack.enter_context(log.open("w")) if log is not None else subprocess.PIPE
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=stderr, text=True
+        )
+        try:
+            assert proc.stdout is not None
+            yield proc, proc.stdout.readline()
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=60)
 
 
 def test_posts_workers_share_the_socket_restart_and_stop(tmp_path: Path) -> None:
@@ -113,3 +119,93 @@ def test_auth_workers_serve_thrift_and_http(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
+
+
+def _posts_under_load(
+    port: int, token: str, stop: threading.Event, errors: list[BaseException]
+) -> None:
+    """Writes and page reads in a loop, as a serving posts-rpc sees them.
+
+    A connection to a worker that the test kills is reset: the loop then
+    reconnects (to a surviving or replacement worker). Anything else is an error.
+    """
+    i = 0
+    while not stop.is_set():
+        try:
+            with contextlib.closing(open_client(posts_thrift.Posts, "127.0.0.1", port)) as c:
+                while not stop.is_set():
+                    c.create_post(token, f"load {i}", "")
+                    c.list_posts(token, 20, 0)
+                    i += 1
+        except (ConnectionResetError, BrokenPipeError, TTransportException):
+            continue
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+            return
+
+
+def _read_from_another_process(db: Path) -> None:
+    """What an operator's ``sqlite3 DATA/posts.db 'select count(*) from posts'`` does."""
+    subprocess.run(
+        [sys.executable, "-c",
+         "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]);"
+         "print(c.execute('select count(*) from posts').fetchone()[0]); c.close()",
+         str(db)],
+        check=True, capture_output=True, timeout=60,
+    )
+
+
+def test_a_second_reader_of_the_posts_database_crashes_nothing(tmp_path: Path) -> None:
+    """Regression: the page cache dropped SQLite's lock on ``posts.db-shm``.
+
+    The next process to open the database then truncated the file and the
+    serving posts-rpc died of SIGBUS on its next read of the mapping; with
+    ``--workers`` a restarted worker killed the others the same way.
+    """
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    factory = TokenFactory(key=SigningKey.hs256(secret.read_bytes()), issuer="urn:t")
+    token = factory.mint("alice")
+    data = tmp_path / "posts"
+    with serve(
+        "posts_rpc.cli", "serve", "--data-dir", str(data), "--port", "0",
+        "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t",
+        "--workers", "2", log=tmp_path / "posts.log",
+    ) as (proc, ready):
+        port = int(re.search(r"thrift=[\d.]+:(\d+)", ready)[1])  # type: ignore[index]
+        _wait_for(lambda: len(_children(proc.pid)) == 2, "two workers")
+        with contextlib.closing(open_client(posts_thrift.Posts, "127.0.0.1", port)) as c:
+            c.list_posts(token, 1, 0)  # the database exists once a worker has served
+        db = data / DB_FILE_NAME
+        stop, errors = threading.Event(), []
+        load = [
+            threading.Thread(target=_posts_under_load, args=(port, token, stop, errors))
+            for _ in range(4)
+        ]
+        for t in load:
+            t.start()
+        try:
+            workers = _children(proc.pid)
+            for _ in range(10):
+                _read_from_another_process(db)
+            # A restarted worker is also a second process opening the database.
+            os.kill(sorted(workers)[0], signal.SIGKILL)
+            _wait_for(lambda: len(_children(proc.pid)) == 2, "a replacement worker")
+            survivor = sorted(workers)[1]
+            for _ in range(10):
+                _read_from_another_process(db)
+            assert survivor in _children(proc.pid), "a worker died while another process read"
+            assert proc.poll() is None
+        finally:
+            stop.set()
+            for t in load:
+                t.join(timeout=60)
+        assert not errors, errors
+        with contextlib.closing(open_client(posts_thrift.Posts, "127.0.0.1", port)) as c:
+            assert c.list_posts(token, 1, 0).posts
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+        err = (tmp_path / "posts.log").read_text()
+        assert proc.returncode == 0, err[-3000:]
+        restarts = [line for line in err.splitlines() if "starting a new one" in line]
+        assert len(restarts) == 1, restarts  # the worker the test killed, no other

@@ -56,7 +56,6 @@ def test_the_wal_index_is_watched_and_the_pragma_fallback_works(
     token = mint()
     client.create_post(token, "one", "")
     assert len(client.list_posts(token, 10, 0).posts) == 1
-    store._shm.close()
     store._shm = None  # as without WAL: PRAGMA data_version per reader connection
     assert len(client.list_posts(token, 10, 0).posts) == 1
     other = SqlitePostStore.open(next(Path(tmp_path).rglob(DB_FILE_NAME)))
