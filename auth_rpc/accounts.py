@@ -8,6 +8,7 @@ single spaces), at most 1024 characters in all.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sqlite3
 import unicodedata
@@ -116,6 +117,19 @@ class Client:
     client_id: str
     secret_hash: str
     scopes: tuple[str, ...]
+    #: SHA-256 of the secret (see :func:`client_secret_digest`); ``None`` for a
+    #: client registered before digests were stored, until it next authenticates.
+    secret_digest: bytes | None = None
+
+
+def client_secret_digest(secret: str) -> bytes:
+    """The stored digest of a client secret.
+
+    A plain SHA-256 is enough, and is what makes client authentication cheap:
+    client secrets are 256 random bits chosen by the service (never by a
+    person), so no dictionary or brute force applies, unlike passwords.
+    """
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
 class AccountStore:
@@ -156,21 +170,40 @@ class AccountStore:
     def get_client(self, client_id: str) -> Client | None:
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT client_id, secret_hash, scopes FROM clients WHERE client_id = ?",
+                "SELECT client_id, secret_hash, scopes, secret_digest FROM clients "
+                "WHERE client_id = ?",
                 (client_id,),
             ).fetchone()
-        return None if row is None else Client(row[0], row[1], tuple(row[2].split()))
+        if row is None:
+            return None
+        digest = bytes(row[3]) if row[3] is not None else None
+        return Client(row[0], row[1], tuple(row[2].split()), digest)
 
     def add_client(
-        self, client_id: str, secret_hash: str, scopes: tuple[str, ...], *, now: int
+        self,
+        client_id: str,
+        secret_hash: str,
+        scopes: tuple[str, ...],
+        *,
+        now: int,
+        secret_digest: bytes | None = None,
     ) -> None:
         """Register a client. Raises InvalidInput("client_id", ...) if it exists."""
         with self._db.transaction() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO clients (client_id, secret_hash, scopes, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (client_id, secret_hash, " ".join(scopes), now),
+                    "INSERT INTO clients (client_id, secret_hash, scopes, created_at, "
+                    "secret_digest) VALUES (?, ?, ?, ?, ?)",
+                    (client_id, secret_hash, " ".join(scopes), now, secret_digest),
                 )
             except sqlite3.IntegrityError as exc:
                 raise InvalidInput("client_id", "already exists") from exc
+
+    def set_client_digest(self, client_id: str, secret_hash: str, digest: bytes) -> None:
+        """Store the digest of a client registered before digests, unless its secret changed."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "UPDATE clients SET secret_digest = ? "
+                "WHERE client_id = ? AND secret_hash = ? AND secret_digest IS NULL",
+                (digest, client_id, secret_hash),
+            )

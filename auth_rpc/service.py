@@ -38,6 +38,7 @@ from auth_rpc.accounts import (
     check_password,
     check_scopes,
     check_username,
+    client_secret_digest,
     parse_scope,
 )
 from auth_rpc.db import Database
@@ -79,6 +80,8 @@ _PURGE_INTERVAL_S = 600
 #: How long a successful client authentication is remembered, and how many are.
 CLIENT_AUTH_CACHE_TTL_S = 300.0
 CLIENT_AUTH_CACHE_SIZE = 10_000
+#: Compared against when a client id is unknown, so that the answer takes as long.
+_NO_CLIENT_DIGEST = bytes(32)
 
 
 @dataclass(frozen=True)
@@ -344,29 +347,53 @@ class AuthService:
         # call would pay it per call. A success is remembered for a short time
         # under a keyed digest of (id, secret) - never the secret itself - so
         # the same credentials are not hashed again; a failure always is.
+        # The memory is extended on every use, so a client in use (a resource
+        # server introspecting) stays authenticated without a database read.
         digest = hmac.digest(
             self._client_cache_key, f"{client_id}\0{client_secret}".encode(), "sha256"
         )
         cached = self._client_cache.get(digest)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
+            if cached[0] - now < CLIENT_AUTH_CACHE_TTL_S - 1:
+                self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, cached[1])
             return cached[1]
         scopes = self._authenticate_client_slow(client_id, client_secret)
         with self._client_cache_lock:
+            self._client_cache.pop(digest, None)
             if len(self._client_cache) >= CLIENT_AUTH_CACHE_SIZE:
                 self._client_cache.pop(next(iter(self._client_cache)))
             self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, scopes)
         return scopes
 
     def _authenticate_client_slow(self, client_id: str, client_secret: str) -> tuple[str, ...]:
+        # A correct secret always gets through: throttling applies to failures,
+        # never to the id. Otherwise anyone who knows a service's client id
+        # could lock it out with five wrong guesses (and, in introspect mode,
+        # take the resource server down with it). Guessing is not the threat a
+        # throttle must stop here: client secrets are 256 random bits, checked
+        # against their SHA-256 digest in constant time, without argon2.
+        client = self._accounts.get_client(client_id)
+        if client is None or client.secret_digest is not None:
+            expected = client.secret_digest if client is not None else _NO_CLIENT_DIGEST
+            if hmac.compare_digest(client_secret_digest(client_secret), expected) and client:
+                return client.scopes
+            with self._client_throttle.attempt(client_id) as attempt:  # may raise Throttled
+                attempt.failed()
+            log.info("client authentication failed")
+            raise InvalidCredentials(CLIENT_FAILED)
+        # A client registered before digests were stored: argon2, throttled as
+        # before, and on success its digest is stored for next time.
         with self._client_throttle.attempt(client_id) as attempt:
-            client = self._accounts.get_client(client_id)
-            ok = self._hasher.verify(client.secret_hash if client else None, client_secret)
-            if not ok or client is None:
+            ok = self._hasher.verify(client.secret_hash, client_secret)
+            if not ok:
                 attempt.failed()
                 log.info("client authentication failed")
                 raise InvalidCredentials(CLIENT_FAILED)
             attempt.succeeded()
+        self._accounts.set_client_digest(
+            client_id, client.secret_hash, client_secret_digest(client_secret)
+        )
         return client.scopes
 
     def _mint(
@@ -510,7 +537,11 @@ class AuthService:
             raise InvalidInput("client_id", "reserved, or already taken by a user")
         secret = secrets.token_urlsafe(32)
         self._accounts.add_client(
-            client_id, self._hasher.hash(secret), granted, now=int(self._clock())
+            client_id,
+            self._hasher.hash(secret),
+            granted,
+            now=int(self._clock()),
+            secret_digest=client_secret_digest(secret),
         )
         log.info("client %r registered", client_id)
         return secret

@@ -15,7 +15,7 @@ from auth_rpc.errors import DependencyUnavailable
 
 EXPECTED_SCHEMA = {
     "users": ["username", "password_hash", "scopes", "created_at"],
-    "clients": ["client_id", "secret_hash", "scopes", "created_at"],
+    "clients": ["client_id", "secret_hash", "scopes", "created_at", "secret_digest"],
     "signing_keys": ["kid", "alg", "created_at", "superseded_at", "max_ttl_s"],
     "refresh_families": [
         "family_id",

@@ -864,3 +864,22 @@ def test_no_secret_reaches_the_logs(
         auth["Authorization"][6:],
     ):
         assert secret not in text
+
+
+def test_wrong_secrets_for_a_client_id_do_not_lock_the_client_out(
+    base: str, service: AuthService, client_secret: str
+) -> None:
+    """Regression: five wrong Basic secrets for the resource server's id at /introspect
+    throttled the id itself; once its remembered success expired, every introspection
+    by the real resource server got 429 (and Posts refused every uncached token)."""
+    token = login(base)["access_token"]
+    wrong = {"Authorization": basic(CLIENT_ID, "not-the-secret")}
+    statuses = [post(base, "/introspect", {"token": token}, headers=wrong).status_code
+                for _ in range(8)]
+    assert statuses[:5] == [401] * 5 and set(statuses[5:]) == {429}, statuses
+    service._client_cache.clear()  # as after the memory's expiry, or a restart
+    right = {"Authorization": basic(CLIENT_ID, client_secret)}
+    r = post(base, "/introspect", {"token": token}, headers=right)
+    assert r.status_code == 200, r.text
+    assert r.json()["active"] is True
+    assert post(base, "/introspect", {"token": token}, headers=wrong).status_code == 429

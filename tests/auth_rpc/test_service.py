@@ -362,16 +362,18 @@ def test_client_token_input_validation(
     assert info.value.field == field
 
 
-def test_client_token_throttled_per_client(
+def test_client_token_failures_throttled_not_the_client(
     service: AuthService, svc_secret: str, clock: Any
 ) -> None:
     for _ in range(5):
         with pytest.raises(InvalidCredentials):
             service.client_token("svc", "wrong")
     with pytest.raises(Throttled):
-        service.client_token("svc", svc_secret)
+        service.client_token("svc", "wrong")
+    service.client_token("svc", svc_secret)  # the right secret is never locked out
     clock.advance(60)
-    service.client_token("svc", svc_secret)
+    with pytest.raises(InvalidCredentials):
+        service.client_token("svc", "wrong")
 
 
 def test_authenticate_client(service: AuthService, svc_secret: str) -> None:

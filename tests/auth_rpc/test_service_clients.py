@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from auth_rpc.errors import InvalidCredentials, InvalidInput, TokenRejected
+from auth_rpc.errors import InvalidCredentials, InvalidInput, Throttled, TokenRejected
 from auth_rpc.passwords import SecretHasher
 from auth_rpc.service import USER_CLIENT_ID, AuthService
 
@@ -24,24 +24,102 @@ class CountingHasher(SecretHasher):
         return super().verify(stored_hash, secret)
 
 
-def test_a_successful_client_authentication_is_not_hashed_again(
+def test_client_secrets_are_checked_without_argon2(
     open_service: Callable[..., AuthService],
 ) -> None:
-    """Introspection authenticates the resource server on every call: argon2 once, not per call."""
+    """Introspection authenticates the resource server on every call: no argon2 on that path.
+
+    Client secrets are 256 random bits made by the service, checked against a
+    SHA-256 digest in constant time; a success is also remembered briefly
+    (no database read per call).
+    """
     service = open_service()
     hasher = CountingHasher()
     service._hasher = hasher  # the service's own hasher, counting
     secret = service.add_client("posts-svc", ["introspect"])
     for _ in range(5):
         assert service.authenticate_client("posts-svc", secret) == "posts-svc"
-    assert hasher.verifications == 1
-    # A wrong secret is always checked (and throttled), never answered from memory.
     for _ in range(3):
         with pytest.raises(InvalidCredentials):
             service.authenticate_client("posts-svc", secret + "x")
-    assert hasher.verifications == 4
+    with pytest.raises(InvalidCredentials):
+        service.authenticate_client("nobody", secret)
+    assert hasher.verifications == 0
     # The memory is keyed by a digest: the secret itself is not kept.
     assert all(secret.encode() not in key for key in service._client_cache)
+
+
+def test_a_correct_client_secret_gets_through_whatever_guesses_were_made(
+    open_service: Callable[..., AuthService], clock: Any
+) -> None:
+    """Regression: five wrong secrets for a client id locked the real client out.
+
+    The id was throttled for 60 s to 15 min, renewed by one guess whenever the
+    delay ran out; once the remembered success expired (or Auth restarted),
+    Posts in introspect mode refused every token it had not cached.
+    Throttling now applies to the failures, never to the id.
+    """
+    service = open_service()
+    secret = service.add_client("posts-svc", ["introspect"])
+    for _ in range(5):
+        with pytest.raises(InvalidCredentials):
+            service.authenticate_client("posts-svc", "a wrong guess")
+    with pytest.raises(Throttled):  # further guesses are throttled...
+        service.authenticate_client("posts-svc", "a wrong guess")
+    service.close()
+    restarted = open_service()  # nothing remembered, the streak is in the database
+    with pytest.raises(Throttled):
+        restarted.authenticate_client("posts-svc", "a wrong guess")
+    # ...but the right secret is not.
+    assert restarted.authenticate_client("posts-svc", secret) == "posts-svc"
+    clock.advance(3600)
+    for _ in range(20):
+        with pytest.raises((InvalidCredentials, Throttled)):
+            restarted.authenticate_client("posts-svc", "a wrong guess")
+        assert restarted.authenticate_client("posts-svc", secret) == "posts-svc"
+    restarted._client_cache.clear()
+    assert restarted.authenticate_client("posts-svc", secret) == "posts-svc"
+
+
+def test_a_client_registered_before_digests_is_upgraded_on_success(
+    open_service: Callable[..., AuthService],
+) -> None:
+    service = open_service()
+    hasher = CountingHasher()
+    service._hasher = hasher
+    secret = service.add_client("old-svc", ["introspect"])
+    with service._db.transaction() as conn:  # as written by a version before schema 3
+        conn.execute("UPDATE clients SET secret_digest = NULL")
+    with pytest.raises(InvalidCredentials):
+        service.authenticate_client("old-svc", secret + "x")
+    assert hasher.verifications == 1  # argon2, as before
+    assert service.authenticate_client("old-svc", secret) == "old-svc"
+    assert hasher.verifications == 2
+    service._client_cache.clear()
+    assert service.authenticate_client("old-svc", secret) == "old-svc"
+    assert hasher.verifications == 2  # the digest was stored
+
+
+def test_a_client_in_use_stays_remembered(
+    open_service: Callable[..., AuthService], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The remembered success is extended by each use, not dropped 300 s after the first."""
+    import auth_rpc.service as service_module
+
+    now = [1000.0]
+    monkeypatch.setattr(service_module.time, "monotonic", lambda: now[0])
+    service = open_service()
+    secret = service.add_client("posts-svc", ["introspect"])
+    service.authenticate_client("posts-svc", secret)
+    reads = []
+    real_get = service._accounts.get_client
+    monkeypatch.setattr(
+        service._accounts, "get_client", lambda cid: reads.append(cid) or real_get(cid)
+    )
+    for _ in range(10):
+        now[0] += service_module.CLIENT_AUTH_CACHE_TTL_S / 2
+        assert service.authenticate_client("posts-svc", secret) == "posts-svc"
+    assert reads == []
 
 
 def test_users_and_clients_cannot_share_a_name(open_service: Callable[..., AuthService]) -> None:
