@@ -375,8 +375,9 @@ class AuthService:
         # against their SHA-256 digest in constant time, without argon2.
         client = self._accounts.get_client(client_id)
         if client is None or client.secret_digest is not None:
-            expected = client.secret_digest if client is not None else _NO_CLIENT_DIGEST
-            if hmac.compare_digest(client_secret_digest(client_secret), expected) and client:
+            expected = _NO_CLIENT_DIGEST if client is None else client.secret_digest
+            ok = hmac.compare_digest(client_secret_digest(client_secret), expected or b"")
+            if ok and client is not None:
                 return client.scopes
             with self._client_throttle.attempt(client_id) as attempt:  # may raise Throttled
                 attempt.failed()
