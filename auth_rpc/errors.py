@@ -1,7 +1,7 @@
 """Internal errors, free of Thrift and HTTP.
 
 Token and account logic raise these; the edges (the Thrift handlers through
-:func:`auth_rpc.rpc_errors.map_errors`, the HTTP app) translate them once into
+:func:`auth_rpc.verify.rpc_errors.map_errors`, the HTTP app) translate them once into
 the IDL's exceptions or OAuth error responses.
 
 "Reject this input" and "this service cannot decide" are different branches:

@@ -9,7 +9,7 @@ returns), and stops and joins them at teardown.
 Fixtures:
 
 ``auth_server``
-    A started :class:`auth_rpc.server.AuthServer` (EdDSA, issuer
+    A started :class:`auth_rpc.auth.server.AuthServer` (EdDSA, issuer
     :data:`ISSUER`, audience :data:`AUDIENCE`); ``.service``, ``.port``,
     ``.http_url``, ``.jwks_url``, ``.introspect_url``.
 ``make_auth_server``
@@ -28,7 +28,7 @@ Fixtures:
 ``serve_thrift``
     ``serve_thrift(service, handler, **settings)`` serves *your* Thrift
     service in-process and returns the started
-    :class:`auth_rpc.serving.RpcServer`.
+    :class:`auth_rpc.serving.rpc.RpcServer`.
 ``posts_server`` / ``make_posts_server``
     The Posts service verifying tokens of ``auth_server`` (``jwks`` mode by
     default; ``make_posts_server(mode="local"|"jwks"|"introspect"|"thrift",
@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from auth_rpc.keys import SigningKey
-    from auth_rpc.server import AuthServer
-    from auth_rpc.service import AuthService
-    from auth_rpc.serving import RpcServer
+    from auth_rpc.auth.keys import SigningKey
+    from auth_rpc.auth.server import AuthServer
+    from auth_rpc.auth.service import AuthService
+    from auth_rpc.serving.rpc import RpcServer
 
 __all__ = ["AUDIENCE", "ISSUER", "TokenFactory"]
 
@@ -67,7 +67,7 @@ class TokenFactory:
 
     ``key`` defaults to the Auth service's current signing key, so tokens pass
     every verifier configured for that service; pass another
-    :class:`auth_rpc.keys.SigningKey` (``TokenFactory.new_key("RS256")``) to
+    :class:`auth_rpc.auth.keys.SigningKey` (``TokenFactory.new_key("RS256")``) to
     make tokens from a foreign issuer.
     """
 
@@ -79,7 +79,7 @@ class TokenFactory:
 
     @staticmethod
     def new_key(alg: str = "EdDSA", *, kid: str | None = None) -> SigningKey:
-        from auth_rpc.keys import SigningKey
+        from auth_rpc.auth.keys import SigningKey
 
         return SigningKey.generate(alg, kid=kid)
 
@@ -111,7 +111,7 @@ class TokenFactory:
         ``now`` shifts the issue time (``now=time.time() - 3600`` with
         ``ttl_s=60`` gives an expired token).
         """
-        from auth_rpc.tokens import mint_access_token
+        from auth_rpc.auth.tokens import mint_access_token
 
         token = mint_access_token(
             key or self.key,
@@ -135,7 +135,7 @@ class TokenFactory:
 
 
 def _auth_settings(data_dir: Path, **overrides: Any) -> Any:
-    from auth_rpc.service import AuthSettings
+    from auth_rpc.auth.service import AuthSettings
 
     settings = AuthSettings(data_dir=data_dir, issuer=ISSUER, audience=AUDIENCE)
     return replace(settings, **overrides)
@@ -146,9 +146,9 @@ def make_auth_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., AuthServer]]:
     """Start Auth servers: ``make_auth_server(alg=..., framed=..., **auth_settings)``."""
-    from auth_rpc.server import AuthServer
-    from auth_rpc.service import AuthService
-    from auth_rpc.serving import ServerSettings
+    from auth_rpc.auth.server import AuthServer
+    from auth_rpc.auth.service import AuthService
+    from auth_rpc.serving.rpc import ServerSettings
 
     started: list[tuple[AuthServer, AuthService]] = []
 
@@ -220,7 +220,7 @@ def make_client(auth_server: AuthServer) -> Callable[..., str]:
 def auth_client(auth_server: AuthServer) -> Iterator[Any]:
     """A thriftpy2 client of ``auth_server``'s Thrift port."""
     from auth_rpc.idl import auth_thrift
-    from auth_rpc.transport import open_client
+    from auth_rpc.serving.transport import open_client
 
     client = open_client(auth_thrift.Auth, "127.0.0.1", auth_server.port)
     yield client
@@ -236,7 +236,7 @@ def token_factory(auth_server: AuthServer) -> TokenFactory:
 @pytest.fixture
 def serve_thrift() -> Iterator[Callable[..., RpcServer]]:
     """``serve_thrift(service, handler, **ServerSettings fields)``: your service, in-process."""
-    from auth_rpc.serving import RpcServer, ServerSettings
+    from auth_rpc.serving.rpc import RpcServer, ServerSettings
 
     started: list[RpcServer] = []
 
@@ -290,8 +290,8 @@ def make_posts_server(
     the verifier (``cache_ttl_s=0``, ``timeout_s=...``). The server's
     ``.verifier`` is closed at teardown.
     """
-    from auth_rpc.serving import ServerSettings
-    from auth_rpc.verifiers import make_verifier
+    from auth_rpc.serving.rpc import ServerSettings
+    from auth_rpc.verify.verifiers import make_verifier
     from posts_rpc.server import PostsServer
 
     started: list[Any] = []

@@ -15,9 +15,9 @@ __all__ = ["signing_key"]
 
 def signing_key(data_dir: Path) -> tuple[bytes, str, str]:
     """``(private PEM, kid, alg)`` of the current signer; ``RuntimeError`` if there is none."""
-    from auth_rpc.db import Database
-    from auth_rpc.keys import KeyStore
-    from auth_rpc.service import DB_FILENAME
+    from auth_rpc.auth.db import Database
+    from auth_rpc.auth.keys import KeyStore
+    from auth_rpc.auth.service import DB_FILENAME
 
     db = Database.open(data_dir / DB_FILENAME)
     try:

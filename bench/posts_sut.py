@@ -1,7 +1,7 @@
 """The Posts service as the bench runs it: ``python -m bench.posts_sut``.
 
 The same composition as ``posts-rpc serve`` (a :class:`PostsServer` with the
-verifier :func:`auth_rpc.verifiers.make_verifier` builds from the same
+verifier :func:`auth_rpc.verify.verifiers.make_verifier` builds from the same
 settings), plus what only a benchmark may do:
 
 - ``--verify off``: the token check switched off, through the server's
@@ -33,9 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from auth_rpc.principal import TokenVerifier
-from auth_rpc.runner import run_until_signal
-from auth_rpc.verifiers import JwksVerifier, make_verifier
+from auth_rpc.serving.runner import run_until_signal
+from auth_rpc.verify.principal import TokenVerifier
+from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 from bench.data import AUTHOR, PAGE_SIZE, SCOPE, post_dicts
 from bench.procs import rss_mb
 from posts_rpc.server import PostsServer
@@ -143,7 +143,7 @@ def _install_profiler(out: Path) -> Callable[[], None]:
     import pstats
     import threading
 
-    from auth_rpc.serving import RpcServer
+    from auth_rpc.serving.rpc import RpcServer
 
     profiles: list[cProfile.Profile] = []
     lock = threading.Lock()

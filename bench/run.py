@@ -337,7 +337,7 @@ def _start(name: str, argv: list[str], cpus: set[int] | None, env: Env,
 
 
 def _auth_cli() -> list[str]:
-    return [PY, "-c", "import sys; from auth_rpc.cli import main; sys.exit(main())"]
+    return [PY, "-c", "import sys; from auth_rpc.auth.cli import main; sys.exit(main())"]
 
 
 def _ensure_auth(env: Env) -> AuthInfo:
@@ -780,7 +780,7 @@ def _available(need: str) -> str:
     if need == "posts" and importlib.util.find_spec("posts_rpc.server") is None:
         return "posts_rpc.server is not there yet"
     if need == "auth":
-        for module in ("posts_rpc.server", "auth_rpc.service"):
+        for module in ("posts_rpc.server", "auth_rpc.auth.service"):
             if importlib.util.find_spec(module) is None:
                 return f"{module} is not there yet"
     if need == "flask" and importlib.util.find_spec("flask") is None:
@@ -791,12 +791,12 @@ def _available(need: str) -> str:
 
 
 def _posts_has_workers() -> bool:
-    """Whether ``posts-rpc serve`` can pre-fork workers (``auth_rpc.runner.run_workers``)."""
+    """Whether ``posts-rpc serve`` can pre-fork workers (``serving.runner.run_workers``)."""
     if importlib.util.find_spec("posts_rpc.cli") is None:
         return False
-    import auth_rpc.runner
+    import auth_rpc.serving.runner
 
-    return hasattr(auth_rpc.runner, "run_workers")
+    return hasattr(auth_rpc.serving.runner, "run_workers")
 
 
 def _select(only: Sequence[str] | None, with_workers: bool) -> list[Config]:

@@ -36,9 +36,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from auth_rpc.idl import auth_thrift
-from auth_rpc.principal import TokenVerifier
-from auth_rpc.transport import open_client, parse_hostport
-from auth_rpc.verifiers import (
+from auth_rpc.serving.transport import open_client, parse_hostport
+from auth_rpc.verify.principal import TokenVerifier
+from auth_rpc.verify.verifiers import (
     IntrospectionVerifier,
     JwksVerifier,
     LocalVerifier,
@@ -91,7 +91,7 @@ class AuthProcess:
     """``auth-rpc serve`` in a child process with one registered client."""
 
     def __init__(self, data_dir: Path, cpu: int | None) -> None:
-        exe = [sys.executable, "-m", "auth_rpc.cli"]
+        exe = [sys.executable, "-m", "auth_rpc.auth.cli"]
         scope = "posts:read posts:write"
         out = subprocess.run(
             [*exe, "add-client", "bench", "--data-dir", str(data_dir), "--scope", scope],

@@ -59,7 +59,7 @@ from typing import Any, NoReturn, TextIO
 from thriftpy2.thrift import TApplicationException
 
 from auth_rpc.idl import common_thrift
-from auth_rpc.transport import TLSClientConfig, parse_hostport
+from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
 from client.config import (
     ConfigError,
     SavedLogin,

@@ -54,7 +54,7 @@ from thriftpy2.thrift import TApplicationException, TDecodeException, TException
 from thriftpy2.transport import TTransportException
 
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
-from auth_rpc.transport import TLSClientConfig, open_client, parse_hostport
+from auth_rpc.serving.transport import TLSClientConfig, open_client, parse_hostport
 
 __all__ = [
     "DEFAULT_AUTH_PORT",

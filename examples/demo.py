@@ -134,7 +134,7 @@ def demo(work: Path, procs: Processes) -> bool:
     for name, password in (ALICE, BOB):
         show(
             procs.run(
-                "auth_rpc.cli",
+                "auth_rpc.auth.cli",
                 "add-user",
                 name,
                 "--data-dir",
@@ -144,7 +144,7 @@ def demo(work: Path, procs: Processes) -> bool:
             ).strip()
         )
     out = procs.run(
-        "auth_rpc.cli",
+        "auth_rpc.auth.cli",
         "add-client",
         "reporting",
         "--data-dir",
@@ -158,7 +158,7 @@ def demo(work: Path, procs: Processes) -> bool:
     say("Starting the Auth service and two Posts instances on free ports")
     auth = procs.start(
         "auth-rpc",
-        "auth_rpc.cli",
+        "auth_rpc.auth.cli",
         "serve",
         "--data-dir",
         str(auth_data),

@@ -2,8 +2,8 @@
 
 Each method takes the caller's RFC 9068 access token as its first argument;
 :mod:`posts_rpc.guard` verifies it with a pluggable
-:class:`~auth_rpc.principal.TokenVerifier` (local key, JWKS, RFC 7662
-introspection or the Auth service over Thrift; see :mod:`auth_rpc.verifiers`),
+:class:`~auth_rpc.verify.principal.TokenVerifier` (local key, JWKS, RFC 7662
+introspection or the Auth service over Thrift; see :mod:`auth_rpc.verify.verifiers`),
 checks the scope the method needs (``posts:read``, ``posts:write``,
 ``posts:admin``) and hands the handler a principal. :mod:`posts_rpc.handler`
 validates every field and enforces ownership; :mod:`posts_rpc.store` keeps the

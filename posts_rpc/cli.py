@@ -37,17 +37,17 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from auth_rpc.errors import AuthError, DependencyUnavailable
-from auth_rpc.principal import TokenVerifier
-from auth_rpc.runner import (
+from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
+from auth_rpc.serving.runner import (
     bind_socket,
     configure_logging,
     report_error,
     run_until_signal,
     run_workers,
 )
-from auth_rpc.serving import ServerSettings, TLSServerConfig
-from auth_rpc.transport import TLSClientConfig, parse_hostport
-from auth_rpc.verifiers import JwksVerifier, make_verifier
+from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
+from auth_rpc.verify.principal import TokenVerifier
+from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 from posts_rpc.server import PostsServer
 
 __all__ = ["main"]

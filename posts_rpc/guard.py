@@ -3,7 +3,7 @@
 Every method of ``service Posts`` takes the caller's access token as its first
 argument (``1: string token``). A handler method declares the scope it needs
 with :func:`requires`; the decorator replaces the ``token`` parameter with a
-verified :class:`~auth_rpc.principal.Principal`::
+verified :class:`~auth_rpc.verify.principal.Principal`::
 
     class PostsHandler(GuardedHandler, service=posts_thrift.Posts):
         @requires(SCOPE_READ)
@@ -13,16 +13,16 @@ For every call, before the handler body runs, the wrapper:
 
 1. refuses a missing (``None``), empty, non-string or oversized token
    (``Unauthenticated``);
-2. verifies it with the configured :class:`~auth_rpc.principal.TokenVerifier`
+2. verifies it with the configured :class:`~auth_rpc.verify.principal.TokenVerifier`
    (``TokenRejected`` -> ``Unauthenticated``; ``DependencyUnavailable`` ->
    ``Unavailable``: the call is refused, never accepted, when the verifier
    cannot decide);
-3. records the subject on :func:`auth_rpc.serving.current_call` for the
+3. records the subject on :func:`auth_rpc.serving.rpc.current_call` for the
    access log (never the token);
 4. checks that the token carries at least one of the declared scopes
    (``PermissionDenied`` otherwise);
 5. runs the handler with the principal, and translates every internal error
-   it raises into the IDL exception, once, here (:func:`auth_rpc.rpc_errors.to_thrift`).
+   it raises into the IDL exception, once, here (:func:`auth_rpc.verify.rpc_errors.to_thrift`).
 
 No handler can forget it: :class:`GuardedHandler` checks, when a subclass is
 *defined* (so at import time), that every method named in the service's
@@ -46,9 +46,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 
 from auth_rpc.errors import AuthError, Forbidden, TokenRejected
-from auth_rpc.principal import Principal, TokenVerifier
-from auth_rpc.rpc_errors import to_thrift
-from auth_rpc.serving import current_call
+from auth_rpc.serving.rpc import current_call
+from auth_rpc.verify.principal import Principal, TokenVerifier
+from auth_rpc.verify.rpc_errors import to_thrift
 
 __all__ = [
     "MAX_TOKEN_CHARS",
@@ -168,7 +168,7 @@ class GuardedHandler:
 
     def __init__(self, verifier: TokenVerifier) -> None:
         if not isinstance(verifier, TokenVerifier):
-            raise TypeError("verifier must implement auth_rpc.principal.TokenVerifier")
+            raise TypeError("verifier must implement auth_rpc.verify.principal.TokenVerifier")
         self.verifier = verifier
         # Bound once: the hot path does one attribute lookup, not two.
         self._verify = verifier.verify

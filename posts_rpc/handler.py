@@ -34,8 +34,8 @@ from typing import Any
 
 from auth_rpc.errors import Forbidden, InvalidInput, NotFoundError
 from auth_rpc.idl import posts_thrift
-from auth_rpc.principal import Principal, TokenVerifier
-from auth_rpc.serving import Preencoded
+from auth_rpc.serving.rpc import Preencoded
+from auth_rpc.verify.principal import Principal, TokenVerifier
 from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE, GuardedHandler, requires
 from posts_rpc.store import PostRow, PostStore
 

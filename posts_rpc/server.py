@@ -1,9 +1,9 @@
 """The Posts service process: a store, a token verifier, the handler, a listener.
 
 :class:`PostsServer` composes :class:`~posts_rpc.store.SqlitePostStore`
-(``DATA_DIR/posts.db``), the caller's :class:`~auth_rpc.principal.TokenVerifier`,
+(``DATA_DIR/posts.db``), the caller's :class:`~auth_rpc.verify.principal.TokenVerifier`,
 :class:`~posts_rpc.handler.PostsHandler` and an
-:class:`~auth_rpc.serving.RpcServer`; it is what ``posts-rpc serve`` runs and
+:class:`~auth_rpc.serving.rpc.RpcServer`; it is what ``posts-rpc serve`` runs and
 what tests and other programs embed in-process::
 
     server = PostsServer(data_dir=tmp, verifier=LocalVerifier(...)).start()
@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth_rpc.idl import posts_thrift
-from auth_rpc.principal import Principal, TokenVerifier
-from auth_rpc.serving import RpcServer, ServerSettings
+from auth_rpc.serving.rpc import RpcServer, ServerSettings
+from auth_rpc.verify.principal import Principal, TokenVerifier
 from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE
 from posts_rpc.handler import PostsHandler
 from posts_rpc.store import PostStore, SqlitePostStore

@@ -134,7 +134,7 @@ def test_every_exception_has_a_message(name: str) -> None:
 
 def test_error_map_covers_every_internal_error() -> None:
     from auth_rpc import errors
-    from auth_rpc.rpc_errors import ERROR_MAP, to_thrift
+    from auth_rpc.verify.rpc_errors import ERROR_MAP, to_thrift
 
     for cls in vars(errors).values():
         if isinstance(cls, type) and issubclass(cls, errors.AuthError):

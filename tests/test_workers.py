@@ -16,10 +16,10 @@ from pathlib import Path
 import requests
 from thriftpy2.transport import TTransportException
 
+from auth_rpc.auth.keys import SigningKey
 from auth_rpc.idl import auth_thrift, posts_thrift
-from auth_rpc.keys import SigningKey
+from auth_rpc.serving.transport import open_client
 from auth_rpc.testing import TokenFactory
-from auth_rpc.transport import open_client
 from posts_rpc.server import DB_FILE_NAME
 
 
@@ -95,12 +95,12 @@ def test_posts_workers_share_the_socket_restart_and_stop(tmp_path: Path) -> None
 def test_auth_workers_serve_thrift_and_http(tmp_path: Path) -> None:
     data = tmp_path / "auth"
     subprocess.run(
-        [sys.executable, "-m", "auth_rpc.cli", "add-user", "alice", "--data-dir", str(data),
+        [sys.executable, "-m", "auth_rpc.auth.cli", "add-user", "alice", "--data-dir", str(data),
          "--password-stdin"],
         input="a long password\n", text=True, check=True, capture_output=True,
     )
     with serve(
-        "auth_rpc.cli", "serve", "--data-dir", str(data), "--port", "0", "--http-port", "0",
+        "auth_rpc.auth.cli", "serve", "--data-dir", str(data), "--port", "0", "--http-port", "0",
         "--workers", "2",
     ) as (proc, ready):
         match = re.search(r"thrift=[\d.]+:(\d+) http=(\S+)", ready)

@@ -25,7 +25,7 @@ class AttackerSite:
 @pytest.fixture
 def attacker_site() -> Iterator[AttackerSite]:
     """A counting web server on 127.0.0.1 (port 0) serving an attacker's JWK Set and PEM."""
-    from auth_rpc.keys import SigningKey
+    from auth_rpc.auth.keys import SigningKey
 
     key = SigningKey.generate("EdDSA", kid="attacker-key")
     jwks = {"keys": [key.public_jwk()]}
@@ -95,8 +95,8 @@ class ClockedAuth:
 @pytest.fixture
 def clocked_auth(tmp_path: Any) -> Iterator[ClockedAuth]:
     """A started Auth server (Thrift and HTTP on free ports) with an injected clock."""
-    from auth_rpc.server import AuthServer
-    from auth_rpc.service import AuthService, AuthSettings
+    from auth_rpc.auth.server import AuthServer
+    from auth_rpc.auth.service import AuthService, AuthSettings
     from auth_rpc.testing import AUDIENCE, ISSUER
 
     clock = FakeClock()

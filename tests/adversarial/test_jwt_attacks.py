@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives import serialization
 from thriftpy2.thrift import TApplicationException
 from thriftpy2.transport import TTransportException
 
+from auth_rpc.auth.keys import SigningKey
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
-from auth_rpc.keys import SigningKey
+from auth_rpc.serving.transport import open_client
 from auth_rpc.testing import AUDIENCE, ISSUER
-from auth_rpc.transport import open_client
 
 MODES = ["local", "jwks", "introspect", "thrift"]
 #: "validate" is Auth.validate called directly; the others are Posts servers.

@@ -4,7 +4,7 @@
   and their median latencies are within 10 % (the issue's figure; asserted
   loosely at 25 % so a loaded 2-core box never flakes; the measured ratio is
   printed - run with ``pytest -s``).
-- Throttling (auth_rpc/throttle.py): after 5 failures in 15 minutes, the next
+- Throttling (auth_rpc/auth/throttle.py): after 5 failures in 15 minutes, the next
   attempt gets ``RateLimited`` with ``retry_after_ms``, the delay doubles with
   further failures, the rule is the same for unknown and existing names, and
   the real owner gets back in once the delay has passed.
@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.transport import open_client
+from auth_rpc.serving.transport import open_client
 
 PASSWORD = "the right password, long enough"
 WRONG = "a wrong password, also long"

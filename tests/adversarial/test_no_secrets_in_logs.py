@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
-from auth_rpc.transport import open_client
+from auth_rpc.serving.transport import open_client
 
 PASSWORD = "correct horse battery staple 1"
 WRONG_PASSWORD = "Tr0ub4dor&3 but wrong, long"

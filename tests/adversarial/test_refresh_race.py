@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.transport import open_client
+from auth_rpc.serving.transport import open_client
 
 PASSWORD = "a password long enough"
 CLIENTS = 10

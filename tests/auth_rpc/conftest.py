@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from auth_rpc.service import AuthService, AuthSettings
+from auth_rpc.auth.service import AuthService, AuthSettings
 
 ISSUER = "https://auth.test"
 AUDIENCE = "posts"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from auth_rpc.accounts import (
+from auth_rpc.auth.accounts import (
     AccountStore,
     check_client_id,
     check_password,
@@ -14,7 +14,7 @@ from auth_rpc.accounts import (
     check_username,
     parse_scope,
 )
-from auth_rpc.db import Database
+from auth_rpc.auth.db import Database
 from auth_rpc.errors import InvalidInput
 
 

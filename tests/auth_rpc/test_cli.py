@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.transport import open_client
+from auth_rpc.serving.transport import open_client
 
 READY = re.compile(
     r"^auth-rpc ready: thrift=(?P<host>[\d.]+):(?P<port>\d+) http=(?P<http>\S+) "
@@ -27,7 +27,7 @@ READY = re.compile(
 
 def run(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # our own command, fixed arguments
-        [sys.executable, "-m", "auth_rpc.cli", *args],
+        [sys.executable, "-m", "auth_rpc.auth.cli", *args],
         input=stdin,
         capture_output=True,
         text=True,
@@ -42,7 +42,7 @@ class Served:
             [
                 sys.executable,
                 "-m",
-                "auth_rpc.cli",
+                "auth_rpc.auth.cli",
                 "serve",
                 "--port",
                 "0",
@@ -156,7 +156,7 @@ def test_hs256_refuses_a_short_secret(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "auth_rpc.cli",
+            "auth_rpc.auth.cli",
             "serve",
             "--data-dir",
             str(tmp_path / "d"),

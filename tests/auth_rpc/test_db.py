@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from auth_rpc.db import MIGRATIONS, SCHEMA_VERSION, Database
+from auth_rpc.auth.db import MIGRATIONS, SCHEMA_VERSION, Database
 from auth_rpc.errors import DependencyUnavailable
 
 EXPECTED_SCHEMA = {

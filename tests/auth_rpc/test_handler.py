@@ -12,12 +12,12 @@ import jwt
 import pytest
 
 from auth_rpc import errors
-from auth_rpc.handler import AuthHandler
+from auth_rpc.auth.handler import AuthHandler
+from auth_rpc.auth.service import USER_CLIENT_ID, AuthService
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.rpc_errors import ERROR_MAP
-from auth_rpc.service import USER_CLIENT_ID, AuthService
-from auth_rpc.serving import RpcServer
-from auth_rpc.transport import open_client
+from auth_rpc.serving.rpc import RpcServer
+from auth_rpc.serving.transport import open_client
+from auth_rpc.verify.rpc_errors import ERROR_MAP
 
 ISSUER = "https://auth.test"
 AUDIENCE = "posts"
@@ -56,7 +56,7 @@ def no_undeclared_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     """Every refusal must travel as a declared exception, never an internal error."""
     caplog.set_level(logging.INFO, logger="auth_rpc")
     yield
-    internal = [r for r in caplog.records if r.name == "auth_rpc.serving" and r.levelno >= 40]
+    internal = [r for r in caplog.records if r.name == "auth_rpc.serving.rpc" and r.levelno >= 40]
     assert not internal, [r.getMessage() for r in internal]
 
 

@@ -1,7 +1,7 @@
 """The Auth service's HTTP endpoints, over real HTTP against the real service.
 
 The app is served by waitress on 127.0.0.1, port 0, from a thread; the service
-is a real :class:`auth_rpc.service.AuthService` on a temporary data dir. A few
+is a real :class:`auth_rpc.auth.service.AuthService` on a temporary data dir. A few
 edge cases no HTTP client sends (a lying Content-Length, a failing input
 stream) call the WSGI app directly, still with the real service.
 """
@@ -25,8 +25,8 @@ import waitress
 from waitress import wasyncore
 
 from auth_rpc import errors
-from auth_rpc.http import HTTP_ERROR_MAP, OAuthError, make_app, oauth_error_for
-from auth_rpc.service import AuthService, AuthSettings
+from auth_rpc.auth.http import HTTP_ERROR_MAP, OAuthError, make_app, oauth_error_for
+from auth_rpc.auth.service import AuthService, AuthSettings
 
 ISSUER = "https://auth.example.test"
 AUDIENCE = "posts"
@@ -830,7 +830,7 @@ def test_an_unexpected_failure_is_a_500_logged_once_without_the_body(
     assert status.startswith("500")
     assert json.loads(body) == {"error": "server_error"}
     assert headers["Cache-Control"] == "no-store"
-    records = [r for r in caplog.records if r.name == "auth_rpc.http"]
+    records = [r for r in caplog.records if r.name == "auth_rpc.auth.http"]
     assert len(records) == 1
     assert "RuntimeError" in caplog.text
     assert PASSWORD not in caplog.text

@@ -10,9 +10,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from auth_rpc.db import Database
+from auth_rpc.auth.db import Database
+from auth_rpc.auth.keys import KeyManager, KeyStore, SigningKey, read_hs256_secret
 from auth_rpc.errors import DependencyUnavailable
-from auth_rpc.keys import KeyManager, KeyStore, SigningKey, read_hs256_secret
 
 ASYMMETRIC = ["EdDSA", "RS256", "ES256"]
 
@@ -43,7 +43,7 @@ def test_kid_is_the_rfc7638_thumbprint() -> None:
         "WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw"
     )
     public = rsa.RSAPublicNumbers(65537, int.from_bytes(jwt.utils.base64url_decode(n), "big"))
-    from auth_rpc.keys import _public_jwk, _thumbprint
+    from auth_rpc.auth.keys import _public_jwk, _thumbprint
 
     jwk = _public_jwk("RS256", public.public_key())
     assert _thumbprint(jwk) == "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"

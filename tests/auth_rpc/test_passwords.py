@@ -5,8 +5,8 @@ from __future__ import annotations
 import argon2
 import pytest
 
+from auth_rpc.auth.passwords import ARGON2_PARAMETERS, SecretHasher, constant_time_equals
 from auth_rpc.errors import Throttled
-from auth_rpc.passwords import ARGON2_PARAMETERS, SecretHasher, constant_time_equals
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,9 @@ from typing import Any
 import jwt
 import pytest
 
+from auth_rpc.auth.keys import RETIRE_SLACK_S, SigningKey
+from auth_rpc.auth.service import USER_CLIENT_ID, AuthService, IssuedTokens
+from auth_rpc.auth.tokens import mint_access_token
 from auth_rpc.errors import (
     DependencyUnavailable,
     InvalidCredentials,
@@ -20,9 +23,6 @@ from auth_rpc.errors import (
     Throttled,
     TokenRejected,
 )
-from auth_rpc.keys import RETIRE_SLACK_S, SigningKey
-from auth_rpc.service import USER_CLIENT_ID, AuthService, IssuedTokens
-from auth_rpc.tokens import mint_access_token
 
 ISSUER = "https://auth.test"
 AUDIENCE = "posts"

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from auth_rpc.auth.passwords import SecretHasher
+from auth_rpc.auth.service import USER_CLIENT_ID, AuthService
 from auth_rpc.errors import InvalidCredentials, InvalidInput, Throttled, TokenRejected
-from auth_rpc.passwords import SecretHasher
-from auth_rpc.service import USER_CLIENT_ID, AuthService
 
 PASSWORD = "correct horse battery staple"
 
@@ -104,7 +104,7 @@ def test_a_client_in_use_stays_remembered(
     open_service: Callable[..., AuthService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The remembered success is extended by each use, not dropped 300 s after the first."""
-    import auth_rpc.service as service_module
+    import auth_rpc.auth.service as service_module
 
     now = [1000.0]
     monkeypatch.setattr(service_module.time, "monotonic", lambda: now[0])

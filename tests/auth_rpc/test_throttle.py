@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from auth_rpc.auth.throttle import Throttle
 from auth_rpc.errors import Throttled
-from auth_rpc.throttle import Throttle
 
 
 class Clock:

@@ -15,11 +15,11 @@ import pytest
 import requests
 import trustme
 
+from auth_rpc.auth.server import HttpListener
 from auth_rpc.idl import auth_thrift, posts_thrift
-from auth_rpc.server import HttpListener
-from auth_rpc.serving import ServerSettings, TLSServerConfig
-from auth_rpc.tls_front import PEER_IDENTITY_KEY
-from auth_rpc.transport import TLSClientConfig, open_client
+from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
+from auth_rpc.serving.tls_front import PEER_IDENTITY_KEY
+from auth_rpc.serving.transport import TLSClientConfig, open_client
 
 PASSWORD = "a password for TLS tests"
 
@@ -189,7 +189,7 @@ def test_commands_with_mutual_tls_end_to_end(tmp_path: Path, pki: dict[str, str]
         [
             sys.executable,
             "-m",
-            "auth_rpc.cli",
+            "auth_rpc.auth.cli",
             "add-user",
             "alice",
             "--data-dir",
@@ -203,7 +203,7 @@ def test_commands_with_mutual_tls_end_to_end(tmp_path: Path, pki: dict[str, str]
     )
     tls_flags = ["--tls-cert", pki["server.pem"], "--tls-key", pki["server.key"]]
     auth, ready = _start(
-        "auth_rpc.cli",
+        "auth_rpc.auth.cli",
         "serve",
         "--data-dir",
         str(data),

@@ -15,10 +15,9 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auth_rpc.errors import TokenRejected
-from auth_rpc.keys import SigningKey
-from auth_rpc.service import AuthService
-from auth_rpc.tokens import (
+from auth_rpc.auth.keys import SigningKey
+from auth_rpc.auth.service import AuthService
+from auth_rpc.auth.tokens import (
     MAX_TOKEN_BYTES,
     AccessTokenChecker,
     hash_refresh_token,
@@ -26,6 +25,7 @@ from auth_rpc.tokens import (
     new_jti,
     new_refresh_token,
 )
+from auth_rpc.errors import TokenRejected
 
 ISSUER = "https://auth.test"
 AUDIENCE = "posts"

@@ -9,9 +9,9 @@ from typing import Any
 import jwt
 import pytest
 
-from auth_rpc.principal import Principal
-from auth_rpc.vcache import VerifiedCache
-from auth_rpc.verifiers import LocalVerifier
+from auth_rpc.verify.cache import VerifiedCache
+from auth_rpc.verify.principal import Principal
+from auth_rpc.verify.verifiers import LocalVerifier
 
 T0 = 1_800_000_000.0
 SECRET = b"k" * 32
@@ -161,8 +161,8 @@ def test_bad_settings() -> None:
 
 def test_cached_principals_share_their_repeated_parts() -> None:
     """100,000 tokens of one user keep one copy of the scope set and names (memory)."""
-    from auth_rpc.principal import Principal
-    from auth_rpc.vcache import VerifiedCache
+    from auth_rpc.verify.cache import VerifiedCache
+    from auth_rpc.verify.principal import Principal
 
     cache = VerifiedCache(max_entries=10, ttl_s=30)
     for i in range(3):

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
-from auth_rpc.verifiers import IntrospectionVerifier, make_verifier
+from auth_rpc.verify.verifiers import IntrospectionVerifier, make_verifier
 
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"
@@ -277,7 +277,7 @@ def test_bad_client_credentials(
 ) -> None:
     server.answers["tok"] = active()
     v = make(server, client_secret="wrong")
-    with caplog.at_level(logging.ERROR, logger="auth_rpc.verifiers"):
+    with caplog.at_level(logging.ERROR, logger="auth_rpc.verify.verifiers"):
         for _ in range(3):
             with pytest.raises(
                 DependencyUnavailable, match="introspection client credentials rejected"

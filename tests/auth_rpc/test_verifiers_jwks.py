@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
-from auth_rpc.verifiers import JwksVerifier, make_verifier
+from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
-from auth_rpc.principal import Principal
-from auth_rpc.verifiers import LocalVerifier, make_verifier
+from auth_rpc.verify.principal import Principal
+from auth_rpc.verify.verifiers import LocalVerifier, make_verifier
 
 NOW = 1_800_000_000
 ISS = "https://issuer.test"

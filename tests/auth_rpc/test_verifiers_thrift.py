@@ -1,4 +1,4 @@
-"""ThriftVerifier against a tiny Auth handler served by auth_rpc.serving.RpcServer."""
+"""ThriftVerifier against a tiny Auth handler served by auth_rpc.serving.rpc.RpcServer."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.serving import RpcServer
-from auth_rpc.verifiers import ThriftVerifier, make_verifier
+from auth_rpc.serving.rpc import RpcServer
+from auth_rpc.verify.verifiers import ThriftVerifier, make_verifier
 
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"

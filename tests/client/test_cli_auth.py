@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from auth_rpc.serving import ServerSettings, TLSServerConfig
+from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from client import Unauthenticated, connect_auth
 
 EXIT_UNAUTHENTICATED = 3

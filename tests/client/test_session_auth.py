@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.serving import ServerSettings, TLSServerConfig
-from auth_rpc.transport import TLSClientConfig
+from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
+from auth_rpc.serving.transport import TLSClientConfig
 from client import (
     ClientError,
     Endpoint,

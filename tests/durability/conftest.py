@@ -69,7 +69,7 @@ def spawn(tmp_path: Path) -> Iterator[Callable[..., Process]]:
     def start(kind: str, data_dir: Path, *, issuer: str, auth_port: int = 0) -> Process:
         log = tmp_path / f"{kind}.log"
         if kind == "auth":
-            process = _start(kind, "auth_rpc.cli", [
+            process = _start(kind, "auth_rpc.auth.cli", [
                 "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
                 "--http-port", "0", "--issuer", issuer,
             ], log, AUTH_READY)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
-from auth_rpc.transport import open_client
+from auth_rpc.serving.transport import open_client
 
 ISSUER = "http://auth.test"
 PASSWORD = "a password long enough"
@@ -153,7 +153,7 @@ def integrity(path: Path) -> str:
 def test_sigkill_mid_load_loses_nothing_acknowledged(
     tmp_path: Path, spawn: Callable[..., Any]
 ) -> None:
-    from auth_rpc.service import AuthService, AuthSettings
+    from auth_rpc.auth.service import AuthService, AuthSettings
 
     started = time.monotonic()
     auth_dir, posts_dir = tmp_path / "auth", tmp_path / "posts"

@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 
+from auth_rpc.auth.keys import SigningKey
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
-from auth_rpc.keys import SigningKey
+from auth_rpc.serving.transport import open_client
 from auth_rpc.testing import TokenFactory
-from auth_rpc.transport import open_client
 
 MODES = ["local", "jwks", "introspect", "thrift"]
 REMOTE = ["introspect", "thrift"]

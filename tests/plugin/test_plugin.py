@@ -32,7 +32,7 @@ def test_token_factory_tokens_pass_the_posts_server(
 
 def test_serve_thrift_serves_your_own_service(serve_thrift: Any) -> None:
     """Users test their own Thrift services with the same hardened server."""
-    from auth_rpc.transport import open_client
+    from auth_rpc.serving.transport import open_client
 
     class Echo:
         def list_posts(self, token: str, limit: int, before_id: int) -> Any:

@@ -3,7 +3,7 @@
 Tokens are RFC 9068 access tokens minted with ``jwt.encode`` (header ``typ``
 ``at+jwt`` and ``kid``; claims ``iss``, ``sub``, ``aud``, ``exp``, ``iat``,
 ``jti``, ``scope``, ``client_id``) and checked by a real
-:class:`auth_rpc.verifiers.LocalVerifier` holding the same HS256 secret.
+:class:`auth_rpc.verify.verifiers.LocalVerifier` holding the same HS256 secret.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import jwt
 import pytest
 
 from auth_rpc.idl import posts_thrift
-from auth_rpc.transport import open_client
-from auth_rpc.verifiers import LocalVerifier
+from auth_rpc.serving.transport import open_client
+from auth_rpc.verify.verifiers import LocalVerifier
 from posts_rpc.server import PostsServer
 
 ISSUER = "https://auth.posts.test"

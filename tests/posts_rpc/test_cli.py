@@ -23,7 +23,7 @@ from jwt.algorithms import OKPAlgorithm
 from thriftpy2.transport import TTransportException
 
 from auth_rpc.idl import common_thrift, posts_thrift
-from auth_rpc.transport import TLSClientConfig, open_client
+from auth_rpc.serving.transport import TLSClientConfig, open_client
 from posts_rpc import cli
 
 Mint = Callable[..., str]

@@ -23,9 +23,9 @@ from thriftpy2.thrift import TType
 
 from auth_rpc.errors import DependencyUnavailable
 from auth_rpc.idl import common_thrift, posts_thrift
-from auth_rpc.principal import Principal
-from auth_rpc.transport import open_client
-from auth_rpc.verifiers import ThriftVerifier
+from auth_rpc.serving.transport import open_client
+from auth_rpc.verify.principal import Principal
+from auth_rpc.verify.verifiers import ThriftVerifier
 from posts_rpc.guard import (
     SCOPE_ADMIN,
     SCOPE_READ,

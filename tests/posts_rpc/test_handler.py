@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from auth_rpc.idl import common_thrift, posts_thrift
-from auth_rpc.transport import open_client
-from auth_rpc.verifiers import LocalVerifier
+from auth_rpc.serving.transport import open_client
+from auth_rpc.verify.verifiers import LocalVerifier
 from posts_rpc.server import PostsServer
 
 Mint = Callable[..., str]

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from auth_rpc.idl import common_thrift, posts_thrift
-from auth_rpc.transport import open_client
-from auth_rpc.verifiers import LocalVerifier
+from auth_rpc.serving.transport import open_client
+from auth_rpc.verify.verifiers import LocalVerifier
 from posts_rpc.server import DB_FILE_NAME, PostsServer
 from posts_rpc.store import SqlitePostStore
 

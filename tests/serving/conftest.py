@@ -16,8 +16,8 @@ from thriftpy2.protocol import TCyBinaryProtocolFactory
 from thriftpy2.thrift import TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
-from auth_rpc.serving import RpcServer, ServerSettings, current_call
-from auth_rpc.transport import open_client
+from auth_rpc.serving.rpc import RpcServer, ServerSettings, current_call
+from auth_rpc.serving.transport import open_client
 
 echo_thrift: Any = thriftpy2.load(
     str(Path(__file__).with_name("echo.thrift")), module_name="echo_serving_thrift"

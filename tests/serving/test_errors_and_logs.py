@@ -30,7 +30,7 @@ def test_undeclared_exception_is_internal_error_with_only_a_request_id(
         assert client.echo("after") == "after"
     finally:
         client.close()
-    errors = [r for r in caplog.records if r.name == "auth_rpc.serving"]
+    errors = [r for r in caplog.records if r.name == "auth_rpc.serving.rpc"]
     assert len(errors) == 1
     assert request_id in errors[0].getMessage()
     assert errors[0].exc_info is not None  # the traceback is for the server's log only

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from auth_rpc.idl import posts_thrift
-from auth_rpc.serving import Preencoded, RpcServer, ServerSettings
-from auth_rpc.transport import open_client
+from auth_rpc.serving.rpc import Preencoded, RpcServer, ServerSettings
+from auth_rpc.serving.transport import open_client
 
 PAGE = posts_thrift.PostPage(
     posts=[

@@ -13,8 +13,8 @@ import pytest
 import trustme
 from thriftpy2.transport import TTransportException
 
-from auth_rpc.serving import CallContext, TLSServerConfig
-from auth_rpc.transport import TLSClientConfig, open_client, parse_hostport
+from auth_rpc.serving.rpc import CallContext, TLSServerConfig
+from auth_rpc.serving.transport import TLSClientConfig, open_client, parse_hostport
 
 
 @pytest.fixture(scope="module")

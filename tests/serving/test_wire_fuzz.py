@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auth_rpc.serving import RpcServer, ServerSettings
+from auth_rpc.serving.rpc import RpcServer, ServerSettings
 
 TYPES = st.one_of(
     st.sampled_from([2, 3, 4, 6, 8, 10, 11, 12, 13, 14, 15]),  # valid

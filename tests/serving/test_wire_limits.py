@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from auth_rpc.wire import MessageScanner, WireError, WireLimits
+from auth_rpc.serving.wire import MessageScanner, WireError, WireLimits
 
 I32_MAX = 2**31 - 1
 
@@ -381,7 +381,7 @@ def test_pipelined_calls_are_answered_in_order(wire: Any, server: Any) -> None:
 def test_reader_memory_follows_bytes_received_not_sizes_declared(framed: bool) -> None:
     import socket
 
-    from auth_rpc.wire import MessageReader, MessageTimeout
+    from auth_rpc.serving.wire import MessageReader, MessageTimeout
 
     # Within the limits, but the bytes never come: no buffer of the declared size.
     declared = call(field(STRING, 1) + struct.pack("!i", 1024 * 1024))

@@ -65,7 +65,7 @@ def run_until_signal(ready_line: str, stop: Callable[[], None], *, announce: boo
             print(ready_line, flush=True)
         while not stopping.wait(1.0):
             pass
-        logging.getLogger("auth_rpc.runner").info("signal received; stopping")
+        logging.getLogger("auth_rpc.serving.runner").info("signal received; stopping")
         stop()
     finally:
         for sig, handler in previous.items():
@@ -91,7 +91,7 @@ def run_workers(
     ``stop_timeout_s``) and returns 0. Nothing may run threads in the parent
     before this call: ``fork`` copies only the calling thread.
     """
-    log = logging.getLogger("auth_rpc.runner")
+    log = logging.getLogger("auth_rpc.serving.runner")
     stopping = threading.Event()
 
     def _on_signal(signum: int, frame: FrameType | None) -> None:

@@ -29,7 +29,7 @@ from auth_rpc.errors import Throttled
 
 __all__ = ["ARGON2_PARAMETERS", "SecretHasher", "constant_time_equals"]
 
-log = logging.getLogger("auth_rpc.passwords")
+log = logging.getLogger("auth_rpc.auth.passwords")
 
 #: The argon2id parameters of new hashes.
 ARGON2_PARAMETERS: dict[str, int] = {

@@ -38,12 +38,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from auth_rpc.db import Database
+from auth_rpc.auth.db import Database
 from auth_rpc.errors import DependencyUnavailable, Throttled
 
 __all__ = ["Attempt", "SqliteStreakStore", "StreakStore", "Throttle"]
 
-log = logging.getLogger("auth_rpc.throttle")
+log = logging.getLogger("auth_rpc.auth.throttle")
 
 
 @dataclass

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from auth_rpc.accounts import (
+from auth_rpc.auth.accounts import (
     AccountStore,
     check_client_id,
     check_password,
@@ -41,18 +41,11 @@ from auth_rpc.accounts import (
     client_secret_digest,
     parse_scope,
 )
-from auth_rpc.db import Database
-from auth_rpc.errors import (
-    DependencyUnavailable,
-    InvalidCredentials,
-    InvalidInput,
-    TokenRejected,
-)
-from auth_rpc.keys import ALGORITHMS, KeyManager, KeyStore, SigningKey, read_hs256_secret
-from auth_rpc.passwords import SecretHasher
-from auth_rpc.principal import Principal
-from auth_rpc.throttle import SqliteStreakStore, Throttle
-from auth_rpc.tokens import (
+from auth_rpc.auth.db import Database
+from auth_rpc.auth.keys import ALGORITHMS, KeyManager, KeyStore, SigningKey, read_hs256_secret
+from auth_rpc.auth.passwords import SecretHasher
+from auth_rpc.auth.throttle import SqliteStreakStore, Throttle
+from auth_rpc.auth.tokens import (
     LEEWAY_S,
     MAX_TOKEN_BYTES,
     AccessTokenChecker,
@@ -66,10 +59,17 @@ from auth_rpc.tokens import (
     new_refresh_token,
     principal_from_claims,
 )
+from auth_rpc.errors import (
+    DependencyUnavailable,
+    InvalidCredentials,
+    InvalidInput,
+    TokenRejected,
+)
+from auth_rpc.verify.principal import Principal
 
 __all__ = ["DB_FILENAME", "USER_CLIENT_ID", "AuthService", "AuthSettings", "IssuedTokens"]
 
-log = logging.getLogger("auth_rpc.service")
+log = logging.getLogger("auth_rpc.auth.service")
 
 #: The ``client_id`` claim of tokens issued by ``login`` (no client is named).
 USER_CLIENT_ID = "auth-rpc"
@@ -426,7 +426,7 @@ class AuthService:
         self._check_open()
         return self._checker.check(token)
 
-    #: :class:`auth_rpc.principal.TokenVerifier` compatibility.
+    #: :class:`auth_rpc.verify.principal.TokenVerifier` compatibility.
     def verify(self, token: str) -> Principal:
         """Same as :meth:`validate`."""
         return self.validate(token)

@@ -1,6 +1,6 @@
 """Embeddable access-token verifiers: local, JWKS, introspection and Thrift.
 
-Every verifier implements :class:`auth_rpc.principal.TokenVerifier`:
+Every verifier implements :class:`auth_rpc.verify.principal.TokenVerifier`:
 ``verify(token) -> Principal`` raising :class:`~auth_rpc.errors.TokenRejected`
 (the token is not acceptable) or :class:`~auth_rpc.errors.DependencyUnavailable`
 (what is needed to decide cannot be reached: the caller refuses the call, it
@@ -11,10 +11,10 @@ never accepts it), and ``close()``.
 - :class:`IntrospectionVerifier`: RFC 7662 token introspection, any server.
 - :class:`ThriftVerifier`: ``Auth.validate`` over pooled Thrift connections.
 
-All of them share the verified-token cache of :mod:`auth_rpc.vcache`. For the
+All of them share the verified-token cache of :mod:`auth_rpc.verify.cache`. For the
 remote modes its TTL (``cache_ttl_s``, 30 s by default) is how long a revoked
 token may still be accepted; ``cache_ttl_s=0`` turns it off. Local modes hold
-no revocation list unless given a :class:`~auth_rpc.principal.RevocationCheck`,
+no revocation list unless given a :class:`~auth_rpc.verify.principal.RevocationCheck`,
 consulted on every call, cached or not.
 
 Misconfiguration (a short HS256 secret, an algorithm the key cannot verify,
@@ -52,9 +52,9 @@ from thriftpy2.thrift import TApplicationException
 
 from auth_rpc.errors import AuthError, DependencyUnavailable, TokenRejected
 from auth_rpc.idl import auth_thrift, common_thrift
-from auth_rpc.principal import NoRevocations, Principal, RevocationCheck, TokenVerifier
-from auth_rpc.transport import TLSClientConfig, open_client, parse_hostport
-from auth_rpc.vcache import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_S, CachingVerifier
+from auth_rpc.serving.transport import TLSClientConfig, open_client, parse_hostport
+from auth_rpc.verify.cache import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_S, CachingVerifier
+from auth_rpc.verify.principal import NoRevocations, Principal, RevocationCheck, TokenVerifier
 
 __all__ = [
     "IntrospectionVerifier",
@@ -65,7 +65,7 @@ __all__ = [
     "read_secret_file",
 ]
 
-log = logging.getLogger("auth_rpc.verifiers")
+log = logging.getLogger("auth_rpc.verify.verifiers")
 
 DEFAULT_LEEWAY_S = 30.0
 DEFAULT_MAX_TOKEN_BYTES = 8192

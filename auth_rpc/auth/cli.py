@@ -17,17 +17,17 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from auth_rpc.auth.server import AuthServer
+from auth_rpc.auth.service import AuthService, AuthSettings
 from auth_rpc.errors import AuthError
-from auth_rpc.runner import (
+from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
+from auth_rpc.serving.runner import (
     bind_socket,
     configure_logging,
     report_error,
     run_until_signal,
     run_workers,
 )
-from auth_rpc.server import AuthServer
-from auth_rpc.service import AuthService, AuthSettings
-from auth_rpc.serving import ServerSettings, TLSServerConfig
 
 __all__ = ["main"]
 

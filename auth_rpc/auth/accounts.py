@@ -15,7 +15,7 @@ import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from auth_rpc.db import Database
+from auth_rpc.auth.db import Database
 from auth_rpc.errors import InvalidInput
 
 __all__ = [
@@ -29,7 +29,7 @@ __all__ = [
     "parse_scope",
 ]
 
-log = logging.getLogger("auth_rpc.accounts")
+log = logging.getLogger("auth_rpc.auth.accounts")
 
 MAX_NAME_CHARS = 128
 MAX_PASSWORD_BYTES = 1024

@@ -10,7 +10,7 @@ Endpoints (the contract's "HTTP endpoints of the Auth service"):
 - ``POST /revoke`` -- RFC 7009, for registered clients only;
 - ``GET /healthz`` -- 200 when the service can serve, else 503.
 
-The app calls only the :class:`auth_rpc.service.AuthService` facade: it
+The app calls only the :class:`auth_rpc.auth.service.AuthService` facade: it
 compares no secret itself and keeps no state. Internal errors become OAuth
 error responses in one place (:data:`HTTP_ERROR_MAP`, :func:`oauth_error_for`).
 Nothing here logs a request body, an ``Authorization`` header, a token or a
@@ -30,7 +30,7 @@ from the request's scheme, ``Host`` header and ``SCRIPT_NAME``. A ``Host``
 that is not a plain host name or address (with an optional port) is refused.
 
 :func:`make_app` builds the app; the caller serves it with waitress (see
-:class:`auth_rpc.server.HttpListener`).
+:class:`auth_rpc.auth.server.HttpListener`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from auth_rpc import errors
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
-    from auth_rpc.service import AuthService
+    from auth_rpc.auth.service import AuthService
 
 __all__ = [
     "HTTP_ERROR_MAP",
@@ -64,7 +64,7 @@ __all__ = [
     "oauth_error_for",
 ]
 
-log = logging.getLogger("auth_rpc.http")
+log = logging.getLogger("auth_rpc.auth.http")
 
 #: How long a client may cache the JWK Set and the metadata, in seconds.
 JWKS_MAX_AGE_S = 300

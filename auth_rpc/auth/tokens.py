@@ -32,10 +32,10 @@ from typing import Any
 
 import jwt
 
-from auth_rpc.db import Database
+from auth_rpc.auth.db import Database
+from auth_rpc.auth.keys import SigningKey
 from auth_rpc.errors import TokenRejected
-from auth_rpc.keys import SigningKey
-from auth_rpc.principal import Principal
+from auth_rpc.verify.principal import Principal
 
 __all__ = [
     "ACCESS_TOKEN_TYPES",
@@ -55,7 +55,7 @@ __all__ = [
     "principal_from_claims",
 ]
 
-log = logging.getLogger("auth_rpc.tokens")
+log = logging.getLogger("auth_rpc.auth.tokens")
 
 #: RFC 9068 section 2.1: "typ" with the value "at+jwt" (or "application/at+jwt").
 ACCESS_TOKEN_TYPES = ("at+jwt", "application/at+jwt")
@@ -100,7 +100,7 @@ def mint_access_token(
 ) -> str:
     """Sign an RFC 9068 access token with ``key``.
 
-    ``key`` is a :class:`~auth_rpc.keys.SigningKey` (its ``kid`` goes in the
+    ``key`` is a :class:`~auth_rpc.auth.keys.SigningKey` (its ``kid`` goes in the
     header, its ``alg`` signs): the service's own (``AuthService.signing_key()``)
     or, in a test, ``SigningKey.generate("EdDSA")``. ``now`` is unix seconds.
     ``scopes`` is an iterable of scope tokens (or one space-separated

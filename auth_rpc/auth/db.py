@@ -37,7 +37,7 @@ from auth_rpc.errors import DependencyUnavailable
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database"]
 
-log = logging.getLogger("auth_rpc.db")
+log = logging.getLogger("auth_rpc.auth.db")
 
 #: Ordered migrations; the n-th (1-based) brings the schema to version n.
 MIGRATIONS: tuple[str, ...] = (

@@ -11,7 +11,7 @@ IDL does not declare. :class:`RpcServer` replaces it:
   for the peer's delayed ACK);
 - the TLS handshake runs in the connection's thread, bounded by
   ``handshake_timeout_s``;
-- every incoming message is read and validated by :mod:`auth_rpc.wire`
+- every incoming message is read and validated by :mod:`auth_rpc.serving.wire`
   against the wire limits (message, string and container sizes, element
   types, nesting) before thriftpy2's Cython codec decodes it; a refused
   message is answered with ``TApplicationException(PROTOCOL_ERROR)`` when its
@@ -52,7 +52,7 @@ from thriftpy2.transport import (
     TTransportException,
 )
 
-from auth_rpc.wire import Message, MessageReader, MessageTimeout, WireError, WireLimits
+from auth_rpc.serving.wire import Message, MessageReader, MessageTimeout, WireError, WireLimits
 
 __all__ = [
     "CallContext",
@@ -63,7 +63,7 @@ __all__ = [
     "current_call",
 ]
 
-log = logging.getLogger("auth_rpc.serving")
+log = logging.getLogger("auth_rpc.serving.rpc")
 access_log = logging.getLogger("auth_rpc.access")
 
 
@@ -101,7 +101,7 @@ class ServerSettings:
     The wire limits (``max_message_bytes``, ``max_string_bytes``,
     ``max_container_items``, ``max_nesting_depth``, ``max_message_values``:
     fields and container elements of one message together) bound what one
-    incoming call may declare; see :mod:`auth_rpc.wire`. ``idle_timeout_s`` bounds the
+    incoming call may declare; see :mod:`auth_rpc.serving.wire`. ``idle_timeout_s`` bounds the
     wait for the next call, ``message_read_timeout_s`` the time one call may
     take to arrive once it has begun. A reply is sent under the idle timeout:
     a client that stops reading holds its connection no longer than an idle
@@ -140,7 +140,7 @@ class ServerSettings:
             raise ValueError("max_connections must be at least 1")
 
     def wire_limits(self) -> WireLimits:
-        """The wire limits as :class:`auth_rpc.wire.WireLimits`."""
+        """The wire limits as :class:`auth_rpc.serving.wire.WireLimits`."""
         return WireLimits(
             max_message_bytes=self.max_message_bytes,
             max_string_bytes=self.max_string_bytes,

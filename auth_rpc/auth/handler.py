@@ -1,6 +1,6 @@
 """The Thrift handler of ``service Auth``: adapts :class:`AuthService` to the IDL.
 
-Each method is wrapped by :func:`auth_rpc.rpc_errors.map_errors`, so internal
+Each method is wrapped by :func:`auth_rpc.verify.rpc_errors.map_errors`, so internal
 errors leave as the IDL's exceptions. A client may omit a string field
 (thriftpy2 then passes ``None``): it is treated as empty and refused as the
 method declares (``InvalidArgument``, or ``Unauthenticated`` for
@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from auth_rpc.auth.service import AuthService, IssuedTokens
 from auth_rpc.errors import (
     AuthError,
     DependencyUnavailable,
@@ -31,13 +32,12 @@ from auth_rpc.errors import (
     TokenRejected,
 )
 from auth_rpc.idl import auth_thrift
-from auth_rpc.principal import Principal
-from auth_rpc.rpc_errors import map_errors
-from auth_rpc.service import AuthService, IssuedTokens
+from auth_rpc.verify.principal import Principal
+from auth_rpc.verify.rpc_errors import map_errors
 
 __all__ = ["AuthHandler", "principal_to_thrift", "tokens_to_thrift"]
 
-log = logging.getLogger("auth_rpc.handler")
+log = logging.getLogger("auth_rpc.auth.handler")
 
 
 def _text(value: object) -> str:

@@ -1,8 +1,8 @@
 """The Auth service process: one :class:`AuthService`, two listeners.
 
-The Thrift listener (``service Auth``) runs on :class:`auth_rpc.serving.RpcServer`;
+The Thrift listener (``service Auth``) runs on :class:`auth_rpc.serving.rpc.RpcServer`;
 the HTTP listener (JWKS, metadata, ``/token``, ``/introspect``, ``/revoke``,
-``/healthz``) is the WSGI app of :mod:`auth_rpc.http` served by waitress in the
+``/healthz``) is the WSGI app of :mod:`auth_rpc.auth.http` served by waitress in the
 same process. Both share the one service, so a revocation through either is
 seen by both at once.
 """
@@ -17,17 +17,17 @@ from typing import Any
 
 from waitress.server import create_server
 
-from auth_rpc.handler import AuthHandler
-from auth_rpc.http import make_app
+from auth_rpc.auth.handler import AuthHandler
+from auth_rpc.auth.http import make_app
+from auth_rpc.auth.service import AuthService
 from auth_rpc.idl import auth_thrift
-from auth_rpc.runner import bind_socket
-from auth_rpc.service import AuthService
-from auth_rpc.serving import RpcServer, ServerSettings, TLSServerConfig
-from auth_rpc.tls_front import TlsFront, peer_cert_middleware
+from auth_rpc.serving.rpc import RpcServer, ServerSettings, TLSServerConfig
+from auth_rpc.serving.runner import bind_socket
+from auth_rpc.serving.tls_front import TlsFront, peer_cert_middleware
 
 __all__ = ["AuthServer", "HttpListener"]
 
-log = logging.getLogger("auth_rpc.server")
+log = logging.getLogger("auth_rpc.auth.server")
 
 
 class HttpListener:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from auth_rpc.errors import TokenRejected
-from auth_rpc.principal import Principal
+from auth_rpc.verify.principal import Principal
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",

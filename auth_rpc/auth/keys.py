@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from auth_rpc.db import Database
+from auth_rpc.auth.db import Database
 from auth_rpc.errors import DependencyUnavailable
 
 __all__ = [
@@ -54,7 +54,7 @@ __all__ = [
     "read_hs256_secret",
 ]
 
-log = logging.getLogger("auth_rpc.keys")
+log = logging.getLogger("auth_rpc.auth.keys")
 
 ALGORITHMS = ("EdDSA", "RS256", "ES256", "HS256")
 ASYMMETRIC = ("EdDSA", "RS256", "ES256")

@@ -24,11 +24,11 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from auth_rpc.serving import TLSServerConfig, _cert_identity, accept_until
+from auth_rpc.serving.rpc import TLSServerConfig, _cert_identity, accept_until
 
 __all__ = ["PEER_CERT_KEY", "PEER_IDENTITY_KEY", "TlsFront", "peer_cert_middleware"]
 
-log = logging.getLogger("auth_rpc.tls_front")
+log = logging.getLogger("auth_rpc.serving.tls_front")
 
 #: WSGI environ keys the middleware sets for a mutual-TLS request.
 PEER_CERT_KEY = "auth_rpc.peer_cert"

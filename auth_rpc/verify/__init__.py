@@ -1,0 +1,35 @@
+"""The verification library: what a Thrift service embeds to check access tokens.
+
+- :mod:`~auth_rpc.verify.principal`: :class:`Principal` (who is calling, with
+  which scopes) and the :class:`TokenVerifier` protocol every mode implements;
+- the four modes, behind :func:`make_verifier`: local (a shared HS256 secret
+  or a public key), jwks (keys fetched from a JWKS URL), introspect (RFC 7662
+  over HTTP) and thrift (``Auth.validate``);
+- :mod:`~auth_rpc.verify.cache`: the bounded cache of verified tokens;
+- :mod:`~auth_rpc.verify.rpc_errors`: the mapping of library errors to the
+  exceptions declared in ``common.thrift``.
+
+It builds on the serving layer (:mod:`auth_rpc.serving`) and never imports
+the Auth service (:mod:`auth_rpc.auth`), ``posts_rpc`` or ``client``.
+"""
+
+from __future__ import annotations
+
+from auth_rpc.verify.principal import Principal, TokenVerifier
+from auth_rpc.verify.verifiers import (
+    IntrospectionVerifier,
+    JwksVerifier,
+    LocalVerifier,
+    ThriftVerifier,
+    make_verifier,
+)
+
+__all__ = [
+    "IntrospectionVerifier",
+    "JwksVerifier",
+    "LocalVerifier",
+    "Principal",
+    "ThriftVerifier",
+    "TokenVerifier",
+    "make_verifier",
+]
