@@ -4,14 +4,18 @@
 Auth or the Posts service and yield the IDL's methods as they are. A
 :class:`Session` logs in (with a password, or with OAuth client credentials
 for a service) and hands out clients whose methods leave out the ``token``
-argument (``session.posts().list_posts(limit=10)``): it attaches the access
-token to every call, refreshes it shortly before it expires, renews it once
-and retries once when a call is refused as unauthenticated, pools connections
-so it can be shared between threads, and reconnects after a dropped
-connection (retrying reads once, writes never after they were sent). The
-IDL's exceptions (``Unauthenticated``, ``PermissionDenied``, ``InvalidArgument``,
+argument (``session.posts().list_posts(limit=10)``, or
+``session.client(service, "host:port", safe_to_repeat={...})`` for any Thrift
+service): it attaches the access token to every call, refreshes it shortly
+before it expires, renews it once and retries once when a call is refused as
+unauthenticated, pools connections so it can be shared between threads, and
+reconnects after a dropped connection (retrying once the methods declared
+safe to repeat, any other never after its request was sent). The IDL's
+exceptions (``Unauthenticated``, ``PermissionDenied``, ``InvalidArgument``,
 ``NotFound``, ``Unavailable``, ``RateLimited``) come through unchanged and are
-re-exported here; :class:`ClientError` and its subclasses are the client's own.
+re-exported here (the classes of ``auth_rpc.idl``; a service whose IDL was
+loaded separately has its own classes: :func:`is_common_error` recognises
+both by name); :class:`ClientError` and its subclasses are the client's own.
 """
 
 from auth_rpc.idl import common_thrift
@@ -27,6 +31,7 @@ from client.session import (
     TransportError,
     connect_auth,
     connect_posts,
+    is_common_error,
 )
 
 Unauthenticated = common_thrift.Unauthenticated
@@ -54,4 +59,5 @@ __all__ = [
     "Unavailable",
     "connect_auth",
     "connect_posts",
+    "is_common_error",
 ]

@@ -8,23 +8,30 @@ Two layers:
   unchanged; a connection that cannot be made or that breaks raises
   :class:`TransportError`.
 - :class:`Session` holds a login (a password login or OAuth client
-  credentials) and hands out :class:`TokenClient` objects (``session.posts()``)
-  whose methods are the service's methods *without* the ``token`` argument:
+  credentials) and hands out :class:`TokenClient` objects (``session.posts()``,
+  or ``session.client(service, endpoint)`` for any Thrift service) whose
+  methods are the service's methods *without* the ``token`` argument:
   ``posts.list_posts(limit=10)``. The session attaches the current access
   token to every call, refreshes it shortly before it expires, and on
   ``Unauthenticated`` renews it once and retries the call once (never more).
+  ``Unauthenticated`` is recognised by the Thrift exception's name and fields
+  (:func:`is_common_error`), so a service whose IDL was loaded separately
+  (its own ``common`` module, its own classes) gets the same treatment.
 
-Retry rule for a dropped connection (at most once for writes):
+Retry rule for a dropped connection (at most once, and only when harmless):
 
 - the connection could not be opened: :class:`TransportError`, nothing was sent;
 - the request could not be sent in full: the server cannot have acted on it,
-  so the call is retried once on a new connection;
+  so the call is retried once on a new connection, whatever the method;
 - the request was sent but no reply came (connection reset or closed): a
-  read-only method (``get_*``, ``list_*``) is retried once on a new
-  connection; any other method raises :class:`ConnectionLost`, because the
-  server may have done it;
+  method declared *safe to repeat* (``safe_to_repeat=`` of
+  :meth:`Session.client`; for Posts ``get_post`` and ``list_posts``) is
+  retried once on a new connection; any other method raises
+  :class:`ConnectionLost`, because the server may have done it. Nothing is
+  guessed from a method's name;
 - a timeout is never retried (:class:`TransportError`, or
-  :class:`ConnectionLost` for a write whose request was sent).
+  :class:`ConnectionLost` for a method not safe to repeat whose request was
+  sent).
 
 A pooled connection that the server has closed while it sat idle is noticed
 before it is used (and an idle one older than ``max_idle_s`` is not reused),
@@ -43,7 +50,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -53,7 +60,7 @@ from thriftpy2.protocol.exc import TProtocolException
 from thriftpy2.thrift import TApplicationException, TDecodeException, TException, TType
 from thriftpy2.transport import TTransportException
 
-from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
+from auth_rpc.idl import auth_thrift, posts_thrift
 from auth_rpc.serving.transport import TLSClientConfig, open_client, parse_hostport
 
 __all__ = [
@@ -70,6 +77,7 @@ __all__ = [
     "TransportError",
     "connect_auth",
     "connect_posts",
+    "is_common_error",
 ]
 
 log = logging.getLogger("client.session")
@@ -97,10 +105,10 @@ class TransportError(ClientError):
 
 
 class ConnectionLost(TransportError):
-    """The connection broke after a write was sent: the server may have done it.
+    """The connection broke after the request was sent: the server may have done it.
 
-    Writes are sent at most once, so this call was not retried; look before
-    trying again (for example list the posts).
+    A call that was not declared safe to repeat is sent at most once, so it
+    was not retried; look before trying again (for example list the posts).
     """
 
 
@@ -110,6 +118,51 @@ class NotLoggedIn(ClientError):
 
 class ProtocolError(ClientError):
     """A service answered with something that breaks the contract."""
+
+
+# The exceptions of idl/common.thrift, each with the (type, name) of the
+# fields it must have to be taken for that exception.
+_COMMON_ERRORS: dict[str, frozenset[tuple[int, str]]] = {
+    "Unauthenticated": frozenset({(TType.STRING, "message")}),
+    "PermissionDenied": frozenset({(TType.STRING, "message")}),
+    "InvalidArgument": frozenset({(TType.STRING, "message")}),
+    "NotFound": frozenset({(TType.STRING, "message")}),
+    "Unavailable": frozenset({(TType.STRING, "message")}),
+    "RateLimited": frozenset({(TType.STRING, "message"), (TType.I64, "retry_after_ms")}),
+}
+
+
+def is_common_error(exc: BaseException, *names: str) -> bool:
+    """True when ``exc`` is one of the ``common.thrift`` exceptions ``names``.
+
+    Recognised by the Thrift exception's name and fields, not by its class:
+    a thriftpy2 ``TException`` subclass called ``Unauthenticated`` with a
+    string ``message`` field (``RateLimited`` also an i64
+    ``retry_after_ms``), from whichever loaded module. An IDL loaded with
+    ``thriftpy2.load(path, include_dirs=[auth_rpc.idl.IDL_DIR])`` gets its own
+    ``common`` module with its own classes, so ``except
+    client.Unauthenticated`` does not catch its exceptions, but this does::
+
+        try:
+            notes.get_note(note_id=1)
+        except Exception as exc:
+            if not is_common_error(exc, "Unauthenticated", "PermissionDenied"):
+                raise
+            ...
+
+    Raises ``ValueError`` for a name that ``common.thrift`` does not declare.
+    """
+    unknown = [name for name in names if name not in _COMMON_ERRORS]
+    if unknown:
+        raise ValueError(f"not an exception of common.thrift: {', '.join(unknown)}")
+    kind = type(exc)
+    if kind.__name__ not in names or not isinstance(exc, TException):
+        return False
+    spec = getattr(kind, "thrift_spec", None)
+    if not isinstance(spec, dict):
+        return False
+    fields = {(entry[0], entry[1]) for entry in spec.values() if len(entry) >= 2}
+    return _COMMON_ERRORS[kind.__name__] <= fields
 
 
 # --------------------------------------------------------------------------- endpoints
@@ -158,10 +211,12 @@ class Endpoint:
         return _Connection(client, service, self)
 
 
-def _as_endpoint(value: Endpoint | str, default_port: int) -> Endpoint:
+def _as_endpoint(value: Endpoint | str, default_port: int | None) -> Endpoint:
     if isinstance(value, Endpoint):
         return value
     if ":" not in value:
+        if default_port is None:
+            raise ValueError(f"expected HOST:PORT, got {value!r}")
         return Endpoint(host=value, port=default_port)
     return Endpoint.parse(value)
 
@@ -627,8 +682,11 @@ class Session:
                 return tokens.access_token
             try:
                 return self._renew_locked(tokens).access_token
-            except (TransportError, common_thrift.Unavailable, common_thrift.RateLimited) as exc:
-                if not still_valid:
+            except Exception as exc:
+                busy = isinstance(exc, TransportError) or is_common_error(
+                    exc, "Unavailable", "RateLimited"
+                )
+                if not busy or not still_valid:
                     raise
                 self._next_early_attempt = now + self._retry_after_s
                 log.warning(
@@ -683,13 +741,19 @@ class Session:
     def with_token(self, call: Callable[[str], Any]) -> Any:
         """Run ``call(access_token)``; on ``Unauthenticated`` renew once and retry once.
 
-        If the retry is refused too, that ``Unauthenticated`` propagates. If
-        the renewal itself is refused, its ``Unauthenticated`` propagates.
+        ``Unauthenticated`` is any Thrift exception of that name with a
+        ``message`` field (:func:`is_common_error`), whichever module its
+        class comes from. If the retry is refused too, that ``Unauthenticated``
+        propagates. If the renewal itself is refused, its ``Unauthenticated``
+        (the Auth service's) propagates. Never more than one renewal and one
+        retry per call.
         """
         token = self.access_token()
         try:
             return call(token)
-        except common_thrift.Unauthenticated:
+        except TException as exc:
+            if not is_common_error(exc, "Unauthenticated"):
+                raise
             renewed = self._renew_after_rejection(token)
             if renewed is None:
                 raise
@@ -715,16 +779,64 @@ class Session:
         service: ModuleType,
         endpoint: Endpoint | str,
         *,
-        read_only: frozenset[str] | None = None,
+        safe_to_repeat: Iterable[str] | None = None,
+        token_arg: str = "token",  # noqa: S107  # an argument name, not a secret
         max_connections: int = 8,
         max_idle_s: float = 30.0,
     ) -> TokenClient:
-        """A :class:`TokenClient` for any service whose methods take ``token`` first."""
+        """A :class:`TokenClient` of any Thrift ``service``, with the token filled in.
+
+        ``service`` is a service of a thriftpy2-loaded IDL (``notes_thrift.Notes``);
+        ``endpoint`` an :class:`Endpoint` or ``"host:port"``. Each method
+        that has a string argument named ``token_arg`` (any position) is
+        called without it: the session passes the current access token,
+        refreshes it when due, and on ``Unauthenticated`` (the service's
+        own class or any other of that name, see :func:`is_common_error`)
+        renews it once and retries the call once. Methods without that
+        argument are called as they are.
+
+        ``safe_to_repeat`` names the methods that may run twice without harm
+        (reads, idempotent writes). When the connection breaks after a
+        request was sent, only those are retried (once, on a new
+        connection); any other method raises :class:`ConnectionLost`: the
+        server may or may not have done it, so look before trying again. A
+        request that could not be sent at all is retried once whatever the
+        method, and a timeout never is. The default is none for every
+        service, except ``get_post`` and ``list_posts`` for Posts; nothing is
+        guessed from method names.
+
+        Example::
+
+            notes_thrift = thriftpy2.load(
+                "notes.thrift", module_name="notes_thrift",
+                include_dirs=[str(auth_rpc.idl.IDL_DIR)],
+            )
+            session = Session.login("127.0.0.1:9090", "alice", password)
+            with session.client(
+                notes_thrift.Notes, "127.0.0.1:9000",
+                safe_to_repeat={"get_note", "list_notes"},
+            ) as notes:
+                note = notes.get_note(note_id=7)   # token filled in
+                notes.get_and_increment(note_id=7)  # never sent twice
+
+        Arguments are positional (in field-id order, the token left out) or
+        by keyword; omitted numbers, strings and containers are sent as zero
+        values. The client pools up to ``max_connections`` connections
+        (idle ones older than ``max_idle_s`` are not reused) and may be
+        shared by threads; close it (or the session) when done.
+
+        Raises ``ValueError`` when ``safe_to_repeat`` names a method the
+        service does not have, when no method takes a string ``token_arg``,
+        or when ``endpoint`` is malformed (a port is required, except for
+        Posts, 9091); ``TypeError`` when ``safe_to_repeat`` is a string.
+        """
+        default_port = DEFAULT_POSTS_PORT if service is posts_thrift.Posts else None
         client = TokenClient(
             self,
             service,
-            _as_endpoint(endpoint, DEFAULT_POSTS_PORT),
-            read_only=read_only,
+            _as_endpoint(endpoint, default_port),
+            safe_to_repeat=safe_to_repeat,
+            token_arg=token_arg,
             max_connections=max_connections,
             max_idle_s=max_idle_s,
         )
@@ -737,7 +849,11 @@ class Session:
         endpoint: Endpoint | str = f"127.0.0.1:{DEFAULT_POSTS_PORT}",
         **options: Any,
     ) -> TokenClient:
-        """A client of ``service Posts``: ``posts.list_posts(limit=10)``."""
+        """A client of ``service Posts``: ``posts.list_posts(limit=10)``.
+
+        ``get_post`` and ``list_posts`` are safe to repeat; ``options`` are
+        those of :meth:`client`.
+        """
         return self.client(posts_thrift.Posts, endpoint, **options)
 
     # -- ending
@@ -847,17 +963,22 @@ class _Pool:
             conn.close()
 
 
-_DEFAULT_READ_PREFIXES = ("get_", "list_")
+# The methods of the project's own services that are safe to repeat after a
+# lost connection, when the caller declares none. Every other service: none.
+_SAFE_TO_REPEAT: dict[ModuleType, frozenset[str]] = {
+    posts_thrift.Posts: frozenset({"get_post", "list_posts"}),
+}
 
 
 class TokenClient:
-    """A service whose methods take ``token`` first, with the token filled in.
+    """A Thrift service whose ``token`` argument is filled in by a :class:`Session`.
 
-    Methods come from the IDL: ``posts.create_post(title="t", body="b")``
-    (positional or keyword; omitted numbers and strings are sent as ``0`` and
-    ``""``). Each call takes a connection from a small pool (a thriftpy2
-    client is not thread-safe, so a connection serves one call at a time),
-    so one client may be shared by many threads.
+    Made by :meth:`Session.client` (or :meth:`Session.posts`), which tells
+    the details. Methods come from the IDL: ``posts.create_post(title="t",
+    body="b")`` (positional or keyword; omitted numbers and strings are sent
+    as ``0`` and ``""``). Each call takes a connection from a small pool (a
+    thriftpy2 client is not thread-safe, so a connection serves one call at
+    a time), so one client may be shared by many threads.
 
     Raises the IDL's exceptions unchanged, :class:`TransportError`,
     :class:`ConnectionLost` (see the module docstring for the retry rule),
@@ -870,20 +991,39 @@ class TokenClient:
         service: ModuleType,
         endpoint: Endpoint,
         *,
-        read_only: frozenset[str] | None = None,
+        safe_to_repeat: Iterable[str] | None = None,
+        token_arg: str = "token",  # noqa: S107  # an argument name, not a secret
         max_connections: int = 8,
         max_idle_s: float = 30.0,
     ) -> None:
+        methods = frozenset(service.thrift_services)
+        if isinstance(safe_to_repeat, (str, bytes)):
+            raise TypeError("safe_to_repeat takes a collection of method names, not a string")
+        if safe_to_repeat is None:
+            safe = _SAFE_TO_REPEAT.get(service, frozenset())
+        else:
+            safe = frozenset(safe_to_repeat)
+            unknown = sorted(safe - methods)
+            if unknown:
+                raise ValueError(
+                    f"safe_to_repeat names methods {service.__name__} does not have: "
+                    + ", ".join(unknown)
+                )
+        if not any(_signature(service, m, token_arg).token_name for m in methods):
+            raise ValueError(
+                f"no method of {service.__name__} takes a string argument {token_arg!r}"
+            )
         self._session = session
         self._service = service
+        self._token_arg = token_arg
         self.endpoint = endpoint
-        methods = tuple(service.thrift_services)
-        self._read_only = (
-            frozenset(read_only)
-            if read_only is not None
-            else frozenset(m for m in methods if m.startswith(_DEFAULT_READ_PREFIXES))
-        )
+        self._safe_to_repeat = safe
         self._pool = _Pool(service, endpoint, max_connections, max_idle_s)
+
+    @property
+    def safe_to_repeat(self) -> frozenset[str]:
+        """The methods retried after a connection lost once their request was sent."""
+        return self._safe_to_repeat
 
     @property
     def connections_opened(self) -> int:
@@ -899,7 +1039,7 @@ class TokenClient:
         return sorted(set(super().__dir__()) | set(self._service.thrift_services))
 
     def _invoke(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        signature = _signature(self._service, method, "token")
+        signature = _signature(self._service, method, self._token_arg)
         arguments = signature.bind(args, kwargs)
         token_name = signature.token_name
         if token_name is None:
@@ -911,14 +1051,14 @@ class TokenClient:
         return self._session.with_token(_with)
 
     def _call(self, method: str, arguments: dict[str, Any]) -> Any:
-        read_only = method in self._read_only
+        repeatable = method in self._safe_to_repeat
         for attempt in (1, 2):
             conn = self._pool.acquire()
             try:
                 result = conn.call(method, arguments)
             except _CallFailed as failure:
                 self._pool.discard(conn)
-                may_have_run = failure.sent and not read_only
+                may_have_run = failure.sent and not repeatable
                 if attempt == 2 or may_have_run or _is_timeout(failure.cause):
                     raise _transport_error(
                         self.endpoint, method, failure, may_have_run=may_have_run
