@@ -277,7 +277,7 @@ def test_bad_client_credentials(
 ) -> None:
     server.answers["tok"] = active()
     v = make(server, client_secret="wrong")
-    with caplog.at_level(logging.ERROR, logger="auth_rpc.verify.verifiers"):
+    with caplog.at_level(logging.ERROR, logger="auth_rpc.verify.introspect"):
         for _ in range(3):
             with pytest.raises(
                 DependencyUnavailable, match="introspection client credentials rejected"
