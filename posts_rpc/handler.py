@@ -1,7 +1,8 @@
 """The Thrift handler of ``service Posts``: validation, ownership, and the store.
 
-Every method is guarded (:mod:`posts_rpc.guard`): the token is checked before
-anything else, and the method receives the verified principal. Then, in this
+Every method is guarded (:mod:`auth_rpc.verify.guard`, with the scopes of
+:mod:`posts_rpc.guard`): the token is checked before anything else, and the
+method receives the verified principal. Then, in this
 order: the arguments are validated (``InvalidArgument`` naming the field),
 the post is looked up (``NotFound``), ownership is checked
 (``PermissionDenied``), and the store is called (``Unavailable`` if it fails).
@@ -35,8 +36,9 @@ from typing import Any
 from auth_rpc.errors import Forbidden, InvalidInput, NotFoundError
 from auth_rpc.idl import posts_thrift
 from auth_rpc.serving.rpc import Preencoded
+from auth_rpc.verify.guard import GuardedHandler, requires
 from auth_rpc.verify.principal import Principal, TokenVerifier
-from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE, GuardedHandler, requires
+from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE
 from posts_rpc.store import PostRow, PostStore
 
 __all__ = [

@@ -6,6 +6,10 @@
   or a public key), jwks (keys fetched from a JWKS URL), introspect (RFC 7662
   over HTTP) and thrift (``Auth.validate``);
 - :mod:`~auth_rpc.verify.cache`: the bounded cache of verified tokens;
+- :mod:`~auth_rpc.verify.guard`: the token guard for the handler of any
+  Thrift service (:class:`GuardedHandler`, :func:`requires`, :func:`public`):
+  every method checked at class definition, every call's token verified,
+  scopes checked and errors mapped to the service's own IDL exceptions;
 - :mod:`~auth_rpc.verify.rpc_errors`: the mapping of library errors to the
   exceptions declared in ``common.thrift``.
 
@@ -15,6 +19,14 @@ the Auth service (:mod:`auth_rpc.auth`), ``posts_rpc`` or ``client``.
 
 from __future__ import annotations
 
+from auth_rpc.verify.guard import (
+    MAX_TOKEN_CHARS,
+    GuardedHandler,
+    public,
+    public_methods,
+    required_scopes,
+    requires,
+)
 from auth_rpc.verify.principal import Principal, TokenVerifier
 from auth_rpc.verify.verifiers import (
     IntrospectionVerifier,
@@ -25,6 +37,8 @@ from auth_rpc.verify.verifiers import (
 )
 
 __all__ = [
+    "MAX_TOKEN_CHARS",
+    "GuardedHandler",
     "IntrospectionVerifier",
     "JwksVerifier",
     "LocalVerifier",
@@ -32,4 +46,8 @@ __all__ = [
     "ThriftVerifier",
     "TokenVerifier",
     "make_verifier",
+    "public",
+    "public_methods",
+    "required_scopes",
+    "requires",
 ]

@@ -24,16 +24,10 @@ from thriftpy2.thrift import TType
 from auth_rpc.errors import DependencyUnavailable
 from auth_rpc.idl import common_thrift, posts_thrift
 from auth_rpc.serving.transport import open_client
+from auth_rpc.verify.guard import GuardedHandler, required_scopes, requires
 from auth_rpc.verify.principal import Principal
 from auth_rpc.verify.verifiers import ThriftVerifier
-from posts_rpc.guard import (
-    SCOPE_ADMIN,
-    SCOPE_READ,
-    SCOPE_WRITE,
-    GuardedHandler,
-    required_scopes,
-    requires,
-)
+from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE
 from posts_rpc.handler import PostsHandler
 from posts_rpc.server import PostsServer
 from posts_rpc.store import PostRow
@@ -316,7 +310,7 @@ def test_a_service_without_a_token_argument_is_refused() -> None:
         thrift_services: ClassVar[list[str]] = ["get_post"]
         get_post_args = FakeArgs
 
-    with pytest.raises(TypeError, match="first argument is not `string token`"):
+    with pytest.raises(TypeError, match="get_post: the IDL has no `string token` argument"):
         type("X", (GuardedHandler,), {"get_post": _complete_methods()["get_post"]},
              service=FakeService)
 
