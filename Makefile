@@ -14,14 +14,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Apache Thrift's own compiler, for the interoperability tests (a test is
-# skipped, saying why, where it cannot be installed).
+# For the interoperability tests: Apache Thrift's own compiler, and for the
+# Java compile test its Java library and a JDK (javac). Each missing package is
+# installed on its own, quietly, where we are root with apt-get; a test whose
+# tool is still missing is skipped, saying why. Never fails the build.
+JAVA_THRIFT_JAR := /usr/share/java/thrift.jar
 tools:
-	@command -v thrift >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq thrift-compiler) >/dev/null 2>&1 \
-	      || echo "note: could not install thrift-compiler"; \
-	  else echo "note: thrift-compiler not installed; interop tests will be skipped"; fi; }
+	@need=""; \
+	command -v thrift >/dev/null 2>&1 || need="$$need thrift-compiler"; \
+	command -v javac >/dev/null 2>&1 || need="$$need default-jdk-headless"; \
+	[ -f $(JAVA_THRIFT_JAR) ] || need="$$need libthrift-java"; \
+	if [ -z "$$need" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq >/dev/null 2>&1 || echo "note: apt-get update failed"; \
+	  for pkg in $$need; do \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkg \
+	      >/dev/null 2>&1 || echo "note: could not install $$pkg; the tests needing it will be skipped"; \
+	  done; \
+	else echo "note:$$need not installed (needs root and apt-get); the tests needing them will be skipped"; fi
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py

@@ -1,6 +1,17 @@
 // The Auth service: issues RFC 9068 JWT access tokens and rotating refresh
 // tokens, validates and revokes them, and publishes its JWK Set.
 
+// Where code generated from this file goes, in each language (see
+// docs/contract.md). Namespaces change no byte on the wire.
+namespace java io.thrifttokenauth.auth
+namespace cpp thrift_token_auth.auth
+namespace go thrifttokenauth.auth
+namespace netstd ThriftTokenAuth.Auth
+namespace js ThriftTokenAuth.Auth
+namespace py thrift_token_auth.auth
+namespace rb ThriftTokenAuth.Auth
+namespace php ThriftTokenAuth.Auth
+
 include "common.thrift"
 
 struct TokenPair {

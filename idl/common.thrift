@@ -3,6 +3,17 @@
 // Every exception carries `1: string message`: human readable, and never
 // containing a token, a password or a key.
 
+// Where code generated from this file goes, in each language (see
+// docs/contract.md). Namespaces change no byte on the wire.
+namespace java io.thrifttokenauth.common
+namespace cpp thrift_token_auth.common
+namespace go thrifttokenauth.common
+namespace netstd ThriftTokenAuth.Common
+namespace js ThriftTokenAuth.Common
+namespace py thrift_token_auth.common
+namespace rb ThriftTokenAuth.Common
+namespace php ThriftTokenAuth.Common
+
 // No token, malformed, bad signature, expired, not yet valid, wrong
 // issuer/audience/type, revoked; or wrong username/password/client secret.
 exception Unauthenticated {

@@ -1,6 +1,17 @@
 // The Posts service. Every method's first argument is the caller's access
 // token, checked before anything else.
 
+// Where code generated from this file goes, in each language (see
+// docs/contract.md). Namespaces change no byte on the wire.
+namespace java io.thrifttokenauth.posts
+namespace cpp thrift_token_auth.posts
+namespace go thrifttokenauth.posts
+namespace netstd ThriftTokenAuth.Posts
+namespace js ThriftTokenAuth.Posts
+namespace py thrift_token_auth.posts
+namespace rb ThriftTokenAuth.Posts
+namespace php ThriftTokenAuth.Posts
+
 include "common.thrift"
 
 struct Post {
