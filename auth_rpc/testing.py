@@ -1,20 +1,32 @@
-"""pytest plugin: in-process Auth and Posts servers and a token factory.
+"""pytest plugin, Auth side: in-process Auth servers, a token factory, verifiers.
 
 Loaded automatically (``pytest11`` entry point) once the package is installed;
 every fixture is function-scoped and starts its servers on free ports
 (``port=0``) in background threads with a temporary data directory, waits for
 them without sleeping (the listening socket is bound before ``start()``
-returns), and stops and joins them at teardown.
+returns), and stops and joins them at teardown. Nothing here knows a
+particular service: issuer, audience and scopes come from the Auth server in
+use or from the test. This module imports neither :mod:`posts_rpc` nor
+:mod:`client`; their fixtures live in :mod:`posts_rpc.testing` (the Posts
+service) and :mod:`client.testing` (logged-in sessions), plugins of their own.
 
 Fixtures:
 
 ``auth_server``
     A started :class:`auth_rpc.auth.server.AuthServer` (EdDSA, issuer
     :data:`ISSUER`, audience :data:`AUDIENCE`); ``.service``, ``.port``,
-    ``.http_url``, ``.jwks_url``, ``.introspect_url``.
+    ``.http_url``, ``.jwks_url``, ``.introspect_url``. Override it to protect
+    your own service::
+
+        @pytest.fixture
+        def auth_server(make_auth_server):
+            return make_auth_server(audience="notes")
+
+    and ``token_factory``, ``make_verifier`` (and the Posts fixtures) follow.
 ``make_auth_server``
-    ``make_auth_server(alg=..., framed=..., access_ttl_s=..., settings=...)``
-    for more, or differently configured, Auth servers.
+    ``make_auth_server(alg=..., framed=..., audience=..., issuer=...,
+    access_ttl_s=..., settings=...)`` for more, or differently configured,
+    Auth servers.
 ``make_user`` / ``make_client``
     Create a user (``make_user(name, password, scopes=...)``) or a service
     client (``make_client(client_id, scopes=...) -> secret``) in
@@ -23,59 +35,114 @@ Fixtures:
     A thriftpy2 client of ``auth_server``.
 ``token_factory``
     A :class:`TokenFactory` that mints access tokens signed with
-    ``auth_server``'s current key (or any other key) with chosen subject,
-    scopes, lifetime, audience, issuer, headers and claims.
+    ``auth_server``'s current key, for its issuer and audience, with chosen
+    subject, scopes (none unless given), lifetime, audience, issuer, key,
+    headers and claims; ``expired(...)`` and ``forged(...)`` take the same
+    arguments and spoil only one thing.
+``make_verifier``
+    ``make_verifier(mode, *, audience=None, auth=None, cache_ttl_s=None,
+    client_id=..., client_secret=None, **settings) -> TokenVerifier``: a
+    verifier of ``auth_server``'s tokens (or ``auth=``'s) for your service, in
+    any of :data:`VERIFIER_MODES`; closed at teardown. Parametrize a test over
+    the four modes with ``@pytest.mark.parametrize("mode", VERIFIER_MODES)``.
 ``serve_thrift``
     ``serve_thrift(service, handler, **settings)`` serves *your* Thrift
     service in-process and returns the started
     :class:`auth_rpc.serving.rpc.RpcServer`.
-``posts_server`` / ``make_posts_server``
-    The Posts service verifying tokens of ``auth_server`` (``jwks`` mode by
-    default; ``make_posts_server(mode="local"|"jwks"|"introspect"|"thrift",
-    cache_ttl_s=..., auth=...)``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import pytest
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from auth_rpc.auth.keys import SigningKey
     from auth_rpc.auth.server import AuthServer
     from auth_rpc.auth.service import AuthService
     from auth_rpc.serving.rpc import RpcServer
+    from auth_rpc.verify.principal import TokenVerifier
 
-__all__ = ["AUDIENCE", "ISSUER", "TokenFactory"]
+__all__ = [
+    "AUDIENCE",
+    "INTROSPECT_CLIENT_ID",
+    "ISSUER",
+    "VERIFIER_MODES",
+    "MintOptions",
+    "TokenFactory",
+]
 
-#: The issuer and audience of the fixtures' Auth service.
+#: The issuer and audience of ``auth_server`` unless overridden
+#: (``make_auth_server(issuer=..., audience=...)``).
 ISSUER = "http://auth.test"
 AUDIENCE = "posts"
 
-DEFAULT_SCOPES = ("posts:read", "posts:write")
+#: The verification modes of :func:`auth_rpc.verify.verifiers.make_verifier`, for
+#: ``@pytest.mark.parametrize("mode", VERIFIER_MODES)`` with the ``make_verifier`` fixture.
+VERIFIER_MODES: tuple[str, ...] = ("local", "jwks", "introspect", "thrift")
+
+#: The service client ``make_verifier("introspect")`` registers unless given one.
+INTROSPECT_CLIENT_ID = "introspecting-service"
+
+#: How long before ``now`` a :meth:`TokenFactory.expired` token expired (past any leeway).
+EXPIRED_FOR_S = 3600
+
+# The scopes ``make_user`` and ``make_client`` grant unless told (kept from the Posts example).
+_ACCOUNT_SCOPES = ("posts:read", "posts:write")
+
+
+class MintOptions(TypedDict, total=False):
+    """The keyword arguments of :meth:`TokenFactory.mint`, which every bad-token helper takes."""
+
+    ttl_s: int
+    key: SigningKey | None
+    issuer: str | None
+    audience: str | list[str] | None
+    client_id: str
+    now: float | None
+    jti: str | None
+    headers: dict[str, Any] | None
+    claims: dict[str, Any] | None
 
 
 @dataclass
 class TokenFactory:
     """Mints RFC 9068 access tokens for tests.
 
-    ``key`` defaults to the Auth service's current signing key, so tokens pass
-    every verifier configured for that service; pass another
-    :class:`auth_rpc.auth.keys.SigningKey` (``TokenFactory.new_key("RS256")``) to
-    make tokens from a foreign issuer.
+    ``issuer`` and ``audience`` are those the tokens claim unless a call says
+    otherwise; :meth:`for_auth_server` takes them, and ``key``, from an Auth
+    server, so that tokens pass every verifier configured for it. Pass another
+    :class:`auth_rpc.auth.keys.SigningKey` (``TokenFactory.new_key("RS256")``)
+    to make tokens from a foreign issuer. ``scopes`` are the scopes a token
+    gets when the call names none (none by default).
+
+    The bad-token helpers (:meth:`expired`, :meth:`forged`) take the same
+    arguments as :meth:`mint` and spoil one thing only, so a test can refuse
+    a token that would otherwise be valid for its service.
     """
 
     key: SigningKey
-    issuer: str = ISSUER
-    audience: str = AUDIENCE
+    issuer: str
+    audience: str
+    scopes: tuple[str, ...] = ()
     clock: Callable[[], float] = time.time
     minted: list[str] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def for_auth_server(cls, auth: AuthServer, **fields: Any) -> TokenFactory:
+        """A factory of ``auth``'s tokens: its current signing key, issuer and audience."""
+        service = auth.service
+        fields.setdefault("key", service.signing_key())
+        fields.setdefault("issuer", service.settings.issuer)
+        fields.setdefault("audience", service.settings.audience)
+        return cls(**fields)
 
     @staticmethod
     def new_key(alg: str = "EdDSA", *, kid: str | None = None) -> SigningKey:
@@ -94,7 +161,7 @@ class TokenFactory:
     def mint(
         self,
         subject: str = "alice",
-        scopes: Iterable[str] | str = DEFAULT_SCOPES,
+        scopes: Iterable[str] | str | None = None,
         *,
         ttl_s: int = 300,
         key: SigningKey | None = None,
@@ -108,8 +175,9 @@ class TokenFactory:
     ) -> str:
         """A signed access token; ``claims={"exp": None}`` removes a claim.
 
-        ``now`` shifts the issue time (``now=time.time() - 3600`` with
-        ``ttl_s=60`` gives an expired token).
+        ``scopes`` defaults to the factory's :attr:`scopes` (none unless
+        given). ``now`` shifts the issue time (``now=time.time() - 3600`` with
+        ``ttl_s=60`` gives an expired token: :meth:`expired` does that).
         """
         from auth_rpc.auth.tokens import mint_access_token
 
@@ -118,7 +186,7 @@ class TokenFactory:
             issuer=self.issuer if issuer is None else issuer,
             audience=self.audience if audience is None else audience,
             subject=subject,
-            scopes=scopes,
+            scopes=self.scopes if scopes is None else scopes,
             client_id=client_id,
             ttl_s=ttl_s,
             now=self.clock() if now is None else now,
@@ -129,9 +197,31 @@ class TokenFactory:
         self.minted.append(token)
         return token
 
-    def expired(self, subject: str = "alice", scopes: Iterable[str] | str = DEFAULT_SCOPES) -> str:
-        """A token that expired an hour ago (well past any leeway)."""
-        return self.mint(subject, scopes, ttl_s=60, now=self.clock() - 3600)
+    def expired(
+        self,
+        subject: str = "alice",
+        scopes: Iterable[str] | str | None = None,
+        **options: Unpack[MintOptions],
+    ) -> str:
+        """The token :meth:`mint` would make, except that it expired :data:`EXPIRED_FOR_S`
+        (an hour) before ``now`` - well past any leeway - after living ``ttl_s`` (60 s)."""
+        ttl_s = options.get("ttl_s", 60)
+        now = options.get("now")
+        expires = (self.clock() if now is None else now) - EXPIRED_FOR_S
+        spoiled: MintOptions = {**options, "ttl_s": ttl_s, "now": expires - ttl_s}
+        return self.mint(subject, scopes, **spoiled)
+
+    def forged(
+        self,
+        subject: str = "alice",
+        scopes: Iterable[str] | str | None = None,
+        **options: Unpack[MintOptions],
+    ) -> str:
+        """The token :meth:`mint` would make, except that it is signed by a new key that
+        claims the real key's ``kid`` and algorithm: only the signature is wrong."""
+        real = options.get("key") or self.key
+        spoiled: MintOptions = {**options, "key": self.new_key(real.alg, kid=real.kid)}
+        return self.mint(subject, scopes, **spoiled)
 
 
 def _auth_settings(data_dir: Path, **overrides: Any) -> Any:
@@ -189,7 +279,7 @@ def make_user(auth_server: AuthServer) -> Callable[..., None]:
     def make(
         name: str,
         password: str,
-        scopes: Iterable[str] | str = DEFAULT_SCOPES,
+        scopes: Iterable[str] | str = _ACCOUNT_SCOPES,
         *,
         service: AuthService | None = None,
     ) -> None:
@@ -229,8 +319,8 @@ def auth_client(auth_server: AuthServer) -> Iterator[Any]:
 
 @pytest.fixture
 def token_factory(auth_server: AuthServer) -> TokenFactory:
-    """Mints tokens signed with ``auth_server``'s current signing key."""
-    return TokenFactory(key=auth_server.service.signing_key())
+    """Mints tokens of ``auth_server``: its current signing key, issuer and audience; no scopes."""
+    return TokenFactory.for_auth_server(auth_server)
 
 
 @pytest.fixture
@@ -250,9 +340,18 @@ def serve_thrift() -> Iterator[Callable[..., RpcServer]]:
         server.stop(grace_s=2.0)
 
 
-def _verifier_settings(mode: str, auth: AuthServer, **overrides: Any) -> dict[str, Any]:
+def _verifier_settings(
+    mode: str,
+    auth: AuthServer,
+    audience: str | None,
+    introspect_client: Callable[[], tuple[str, str]],
+) -> dict[str, Any]:
+    """The settings of a ``mode`` verifier of ``auth``'s tokens for ``audience``."""
     service = auth.service
-    settings: dict[str, Any] = {"issuer": service.issuer, "audience": service.audience}
+    settings: dict[str, Any] = {
+        "issuer": service.settings.issuer,
+        "audience": service.settings.audience if audience is None else audience,
+    }
     if mode == "local":
         key = service.signing_key()
         if key.symmetric:
@@ -262,116 +361,73 @@ def _verifier_settings(mode: str, auth: AuthServer, **overrides: Any) -> dict[st
     elif mode == "jwks":
         settings["jwks_url"] = auth.jwks_url
     elif mode == "introspect":
-        client_id = overrides.pop("client_id", "posts-service")
+        client_id, client_secret = introspect_client()
         settings.update(
-            introspect_url=auth.introspect_url,
-            client_id=client_id,
-            client_secret=overrides.pop("client_secret", None)
-            or service.add_client(client_id, ["introspect"]),
+            introspect_url=auth.introspect_url, client_id=client_id, client_secret=client_secret
         )
     elif mode == "thrift":
         settings.update(host="127.0.0.1", port=auth.port)
     else:
-        raise ValueError(f"unknown verification mode {mode!r}")
-    settings.update(overrides)
+        raise ValueError(f"unknown verification mode {mode!r}; expected one of {VERIFIER_MODES}")
     return settings
 
 
 @pytest.fixture
-def make_posts_server(
-    auth_server: AuthServer, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[..., Any]]:
-    """Start Posts servers checking ``auth_server``'s tokens.
+def make_verifier(auth_server: AuthServer) -> Iterator[Callable[..., TokenVerifier]]:
+    """Verifiers of ``auth_server``'s tokens for your service, in any mode; closed at teardown.
 
-    ``make_posts_server(mode="jwks", auth=None, data_dir=None, framed=False,
-    **verifier_settings)``: ``mode`` is ``local`` (the Auth service's current
-    public key or HS256 secret), ``jwks``, ``introspect`` (a client
-    ``posts-service`` is registered) or ``thrift``; ``verifier_settings`` go to
-    the verifier (``cache_ttl_s=0``, ``timeout_s=...``). The server's
-    ``.verifier`` is closed at teardown.
+    ``make_verifier(mode, *, audience=None, auth=None, cache_ttl_s=None,
+    client_id=INTROSPECT_CLIENT_ID, client_secret=None, **settings)``:
+
+    - ``mode`` is one of :data:`VERIFIER_MODES`: ``local`` (the Auth server's
+      current public key, or its HS256 secret), ``jwks`` (its JWK Set URL),
+      ``introspect`` (its RFC 7662 endpoint, as the service client
+      ``client_id``, registered for you with the ``introspect`` scope unless
+      ``client_secret`` is given; registered once per Auth server) or
+      ``thrift`` (``Auth.validate`` on its Thrift port);
+    - ``audience`` is your service's (the Auth server's audience by default),
+      the issuer the Auth server's; ``auth`` is another Auth server;
+    - ``cache_ttl_s`` sets the verified-token cache (``None``: the verifier's
+      default; ``0`` turns it off, so a revocation counts at once);
+    - ``settings`` go to the verifier's constructor, over the above
+      (``issuer=...``, ``timeout_s=...``, ``clock=...``, ``jwks_url=...``).
+
+    ``client_id`` and ``client_secret`` are ignored in the other modes, so
+    one call works for all four.
     """
-    from auth_rpc.serving.rpc import ServerSettings
-    from auth_rpc.verify.verifiers import make_verifier
-    from posts_rpc.server import PostsServer
+    from auth_rpc.verify.verifiers import make_verifier as build_verifier
 
-    started: list[Any] = []
+    made: list[TokenVerifier] = []
+    registered: dict[tuple[AuthService, str], str] = {}
 
     def make(
-        mode: str = "jwks",
+        mode: str,
         *,
+        audience: str | None = None,
         auth: AuthServer | None = None,
-        data_dir: Path | None = None,
-        framed: bool = False,
-        settings: ServerSettings | None = None,
-        port: int = 0,
-        **verifier_settings: Any,
-    ) -> Any:
-        verifier = make_verifier(
-            mode, **_verifier_settings(mode, auth or auth_server, **verifier_settings)
-        )
-        try:
-            server = PostsServer(
-                verifier=verifier,
-                data_dir=data_dir or tmp_path_factory.mktemp("posts-data"),
-                port=port,
-                settings=settings or ServerSettings(framed=framed),
-            ).start()
-        except BaseException:
-            verifier.close()
-            raise
-        started.append(server)
-        return server
+        cache_ttl_s: float | None = None,
+        client_id: str = INTROSPECT_CLIENT_ID,
+        client_secret: str | None = None,
+        **settings: Any,
+    ) -> TokenVerifier:
+        server = auth or auth_server
+
+        def introspect_client() -> tuple[str, str]:
+            if client_secret is not None:
+                return client_id, client_secret
+            slot = (server.service, client_id)
+            if slot not in registered:
+                registered[slot] = server.service.add_client(client_id, ["introspect"])
+            return client_id, registered[slot]
+
+        options = _verifier_settings(mode, server, audience, introspect_client)
+        if cache_ttl_s is not None:
+            options["cache_ttl_s"] = cache_ttl_s
+        options.update(settings)
+        verifier = build_verifier(mode, **options)
+        made.append(verifier)
+        return verifier
 
     yield make
-    for server in reversed(started):
-        server.stop(grace_s=2.0)
-        server.verifier.close()
-
-
-@pytest.fixture
-def posts_server(make_posts_server: Callable[..., Any]) -> Any:
-    """A started Posts service verifying ``auth_server``'s tokens in ``jwks`` mode."""
-    return make_posts_server("jwks")
-
-
-@pytest.fixture
-def make_session(auth_server: AuthServer) -> Iterator[Callable[..., Any]]:
-    """``make_session(username="alice", scopes=..., password=None)``: a logged-in Session.
-
-    The user is created in ``auth_server`` first (with a random password when
-    none is given). Sessions are logged out at teardown.
-    """
-    import secrets
-
-    from client import Session
-
-    sessions: list[Any] = []
-
-    def make(
-        username: str = "alice",
-        scopes: Iterable[str] | str = DEFAULT_SCOPES,
-        *,
-        password: str | None = None,
-        **options: Any,
-    ) -> Any:
-        password = password or secrets.token_urlsafe(16)
-        scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
-        auth_server.service.add_user(username, password, scope_list)
-        session = Session.login(f"127.0.0.1:{auth_server.port}", username, password, **options)
-        sessions.append(session)
-        return session
-
-    yield make
-    for session in sessions:
-        with contextlib.suppress(Exception):  # the test may have logged out or stopped Auth
-            session.logout()
-        session.close()
-
-
-@pytest.fixture
-def posts_session(make_session: Callable[..., Any], posts_server: Any) -> Any:
-    """A Posts client of ``posts_server`` logged in as ``alice`` (read and write).
-
-    Call the Posts methods without the token: ``posts_session.list_posts(limit=10)``.
-    """
-    return make_session("alice").posts(f"127.0.0.1:{posts_server.port}")
+    for verifier in reversed(made):
+        verifier.close()

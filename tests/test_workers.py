@@ -57,7 +57,10 @@ def serve(*args: str, log: Path | None = None) -> Iterator[tuple[subprocess.Pope
 def test_posts_workers_share_the_socket_restart_and_stop(tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32))
-    factory = TokenFactory(key=SigningKey.hs256(secret.read_bytes()), issuer="urn:t")
+    factory = TokenFactory(
+        key=SigningKey.hs256(secret.read_bytes()), issuer="urn:t", audience="posts",
+        scopes=("posts:read", "posts:write"),
+    )
     with serve(
         "posts_rpc.cli", "serve", "--data-dir", str(tmp_path / "posts"), "--port", "0",
         "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t",
@@ -164,7 +167,10 @@ def test_a_second_reader_of_the_posts_database_crashes_nothing(tmp_path: Path) -
     """
     secret = tmp_path / "secret"
     secret.write_bytes(os.urandom(32))
-    factory = TokenFactory(key=SigningKey.hs256(secret.read_bytes()), issuer="urn:t")
+    factory = TokenFactory(
+        key=SigningKey.hs256(secret.read_bytes()), issuer="urn:t", audience="posts",
+        scopes=("posts:read", "posts:write"),
+    )
     token = factory.mint("alice")
     data = tmp_path / "posts"
     with serve(

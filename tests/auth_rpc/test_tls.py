@@ -99,7 +99,7 @@ def test_posts_jwks_mode_over_https(
         posts = make_posts_server("jwks", auth=auth, session=session)
         from auth_rpc.testing import TokenFactory
 
-        factory = TokenFactory(key=auth.service.signing_key())
+        factory = TokenFactory.for_auth_server(auth, scopes=("posts:read",))
         with contextlib.closing(open_client(posts_thrift.Posts, "127.0.0.1", posts.port)) as c:
             assert c.list_posts(factory.mint(), 1, 0).posts == []
         posts.stop()

@@ -25,6 +25,7 @@ from auth_rpc.testing import TokenFactory
 MODES = ["local", "jwks", "introspect", "thrift"]
 REMOTE = ["introspect", "thrift"]
 LOCAL = ["local", "jwks"]
+READ = ("posts:read",)  # token_factory gives no scopes unless asked
 
 PASSWORD = "a password long enough"
 
@@ -94,12 +95,13 @@ def test_bad_tokens_are_unauthenticated(
 ) -> None:
     server = make_posts_server(mode)
     bad = {
-        "expired": token_factory.expired(),
-        "wrong audience": token_factory.mint(audience="another-service"),
-        "wrong issuer": token_factory.mint(issuer="http://evil.test"),
+        "expired": token_factory.expired(scopes=READ),
+        "wrong audience": token_factory.mint(scopes=READ, audience="another-service"),
+        "wrong issuer": token_factory.mint(scopes=READ, issuer="http://evil.test"),
         "foreign key": token_factory.mint(
-            key=SigningKey.generate("EdDSA", kid=server_kid(token_factory))
+            scopes=READ, key=SigningKey.generate("EdDSA", kid=server_kid(token_factory))
         ),
+        "forged": token_factory.forged(scopes=READ),
         "garbage": "not.a.token",
         "empty": "",
     }
@@ -109,7 +111,7 @@ def test_bad_tokens_are_unauthenticated(
                 posts.list_posts(token, 0, 0)
             assert name  # the loop names the case in the traceback
         # The connection is still usable after every refusal.
-        assert posts.list_posts(token_factory.mint(), 0, 0).posts == []
+        assert posts.list_posts(token_factory.mint(scopes=READ), 0, 0).posts == []
 
 
 def server_kid(factory: TokenFactory) -> str:
@@ -194,7 +196,7 @@ def test_auth_stopped_mid_test(
     ports = (auth.port, auth.http_port)
     timeouts = {} if mode == "local" else {"timeout_s": 0.5}
     server = make_posts_server(mode, auth=auth, cache_ttl_s=0, **timeouts)
-    factory = TokenFactory(key=auth.service.signing_key())
+    factory = TokenFactory.for_auth_server(auth, scopes=READ)
     with posts_client(server) as posts:
         posts.list_posts(factory.mint(), 0, 0)  # warm: JWKS keys fetched
         auth.stop(grace_s=1.0)
@@ -263,13 +265,13 @@ def test_independent_issuer_in_jwks_mode(
 ) -> None:
     url, key = independent_issuer
     issuer = "https://idp.example"
-    foreign = TokenFactory(key=key, issuer=issuer, audience="posts")
+    foreign = TokenFactory(key=key, issuer=issuer, audience="posts", scopes=READ)
     theirs = make_posts_server("jwks", jwks_url=url, issuer=issuer, audience="posts")
     ours = make_posts_server("jwks")
     with posts_client(theirs) as posts:
         assert posts.list_posts(foreign.mint(), 0, 0).posts == []
         with pytest.raises(common_thrift.Unauthenticated):
-            posts.list_posts(token_factory.mint(), 0, 0)  # our Auth's token: wrong issuer/key
+            posts.list_posts(token_factory.mint(scopes=READ), 0, 0)  # our Auth's: wrong issuer/key
     with posts_client(ours) as posts:
         with pytest.raises(common_thrift.Unauthenticated):
             posts.list_posts(foreign.mint(), 0, 0)

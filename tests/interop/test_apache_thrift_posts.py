@@ -110,7 +110,7 @@ def test_generated_client_crud_in_each_mode(
             posts.get_post(token, created.id)
 
         # Typed exceptions for bad tokens, and the connection stays usable.
-        for bad in ("", "garbage", token_factory.expired("gina")):
+        for bad in ("", "garbage", token_factory.expired("gina", ["posts:read"])):
             with pytest.raises(common.Unauthenticated):
                 posts.list_posts(bad, 10, 0)
         reader = token_factory.mint("gina", ["posts:read"])

@@ -25,9 +25,10 @@ def test_token_factory_tokens_pass_the_posts_server(
         with pytest.raises(common_thrift.PermissionDenied):
             posts.create_post(token_factory.mint("zoe", ["posts:read"]), "t", "b")
         with pytest.raises(common_thrift.Unauthenticated):
-            posts.list_posts(token_factory.expired(), 1, 0)
+            posts.list_posts(token_factory.expired("zoe", ["posts:read"]), 1, 0)
         with pytest.raises(common_thrift.Unauthenticated):
-            posts.list_posts(token_factory.mint(key=TokenFactory.new_key("ES256")), 1, 0)
+            foreign_key = TokenFactory.new_key("ES256")
+            posts.list_posts(token_factory.mint("zoe", ["posts:read"], key=foreign_key), 1, 0)
 
 
 def test_serve_thrift_serves_your_own_service(serve_thrift: Any) -> None:
