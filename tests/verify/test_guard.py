@@ -388,6 +388,29 @@ def test_the_token_may_be_passed_by_keyword(
         handler.get_note(id=note.id)
 
 
+def test_non_string_tokens_and_subjectless_principals_are_refused(idl_path: Path) -> None:
+    notes = load_idl(idl_path)
+    asked: list[Any] = []
+
+    class NoSubject:
+        def verify(self, token: str) -> Principal:
+            asked.append(token)
+            return Principal(subject="", scopes=frozenset({READ, WRITE}), expires_at=2**40,
+                             token_id="j", client_id="c")
+
+        def close(self) -> None:
+            pass
+
+    handler: Any = make_handler_cls(notes)(NoSubject())
+    for token in (b"bytes", 7, ["a"], "a" * 8193):
+        with pytest.raises(common_thrift.Unauthenticated):
+            handler.create_note(token, "x")
+    assert asked == []  # refused before the verifier
+    with pytest.raises(common_thrift.Unauthenticated, match="subject"):
+        handler.create_note("any-token", "x")
+    assert handler.notes == {}
+
+
 def test_a_decorated_method_outside_a_guarded_handler_refuses() -> None:
     class NotAHandler:
         @requires(READ)
