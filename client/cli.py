@@ -58,6 +58,7 @@ from typing import Any, NoReturn, TextIO
 
 from thriftpy2.thrift import TApplicationException
 
+from auth_rpc import __version__
 from auth_rpc.idl import common_thrift
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
 from client.config import (
@@ -136,6 +137,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "5 not found, 6 invalid argument, 7 unavailable, 8 rate limited"
         ),
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--auth", metavar="HOST:PORT",
         help=f"Auth service (default: $POSTS_CLIENT_AUTH, the saved login, {DEFAULT_AUTH})",

@@ -36,6 +36,7 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 
+from auth_rpc import __version__
 from auth_rpc.errors import AuthError, DependencyUnavailable
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="posts-rpc", description="The Posts service: every call authorized by an access token."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the Posts service")
     serve.add_argument("--data-dir", required=True, type=Path, help="where posts.db lives")

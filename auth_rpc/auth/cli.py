@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from auth_rpc import __version__
 from auth_rpc.auth.server import AuthServer
 from auth_rpc.auth.service import AuthService, AuthSettings
 from auth_rpc.errors import AuthError
@@ -41,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="auth-rpc",
         description="The Auth service: RFC 9068 access tokens over Thrift and HTTP.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def data_dir(p: argparse.ArgumentParser) -> None:
