@@ -21,6 +21,7 @@ __all__ = [
     "NotFoundError",
     "Throttled",
     "TokenRejected",
+    "storage_failure",
 ]
 
 
@@ -70,3 +71,15 @@ class Throttled(AuthError):
 
 class DependencyUnavailable(AuthError):
     """Something needed to decide (Auth service, JWKS, introspection, database) is unreachable."""
+
+
+def storage_failure(exc: BaseException) -> str:
+    """What a database error says, for the log: its class and SQLite's (or the OS's) own message.
+
+    "disk is full", "database is locked", "attempt to write a readonly
+    database", "database disk image is malformed" must reach the operator:
+    SQLite's messages carry no statement parameters (no token, no password),
+    and an ``OSError``'s names at most a path of the data directory.
+    """
+    detail = str(exc).strip()
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__

@@ -49,7 +49,8 @@ from auth_rpc.serving.runner import (
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
 from auth_rpc.verify.principal import TokenVerifier
 from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
-from posts_rpc.server import PostsServer
+from posts_rpc.server import DB_FILE_NAME, PostsServer
+from posts_rpc.store import SqlitePostStore
 
 __all__ = ["main"]
 
@@ -237,6 +238,13 @@ def _serve(args: argparse.Namespace) -> int:
         TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     )
     settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
+    if args.workers > 1:
+        # Open and migrate the store once, before any worker exists (as
+        # auth-rpc does): a store that cannot be opened is one error line and
+        # exit 1, not a ready line followed by every worker failing.
+        directory = Path(args.data_dir)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        SqlitePostStore.open(directory / DB_FILE_NAME).close()
     sock = bind_socket(args.host, args.port)
 
     def start() -> Callable[[], None]:

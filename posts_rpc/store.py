@@ -39,7 +39,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
-from auth_rpc.errors import DependencyUnavailable
+from auth_rpc.errors import DependencyUnavailable, storage_failure
 
 T = TypeVar("T")
 
@@ -207,8 +207,8 @@ class SqlitePostStore:
             os.close(fd)
             writer = _connect(path, busy_timeout_s)
         except (sqlite3.Error, OSError) as exc:
-            log.error("cannot open the post database: %s", type(exc).__name__)
-            raise DependencyUnavailable(_UNAVAILABLE) from exc
+            log.error("cannot open the post database: %s", storage_failure(exc))
+            raise DependencyUnavailable(f"{_UNAVAILABLE}: {storage_failure(exc)}") from exc
         store = cls(
             path,
             writer,
@@ -313,7 +313,7 @@ class SqlitePostStore:
                 view.pages[key] = page
         except sqlite3.Error as exc:
             view.conn.close()  # a connection in an unknown state is not reused
-            log.error("post database error: %s", type(exc).__name__)
+            log.error("post database error: %s", storage_failure(exc))
             raise DependencyUnavailable(_UNAVAILABLE) from exc
         except BaseException:
             view.conn.close()
@@ -375,7 +375,7 @@ class SqlitePostStore:
             try:
                 yield conn
             except sqlite3.Error as exc:
-                log.error("post database error: %s", type(exc).__name__)
+                log.error("post database error: %s", storage_failure(exc))
                 raise DependencyUnavailable(_UNAVAILABLE) from exc
 
     def _query(self, sql: str, params: tuple[int, ...]) -> list[Any]:
@@ -388,7 +388,7 @@ class SqlitePostStore:
             rows: list[Any] = conn.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             conn.close()  # a reader in an unknown state is not reused
-            log.error("post database error: %s", type(exc).__name__)
+            log.error("post database error: %s", storage_failure(exc))
             raise DependencyUnavailable(_UNAVAILABLE) from exc
         except BaseException:
             conn.close()
@@ -406,7 +406,7 @@ class SqlitePostStore:
         try:
             return _connect(self.path, self._busy_timeout_s)
         except sqlite3.Error as exc:
-            log.error("cannot open a post database reader: %s", type(exc).__name__)
+            log.error("cannot open a post database reader: %s", storage_failure(exc))
             raise DependencyUnavailable(_UNAVAILABLE) from exc
 
     def _return_reader(self, conn: sqlite3.Connection) -> None:

@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -215,3 +216,98 @@ def test_a_second_reader_of_the_posts_database_crashes_nothing(tmp_path: Path) -
         assert proc.returncode == 0, err[-3000:]
         restarts = [line for line in err.splitlines() if "starting a new one" in line]
         assert len(restarts) == 1, restarts  # the worker the test killed, no other
+
+
+def _posts_serve_args(tmp_path: Path, *extra: str) -> list[str]:
+    secret = tmp_path / "secret"
+    if not secret.exists():
+        secret.write_bytes(os.urandom(32))
+    return [
+        sys.executable, "-m", "posts_rpc.cli", "serve", "--data-dir", str(tmp_path / "posts"),
+        "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t", *extra,
+    ]
+
+
+def test_a_corrupt_posts_database_is_one_error_line_before_any_worker(tmp_path: Path) -> None:
+    """Regression: with --workers the ready line came first, then every worker's traceback."""
+    (tmp_path / "posts").mkdir(mode=0o700)
+    (tmp_path / "posts" / DB_FILE_NAME).write_bytes(b"this is not an SQLite database" * 200)
+    proc = subprocess.run(
+        _posts_serve_args(tmp_path, "--port", "0", "--workers", "2"),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "ready" not in proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("posts-rpc: error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "file is not a database" in errors[0]  # SQLite's own words, not just "unavailable"
+    assert "Traceback" not in proc.stderr
+
+
+def test_address_in_use_names_the_address(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            _posts_serve_args(tmp_path, "--port", str(port)),
+            capture_output=True, text=True, timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr, proc.stderr
+
+
+_SIGTERM_DURING_START = """
+import os, signal, sys
+from auth_rpc.serving.runner import run_workers
+
+parent = os.getpid()
+
+def start_child():
+    # As a service manager stopping the whole process group does, just while
+    # a worker is starting (opening its store): both processes get SIGTERM.
+    os.kill(parent, signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return lambda: None
+
+sys.exit(run_workers(1, "ready", start_child))
+"""
+
+
+def test_sigterm_while_a_worker_starts_is_a_clean_stop() -> None:
+    """Regression: a worker ran with the default SIGTERM action until it had started.
+
+    A SIGTERM in that window killed it (-15) and the supervisor exited 1 (a
+    failed stop under systemd). The signals are now blocked across fork and
+    handled from the child's first instruction.
+    """
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_DURING_START], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ready"
+
+
+def test_workers_stop_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """Regression: kill -9 of posts-rpc left its workers serving and holding the port."""
+    with serve(*_posts_serve_args(tmp_path, "--port", "0", "--workers", "2")[2:],
+               log=tmp_path / "posts.log") as (proc, ready):
+        port = int(re.search(r"thrift=[\d.]+:(\d+)", ready)[1])  # type: ignore[index]
+        _wait_for(lambda: len(_children(proc.pid)) == 2, "two workers")
+        workers = _children(proc.pid)
+        proc.kill()
+        proc.wait(timeout=60)
+        _wait_for(lambda: not any(Path(f"/proc/{pid}").exists() and
+                                  "zombie" not in _state(pid) for pid in workers),
+                  "the workers to stop")
+    with socket.socket() as again:  # the port is free again
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+
+
+def _state(pid: int) -> str:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "gone"
+    return next((line for line in status.splitlines() if line.startswith("State:")), "").lower()

@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from auth_rpc.errors import DependencyUnavailable
+from auth_rpc.errors import DependencyUnavailable, storage_failure
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database"]
 
@@ -168,8 +168,8 @@ class Database:
                 check_same_thread=False,  # shared behind Database._lock
             )
         except (sqlite3.Error, OSError) as exc:
-            log.error("cannot open the database: %s", type(exc).__name__)
-            raise DependencyUnavailable(_UNAVAILABLE) from exc
+            log.error("cannot open the database: %s", storage_failure(exc))
+            raise DependencyUnavailable(f"{_UNAVAILABLE}: {storage_failure(exc)}") from exc
         db = cls(conn, path)
         try:
             with db._locked() as c:
@@ -213,7 +213,7 @@ class Database:
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                log.error("database error: %s", type(exc).__name__)
+                log.error("database error: %s", storage_failure(exc))
                 raise DependencyUnavailable(_UNAVAILABLE) from exc
 
     @contextmanager

@@ -9,6 +9,7 @@ accepting, finish calls in flight), and return 0.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -21,15 +22,47 @@ from types import FrameType
 
 __all__ = ["bind_socket", "configure_logging", "report_error", "run_until_signal", "run_workers"]
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask the kernel to send this worker SIGTERM when its parent dies (Linux).
+
+    Without it, ``kill -9`` of the supervisor left the workers serving and
+    holding the port. SIGTERM, not SIGKILL: the worker stops gracefully
+    (finishes the calls in flight). If the parent is already gone (it died
+    between the fork and this call), stop at once.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG)")
+        except (OSError, AttributeError) as exc:  # pragma: no cover - not Linux-like
+            logging.getLogger("auth_rpc.serving.runner").warning(
+                "workers will not stop with their parent: %s", exc
+            )
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
 
 def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (``port=0`` picks a free one)."""
+    """A listening TCP socket on ``host:port`` (``port=0`` picks a free one).
+
+    Raises ``OSError`` whose message names the address (``cannot listen on
+    127.0.0.1:9090: [Errno 98] Address already in use``).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
         sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        shown = f"[{host}]" if ":" in host else host
+        raise OSError(exc.errno, f"cannot listen on {shown}:{port}: {exc}") from exc
     except BaseException:
         sock.close()
         raise
@@ -97,23 +130,40 @@ def run_workers(
     def _on_signal(signum: int, frame: FrameType | None) -> None:
         stopping.set()
 
-    previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    previous = {sig: signal.signal(sig, _on_signal) for sig in _STOP_SIGNALS}
     children: dict[int, int] = {}  # pid -> worker number
+    parent = os.getpid()
 
     def spawn(number: int) -> None:
-        pid = os.fork()
+        # The stop signals are blocked across fork() until the child has its
+        # own handler: a SIGTERM that arrives in between (a supervisor stopping
+        # the service just as a worker is restarted) then stops the child
+        # gracefully instead of killing it with the default action.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            raise
         if pid == 0:  # the child
             code = 1
             try:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                child_stopping = threading.Event()
+                for sig in _STOP_SIGNALS:
+                    signal.signal(sig, lambda signum, frame: child_stopping.set())
+                _die_with_parent(parent)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
                 stop = start_child()
-                code = run_until_signal("", stop, announce=False)
+                while not child_stopping.wait(1.0):
+                    pass
+                stop()
+                code = 0
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
                 logging.shutdown()
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         children[pid] = number
 
     try:
