@@ -39,8 +39,10 @@ demo: $(STAMP)
 test: $(STAMP) tools
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/mypy examples/demo.py
+	$(BIN)/mypy examples/demo.py examples/notes/notes_service.py
 	$(BIN)/python -m pytest -q
+	# The example service is a project of its own (its own pytest.ini), as a user's would be.
+	cd examples/notes && $(CURDIR)/$(BIN)/python -m pytest -q
 
 # The benchmark (about 4 minutes; loopback only). Options through BENCH_ARGS,
 # e.g. make bench BENCH_ARGS="--quick" or BENCH_ARGS="--only limit hs256".
