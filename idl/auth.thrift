@@ -41,20 +41,30 @@ struct Principal {
 }
 
 service Auth {
-  TokenPair login(1: string username, 2: string password)
+  // `audience` (added; omitted or empty = the service's default audience):
+  // the `aud` the access token is for (RFC 8707 resource indicator), one the
+  // account may use; else InvalidArgument naming `audience`, nothing issued.
+  // Apache Thrift ignores `optional` on arguments, so it is not written; an
+  // older client never sends the field.
+  TokenPair login(1: string username, 2: string password, 3: string audience)
     throws (1: common.Unauthenticated unauthenticated,
             2: common.RateLimited rate_limited,
             3: common.InvalidArgument invalid_argument,
             4: common.Unavailable unavailable)
 
   // Rotation: every call returns a new refresh token and retires the old one.
-  TokenPair refresh(1: string refresh_token)
+  // `audience` (added; omitted or empty = the login's audience) may name
+  // another audience the user may use; a refused one leaves the refresh
+  // token unused.
+  TokenPair refresh(1: string refresh_token, 2: string audience)
     throws (1: common.Unauthenticated unauthenticated,
             3: common.InvalidArgument invalid_argument,
             4: common.Unavailable unavailable)
 
   // OAuth 2.0 client credentials, for service-to-service calls.
-  TokenPair client_token(1: string client_id, 2: string client_secret, 3: string scope)
+  // `audience` (added; omitted or empty = the service's default audience): as for login.
+  TokenPair client_token(1: string client_id, 2: string client_secret, 3: string scope,
+                         4: string audience)
     throws (1: common.Unauthenticated unauthenticated,
             2: common.RateLimited rate_limited,
             3: common.InvalidArgument invalid_argument,

@@ -28,10 +28,14 @@ UNAUTH, DENIED, INVALID, UNAVAIL, NOTFOUND, LIMITED = (
 # method: (arguments as (id, name, type), {throws id: exception name}); the
 # throws listed are those of the contract; more may be added (never removed).
 AUTH: dict[str, tuple[list[tuple[int, str, int]], dict[int, str]]] = {
-    "login": ([(1, "username", S), (2, "password", S)], {1: UNAUTH, 2: LIMITED, 3: INVALID}),
-    "refresh": ([(1, "refresh_token", S)], {1: UNAUTH, 3: INVALID}),
+    # `audience` (RFC 8707 resource indicators) was added to login, refresh and client_token.
+    "login": (
+        [(1, "username", S), (2, "password", S), (3, "audience", S)],
+        {1: UNAUTH, 2: LIMITED, 3: INVALID},
+    ),
+    "refresh": ([(1, "refresh_token", S), (2, "audience", S)], {1: UNAUTH, 3: INVALID}),
     "client_token": (
-        [(1, "client_id", S), (2, "client_secret", S), (3, "scope", S)],
+        [(1, "client_id", S), (2, "client_secret", S), (3, "scope", S), (4, "audience", S)],
         {1: UNAUTH, 2: LIMITED, 3: INVALID},
     ),
     "validate": ([(1, "token", S)], {1: UNAUTH}),

@@ -4,12 +4,19 @@ Usernames and client ids are case-sensitive, 1..128 characters, no control
 characters. Passwords are 1..1024 bytes of UTF-8. Scopes follow RFC 6749
 section 3.3 (``scope-token = 1*( %x21 / %x23-5B / %x5D-7E )``, separated by
 single spaces), at most 1024 characters in all.
+
+Audience names (the ``aud`` a user or client may ask tokens for, RFC 8707
+resource indicators): 1..128 characters of ASCII letters, digits and
+``. _ ~ : / -`` (RFC 3986 unreserved characters, ``:`` and ``/``, so that a
+name may also be an absolute URI such as ``https://notes.example.com``),
+starting with a letter or a digit; case-sensitive. At most 32 per account.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import sqlite3
 import unicodedata
 from collections.abc import Iterable
@@ -22,6 +29,8 @@ __all__ = [
     "AccountStore",
     "Client",
     "User",
+    "check_audience",
+    "check_audiences",
     "check_client_id",
     "check_password",
     "check_scopes",
@@ -34,6 +43,13 @@ log = logging.getLogger("auth_rpc.auth.accounts")
 MAX_NAME_CHARS = 128
 MAX_PASSWORD_BYTES = 1024
 MAX_SCOPE_CHARS = 1024
+MAX_AUDIENCE_CHARS = 128
+MAX_AUDIENCES = 32
+AUDIENCE_RULE = (
+    f"1..{MAX_AUDIENCE_CHARS} characters of ASCII letters, digits and . _ ~ : / -, "
+    "starting with a letter or a digit"
+)
+_AUDIENCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:/-]*\Z")
 
 
 def _check_name(field: str, value: object) -> str:
@@ -105,11 +121,61 @@ def check_scopes(scopes: Iterable[str] | str, field: str = "scope") -> tuple[str
     return parse_scope(" ".join(items), field)
 
 
+def check_audience(value: object, field: str = "audience") -> str:
+    """``value`` if it is a valid audience name (see the module docstring).
+
+    Raises InvalidInput(field, ...) naming the rule.
+    """
+    if (
+        not isinstance(value, str)
+        or len(value) > MAX_AUDIENCE_CHARS
+        or not _AUDIENCE_RE.match(value)
+    ):
+        raise InvalidInput(field, f"an audience name must be {AUDIENCE_RULE}")
+    return value
+
+
+def check_audiences(
+    audiences: Iterable[str] | None, field: str = "audience"
+) -> tuple[str, ...] | None:
+    """Valid audience names, in the order given, without repeats; ``None`` stays ``None``.
+
+    ``None`` means "only the service's default audience". An empty list is
+    refused (an account that may use no audience could never get a token), as
+    is a single string (a likely mistake for a list). Raises InvalidInput.
+    """
+    if audiences is None:
+        return None
+    if isinstance(audiences, str):
+        raise InvalidInput(field, "must be a list of audience names")
+    names = tuple(dict.fromkeys(check_audience(a, field) for a in audiences))
+    if not names:
+        raise InvalidInput(field, "at least one audience, or none given for the default")
+    if len(names) > MAX_AUDIENCES:
+        raise InvalidInput(field, f"at most {MAX_AUDIENCES} audiences")
+    return names
+
+
+def _audiences_column(audiences: tuple[str, ...] | None) -> str | None:
+    return None if audiences is None else " ".join(audiences)
+
+
+def _audiences_of(value: object) -> tuple[str, ...] | None:
+    # Fail closed: a stored value that is not a list of valid names allows nothing.
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return ()
+    return tuple(a for a in value.split(" ") if _AUDIENCE_RE.match(a))
+
+
 @dataclass(frozen=True)
 class User:
     username: str
     password_hash: str
     scopes: tuple[str, ...]
+    #: The audiences the user may ask tokens for; ``None``: the service's default only.
+    audiences: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +186,8 @@ class Client:
     #: SHA-256 of the secret (see :func:`client_secret_digest`); ``None`` for a
     #: client registered before digests were stored, until it next authenticates.
     secret_digest: bytes | None = None
+    #: The audiences the client may ask tokens for; ``None``: the service's default only.
+    audiences: tuple[str, ...] | None = None
 
 
 def client_secret_digest(secret: str) -> bytes:
@@ -141,20 +209,29 @@ class AccountStore:
     def get_user(self, username: str) -> User | None:
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT username, password_hash, scopes FROM users WHERE username = ?", (username,)
+                "SELECT username, password_hash, scopes, audiences FROM users WHERE username = ?",
+                (username,),
             ).fetchone()
-        return None if row is None else User(row[0], row[1], tuple(row[2].split()))
+        if row is None:
+            return None
+        return User(row[0], row[1], tuple(row[2].split()), _audiences_of(row[3]))
 
     def add_user(
-        self, username: str, password_hash: str, scopes: tuple[str, ...], *, now: int
+        self,
+        username: str,
+        password_hash: str,
+        scopes: tuple[str, ...],
+        *,
+        now: int,
+        audiences: tuple[str, ...] | None = None,
     ) -> None:
         """Create a user. Raises InvalidInput("username", ...) if it exists."""
         with self._db.transaction() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO users (username, password_hash, scopes, created_at) "
-                    "VALUES (?, ?, ?, ?)",
-                    (username, password_hash, " ".join(scopes), now),
+                    "INSERT INTO users (username, password_hash, scopes, created_at, audiences) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (username, password_hash, " ".join(scopes), now, _audiences_column(audiences)),
                 )
             except sqlite3.IntegrityError as exc:
                 raise InvalidInput("username", "already exists") from exc
@@ -170,14 +247,14 @@ class AccountStore:
     def get_client(self, client_id: str) -> Client | None:
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT client_id, secret_hash, scopes, secret_digest FROM clients "
+                "SELECT client_id, secret_hash, scopes, secret_digest, audiences FROM clients "
                 "WHERE client_id = ?",
                 (client_id,),
             ).fetchone()
         if row is None:
             return None
         digest = bytes(row[3]) if row[3] is not None else None
-        return Client(row[0], row[1], tuple(row[2].split()), digest)
+        return Client(row[0], row[1], tuple(row[2].split()), digest, _audiences_of(row[4]))
 
     def add_client(
         self,
@@ -187,14 +264,22 @@ class AccountStore:
         *,
         now: int,
         secret_digest: bytes | None = None,
+        audiences: tuple[str, ...] | None = None,
     ) -> None:
         """Register a client. Raises InvalidInput("client_id", ...) if it exists."""
         with self._db.transaction() as conn:
             try:
                 conn.execute(
                     "INSERT INTO clients (client_id, secret_hash, scopes, created_at, "
-                    "secret_digest) VALUES (?, ?, ?, ?, ?)",
-                    (client_id, secret_hash, " ".join(scopes), now, secret_digest),
+                    "secret_digest, audiences) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        client_id,
+                        secret_hash,
+                        " ".join(scopes),
+                        now,
+                        secret_digest,
+                        _audiences_column(audiences),
+                    ),
                 )
             except sqlite3.IntegrityError as exc:
                 raise InvalidInput("client_id", "already exists") from exc
@@ -207,3 +292,18 @@ class AccountStore:
                 "WHERE client_id = ? AND secret_hash = ? AND secret_digest IS NULL",
                 (digest, client_id, secret_hash),
             )
+
+    def audience_in_use(self, audience: str) -> bool:
+        """Whether some user or client may ask tokens for ``audience`` (listed by name).
+
+        A scan of both tables: the Auth service asks only about an audience it
+        has not seen yet, of a token signed by its own key.
+        """
+        listed = "audiences IS NOT NULL AND instr(' ' || audiences || ' ', ' ' || ? || ' ') > 0"
+        with self._db.read() as conn:
+            row = conn.execute(
+                f"SELECT 1 FROM users WHERE {listed} "  # noqa: S608 - a constant, no input
+                f"UNION ALL SELECT 1 FROM clients WHERE {listed} LIMIT 1",
+                (audience, audience),
+            ).fetchone()
+        return row is not None

@@ -116,6 +116,17 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE clients ADD COLUMN secret_digest BLOB;
     """,
+    # 4: RFC 8707 resource indicators. The audiences a user or client may ask
+    # tokens for (space separated, in the order given); NULL = only the
+    # service's default audience (--audience), so that accounts made before
+    # v4 keep working unchanged. A refresh token family remembers the
+    # audience of its login (NULL = the default), which a refresh keeps
+    # unless it asks for another.
+    """
+    ALTER TABLE users ADD COLUMN audiences TEXT;
+    ALTER TABLE clients ADD COLUMN audiences TEXT;
+    ALTER TABLE refresh_families ADD COLUMN audience TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -44,6 +44,12 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _audience(value: object) -> str | None:
+    # The added `audience` argument: omitted (an older client) or empty (a
+    # generated client that must pass something) asks for the default.
+    return value if isinstance(value, str) and value else None
+
+
 def tokens_to_thrift(tokens: IssuedTokens) -> Any:
     """``IssuedTokens`` as an ``auth_thrift.TokenPair``."""
     return auth_thrift.TokenPair(
@@ -108,21 +114,33 @@ class AuthHandler:
 
     @map_errors
     @_declared(*_GRANT_ERRORS)
-    def login(self, username: str | None, password: str | None) -> Any:
-        return tokens_to_thrift(self._service.login(_text(username), _text(password)))
+    def login(
+        self, username: str | None, password: str | None, audience: str | None = None
+    ) -> Any:
+        return tokens_to_thrift(
+            self._service.login(_text(username), _text(password), audience=_audience(audience))
+        )
 
     @map_errors
     @_declared(TokenRejected, InvalidCredentials, InvalidInput, DependencyUnavailable)
-    def refresh(self, refresh_token: str | None) -> Any:
-        return tokens_to_thrift(self._service.refresh(_text(refresh_token)))
+    def refresh(self, refresh_token: str | None, audience: str | None = None) -> Any:
+        return tokens_to_thrift(
+            self._service.refresh(_text(refresh_token), audience=_audience(audience))
+        )
 
     @map_errors
     @_declared(*_GRANT_ERRORS)
     def client_token(
-        self, client_id: str | None, client_secret: str | None, scope: str | None
+        self,
+        client_id: str | None,
+        client_secret: str | None,
+        scope: str | None,
+        audience: str | None = None,
     ) -> Any:
         return tokens_to_thrift(
-            self._service.client_token(_text(client_id), _text(client_secret), _text(scope))
+            self._service.client_token(
+                _text(client_id), _text(client_secret), _text(scope), audience=_audience(audience)
+            )
         )
 
     @map_errors

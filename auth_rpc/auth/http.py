@@ -5,7 +5,9 @@ Endpoints (the contract's "HTTP endpoints of the Auth service"):
 - ``GET /.well-known/jwks.json`` -- RFC 7517 JWK Set (public keys only);
 - ``GET /.well-known/oauth-authorization-server`` -- RFC 8414 metadata;
 - ``POST /token`` -- RFC 6749: ``password``, ``refresh_token`` and
-  ``client_credentials`` grants, errors as section 5.2;
+  ``client_credentials`` grants, errors as section 5.2; each takes an RFC 8707
+  ``resource`` (one, naming an audience the account may use, as registered,
+  e.g. ``notes``: the access token's ``aud``; else 400 ``invalid_target``);
 - ``POST /introspect`` -- RFC 7662, for registered clients only;
 - ``POST /revoke`` -- RFC 7009, for registered clients only;
 - ``GET /healthz`` -- 200 when the service can serve, else 503.
@@ -132,7 +134,7 @@ class OAuthError(Exception):
 #: Every internal error class and the (HTTP status, OAuth error code) it becomes.
 #: ``InvalidCredentials`` during client authentication is 401 ``invalid_client``
 #: instead (see :func:`oauth_error_for`); ``InvalidInput`` naming the ``scope``
-#: field is ``invalid_scope``.
+#: field is ``invalid_scope``, naming the ``audience`` field ``invalid_target``.
 HTTP_ERROR_MAP: dict[type[errors.AuthError], tuple[int, str]] = {
     # RFC 6749 5.2 invalid_grant: "The provided authorization grant (e.g., ...,
     # resource owner credentials) or refresh token is invalid, expired, revoked".
@@ -174,11 +176,20 @@ def oauth_error_for(exc: errors.AuthError, *, client_auth: bool = False) -> OAut
             headers.append(WWW_AUTHENTICATE)
         elif isinstance(exc, errors.InvalidInput) and exc.field == "scope":
             code = "invalid_scope"
+        elif isinstance(exc, errors.InvalidInput) and exc.field == "audience":
+            # RFC 8707 section 2: "invalid_target: The requested resource is
+            # invalid, missing, unknown, or malformed." On HTTP the audience
+            # is asked for with the resource parameter: the description says so.
+            return OAuthError(status, "invalid_target", _resource_description(exc))
         elif isinstance(exc, errors.Throttled):
             # RFC 9110 10.2.3: Retry-After = HTTP-date / delay-seconds (an integer).
             headers.append(("Retry-After", str(max(1, math.ceil(exc.retry_after_ms / 1000)))))
         return OAuthError(status, code, exc.message, headers)
     raise TypeError(f"no HTTP mapping for {type(exc).__name__}")
+
+
+def _resource_description(exc: errors.InvalidInput) -> str:
+    return "resource: " + exc.message.partition(": ")[2]
 
 
 def _safe_description(text: str) -> str:
@@ -316,11 +327,16 @@ class AuthHttpApp:
     # -- POST endpoints -----------------------------------------------------
 
     def _token(self, environ: WSGIEnvironment) -> _Response:
-        form = self._read_form(environ)
+        form = self._read_form(environ, resource=True)
         creds = _client_credentials(environ, form)
         # RFC 6749 4.3.2 / 6 / 4.4.2: "grant_type REQUIRED."
         grant_type = _required(form, "grant_type")
         scope = _scope(form)
+        # RFC 8707 section 2: "resource: Indicates the target service or
+        # resource to which access is being requested." One audience name as
+        # registered (e.g. "notes"); absent: the default (the login's, for a
+        # refresh). The service refuses an unknown or unallowed one.
+        target: dict[str, Any] = {"audience": form.get("resource")}
         if grant_type == "client_credentials":
             # RFC 6749 4.4: "The client credentials grant type MUST only be used
             # by confidential clients."
@@ -332,6 +348,7 @@ class AuthHttpApp:
                 creds.client_secret,
                 scope,
                 client_auth=True,
+                **target,
             )
         elif grant_type in ("password", "refresh_token"):
             # RFC 6749 4.3.2: "If the client type is confidential or the client
@@ -347,6 +364,7 @@ class AuthHttpApp:
                     client_auth=True,
                 )
             named_client: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
+            named_client.update(target)
             if grant_type == "password":
                 username = _required(form, "username")
                 password = _required(form, "password")
@@ -441,8 +459,11 @@ class AuthHttpApp:
                 log.warning("refused a request: %s", exc.message)
             raise oauth_error_for(exc, client_auth=client_auth) from exc
 
-    def _read_form(self, environ: WSGIEnvironment) -> dict[str, str]:
+    def _read_form(self, environ: WSGIEnvironment, *, resource: bool = False) -> dict[str, str]:
         """The request's form parameters, each present at most once, blanks dropped.
+
+        With ``resource`` (the token endpoint), a ``resource`` parameter given
+        more than once or empty is 400 ``invalid_target`` (RFC 8707).
 
         Raises:
             OAuthError: 413 when the body is larger than allowed (not read), 400
@@ -480,10 +501,10 @@ class AuthHttpApp:
         body = environ["wsgi.input"].read(length) if length else b""
         if len(body) != length:
             raise _invalid_request("request body shorter than Content-Length")
-        return _parse_form(body)
+        return _parse_form(body, resource=resource)
 
 
-def _parse_form(body: bytes) -> dict[str, str]:
+def _parse_form(body: bytes, *, resource: bool = False) -> dict[str, str]:
     """Decode an ``application/x-www-form-urlencoded`` body (RFC 6749 Appendix B).
 
     Raises:
@@ -506,6 +527,15 @@ def _parse_form(body: bytes) -> dict[str, str]:
     counts = Counter(name for name, _ in pairs)
     if "" in counts:
         raise _invalid_request("malformed form body")
+    if resource and "resource" in counts:
+        # RFC 8707 section 2: a resource the server does not accept is
+        # refused with invalid_target. A token here is for one audience, and
+        # an empty value names none (not "omitted" as RFC 6749 section 3.2
+        # treats blank parameters: the client meant to ask for something).
+        if counts["resource"] > 1:
+            raise OAuthError(400, "invalid_target", "only one resource may be requested")
+        if not dict(pairs)["resource"]:
+            raise OAuthError(400, "invalid_target", "resource must not be empty")
     # RFC 6749 3.2 (and 3.1): "Request and response parameters MUST NOT be
     # included more than once."
     repeated = sorted(name for name, n in counts.items() if n > 1)

@@ -17,6 +17,17 @@ Tokens issued:
   narrowed), same ``client_id``.
 - ``client_token``: an access token whose ``sub`` and ``client_id`` are the
   client id; no refresh token.
+
+Audiences (RFC 8707 resource indicators): each grant may name the ``aud`` of
+its access token. ``login`` and ``client_token`` default to the service's
+``audience``; ``refresh`` to the audience of the family's login, and may ask
+for another. The audience must be one the account may use: a user's or
+client's ``audiences`` (:meth:`AuthService.add_user`,
+:meth:`AuthService.add_client`), or, when it has none stored, the service's
+``audience`` only. Otherwise the grant raises ``InvalidInput("audience", ...)``
+and nothing is issued or consumed. :meth:`AuthService.validate` and
+:meth:`AuthService.introspect` accept tokens of the service's audience and of
+every audience some account may use.
 """
 
 from __future__ import annotations
@@ -34,6 +45,8 @@ from typing import Any
 
 from auth_rpc.auth.accounts import (
     AccountStore,
+    check_audience,
+    check_audiences,
     check_client_id,
     check_password,
     check_scopes,
@@ -82,6 +95,9 @@ CLIENT_AUTH_CACHE_TTL_S = 300.0
 CLIENT_AUTH_CACHE_SIZE = 10_000
 #: Compared against when a client id is unknown, so that the answer takes as long.
 _NO_CLIENT_DIGEST = bytes(32)
+#: How many audiences (other than the default) validate remembers as known.
+_KNOWN_AUDIENCES_SIZE = 4096
+AUDIENCE_REFUSED = "unknown, or not allowed for this account"
 
 
 @dataclass(frozen=True)
@@ -115,6 +131,14 @@ class AuthSettings:
 
 
 @dataclass(frozen=True)
+class _ClientGrant:
+    """What an authenticated client may ask for (remembered with its authentication)."""
+
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
 class IssuedTokens:
     """What a successful login, refresh or client-credentials grant returns.
 
@@ -134,6 +158,15 @@ def _prepare_data_dir(path: Path) -> None:
     if st.st_mode & 0o077 and st.st_uid == os.getuid():
         log.info("restricting the data directory to its owner (mode 0700)")
         os.chmod(path, 0o700)
+
+
+def _requested_audience(audience: str | None) -> str | None:
+    """A grant's ``audience`` argument, checked: ``None`` (the default) or a valid name."""
+    if audience is None:
+        return None
+    if audience == "":
+        raise InvalidInput("audience", "must not be empty (omit it for the default)")
+    return check_audience(audience)
 
 
 def _narrow(granted: tuple[str, ...], requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -175,14 +208,16 @@ class AuthService:
             find_key=keys.find,
             clock=clock,
             is_revoked=self._revocations.is_revoked,
+            known_audience=self._audience_known,
         )
+        self._known_audiences: set[str] = set()
         self._streaks = SqliteStreakStore(db)
         self._login_throttle = Throttle(clock=clock, what="logins", store=self._streaks)
         self._client_throttle = Throttle(
             clock=clock, what="client authentications", store=self._streaks
         )
         self._client_cache_key = secrets.token_bytes(32)
-        self._client_cache: dict[bytes, tuple[float, tuple[str, ...]]] = {}
+        self._client_cache: dict[bytes, tuple[float, _ClientGrant]] = {}
         self._client_cache_lock = threading.Lock()
         self._purged_at = float("-inf")
         self._purge_lock = threading.Lock()
@@ -229,18 +264,27 @@ class AuthService:
     # -- grants ------------------------------------------------------------
 
     def login(
-        self, username: str, password: str, scope: str = "", *, client_id: str = USER_CLIENT_ID
+        self,
+        username: str,
+        password: str,
+        scope: str = "",
+        *,
+        client_id: str = USER_CLIENT_ID,
+        audience: str | None = None,
     ) -> IssuedTokens:
         """Password grant: an access token and a refresh token (a new family).
 
-        ``scope`` narrows the user's scopes (``""`` = all of them). Raises
-        InvalidCredentials (one message for an unknown user and a wrong
-        password), Throttled, InvalidInput, DependencyUnavailable.
+        ``scope`` narrows the user's scopes (``""`` = all of them).
+        ``audience`` is the token's ``aud`` (``None``: the service's default),
+        one the user may use. Raises InvalidCredentials (one message for an
+        unknown user and a wrong password), Throttled, InvalidInput
+        (``audience`` refused: nothing issued), DependencyUnavailable.
         """
         username = check_username(username)
         check_password(password)
         requested = parse_scope(scope)
         client_id = check_client_id(client_id)
+        wanted = _requested_audience(audience)
         with self._login_throttle.attempt(username) as attempt:
             user = self._accounts.get_user(username)
             ok = self._hasher.verify(user.password_hash if user else None, password)
@@ -250,6 +294,7 @@ class AuthService:
                 raise InvalidCredentials(LOGIN_FAILED)
             attempt.succeeded()
         scopes = _narrow(user.scopes, requested)
+        aud = self._allowed_audience(user.audiences, wanted)
         if self._hasher.needs_rehash(user.password_hash):
             new_hash = self._hasher.hash(password)
             self._accounts.set_password_hash(username, user.password_hash, new_hash)
@@ -262,8 +307,9 @@ class AuthService:
             scopes=scopes,
             created_at=now,
             expires_at=now + self.settings.refresh_ttl_s,
+            audience=wanted,
         )
-        access, jti, exp = self._mint(username, scopes, client_id, now)
+        access, jti, exp = self._mint(username, scopes, client_id, now, audience=aud)
         refresh = new_refresh_token()
         self._refresh.start_family(
             family, token_hash=hash_refresh_token(refresh), access_jti=jti, access_expires_at=exp
@@ -272,12 +318,21 @@ class AuthService:
         return IssuedTokens(access, refresh, self.settings.access_ttl_s, " ".join(scopes))
 
     def refresh(
-        self, refresh_token: str, scope: str = "", *, client_id: str = USER_CLIENT_ID
+        self,
+        refresh_token: str,
+        scope: str = "",
+        *,
+        client_id: str = USER_CLIENT_ID,
+        audience: str | None = None,
     ) -> IssuedTokens:
         """Refresh grant: rotate ``refresh_token`` and issue a new access token.
 
         Keeps the family's scopes (those the user still has), narrowed by
-        ``scope`` if given. ``client_id`` is the client making the request
+        ``scope`` if given. The access token is for ``audience`` if given,
+        else for the login's; either must be one the user may use now (the
+        family stays as it was: user, client and its login's audience). A
+        refused scope or audience raises InvalidInput and leaves the refresh
+        token unused. ``client_id`` is the client making the request
         (the authenticated client on HTTP; :data:`USER_CLIENT_ID` otherwise):
         RFC 6749 section 6 binds a refresh token to the client it was issued
         to, so a family issued to another client is refused and left as it was.
@@ -286,6 +341,7 @@ class AuthService:
         """
         token = self._check_token_input(refresh_token, "refresh_token")
         requested = parse_scope(scope)
+        wanted = _requested_audience(audience)
         now = int(self._clock())
         self._maybe_purge(now)
         key = self._keys.signer()  # before the transaction: it may reload the key ring
@@ -302,7 +358,10 @@ class AuthService:
                 raise TokenRejected("invalid refresh token")
             current = tuple(s for s in family.scopes if s in set(user.scopes))
             scopes = _narrow(current, requested)
-            access, jti, exp = self._mint(family.subject, scopes, family.client_id, now, key)
+            aud = self._allowed_audience(user.audiences, wanted or family.audience)
+            access, jti, exp = self._mint(
+                family.subject, scopes, family.client_id, now, key, audience=aud
+            )
             new_refresh = new_refresh_token()
             issued.update(access=access, refresh=new_refresh, scope=" ".join(scopes))
             return Rotation(hash_refresh_token(new_refresh), jti, exp)
@@ -312,19 +371,24 @@ class AuthService:
             issued["access"], issued["refresh"], self.settings.access_ttl_s, issued["scope"]
         )
 
-    def client_token(self, client_id: str, client_secret: str, scope: str = "") -> IssuedTokens:
+    def client_token(
+        self, client_id: str, client_secret: str, scope: str = "", *, audience: str | None = None
+    ) -> IssuedTokens:
         """Client-credentials grant: an access token for the client itself, no refresh token.
 
-        ``scope`` narrows the client's scopes (``""`` = all). Raises
-        InvalidCredentials, Throttled, InvalidInput, DependencyUnavailable.
+        ``scope`` narrows the client's scopes (``""`` = all); ``audience`` as
+        for :meth:`login`, one the client may use. Raises InvalidCredentials,
+        Throttled, InvalidInput, DependencyUnavailable.
         """
         client_id = check_client_id(client_id)
         check_password(client_secret, "client_secret")
         requested = parse_scope(scope)
+        wanted = _requested_audience(audience)
         granted = self._authenticate_client(client_id, client_secret)
-        scopes = _narrow(granted, requested)
+        scopes = _narrow(granted.scopes, requested)
+        aud = self._allowed_audience(granted.audiences, wanted)
         now = int(self._clock())
-        access, _, _ = self._mint(client_id, scopes, client_id, now)
+        access, _, _ = self._mint(client_id, scopes, client_id, now, audience=aud)
         log.info("client token issued to %r", client_id)
         return IssuedTokens(access, "", self.settings.access_ttl_s, " ".join(scopes))
 
@@ -342,7 +406,7 @@ class AuthService:
         self._authenticate_client(client_id, client_secret)
         return client_id
 
-    def _authenticate_client(self, client_id: str, client_secret: str) -> tuple[str, ...]:
+    def _authenticate_client(self, client_id: str, client_secret: str) -> _ClientGrant:
         # argon2id costs ~30 ms by design; a resource server introspecting every
         # call would pay it per call. A success is remembered for a short time
         # under a keyed digest of (id, secret) - never the secret itself - so
@@ -358,15 +422,15 @@ class AuthService:
             if cached[0] - now < CLIENT_AUTH_CACHE_TTL_S - 1:
                 self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, cached[1])
             return cached[1]
-        scopes = self._authenticate_client_slow(client_id, client_secret)
+        grant = self._authenticate_client_slow(client_id, client_secret)
         with self._client_cache_lock:
             self._client_cache.pop(digest, None)
             if len(self._client_cache) >= CLIENT_AUTH_CACHE_SIZE:
                 self._client_cache.pop(next(iter(self._client_cache)))
-            self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, scopes)
-        return scopes
+            self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, grant)
+        return grant
 
-    def _authenticate_client_slow(self, client_id: str, client_secret: str) -> tuple[str, ...]:
+    def _authenticate_client_slow(self, client_id: str, client_secret: str) -> _ClientGrant:
         # A correct secret always gets through: throttling applies to failures,
         # never to the id. Otherwise anyone who knows a service's client id
         # could lock it out with five wrong guesses (and, in introspect mode,
@@ -378,7 +442,7 @@ class AuthService:
             expected = _NO_CLIENT_DIGEST if client is None else client.secret_digest
             ok = hmac.compare_digest(client_secret_digest(client_secret), expected or b"")
             if ok and client is not None:
-                return client.scopes
+                return _ClientGrant(client.scopes, client.audiences)
             with self._client_throttle.attempt(client_id) as attempt:  # may raise Throttled
                 attempt.failed()
             log.info("client authentication failed")
@@ -395,7 +459,41 @@ class AuthService:
         self._accounts.set_client_digest(
             client_id, client.secret_hash, client_secret_digest(client_secret)
         )
-        return client.scopes
+        return _ClientGrant(client.scopes, client.audiences)
+
+    def _allowed_audience(self, allowed: tuple[str, ...] | None, wanted: str | None) -> str:
+        """The audience of a grant: ``wanted`` (``None``: the default) if the account may use it.
+
+        ``allowed`` is the account's list (``None``: the service's default
+        only). Raises InvalidInput("audience", ...), one message whether the
+        name is unknown or another account's, and the same for the default
+        when the account's list leaves it out.
+        """
+        aud = self.audience if wanted is None else wanted
+        permitted = (self.audience,) if allowed is None else allowed
+        if aud not in permitted:
+            log.info("grant refused: audience not allowed for the account")
+            raise InvalidInput("audience", AUDIENCE_REFUSED)
+        return aud
+
+    def _audience_known(self, audience: str) -> bool:
+        """Whether some account may ask tokens for ``audience`` (the checker's question).
+
+        Remembered once seen (no command removes an audience); a name not
+        seen yet is looked up, which only a token signed by our key can cause.
+        Raises DependencyUnavailable.
+        """
+        if audience in self._known_audiences:
+            return True
+        try:
+            check_audience(audience)
+        except InvalidInput:
+            return False
+        if not self._accounts.audience_in_use(audience):
+            return False
+        if len(self._known_audiences) < _KNOWN_AUDIENCES_SIZE:
+            self._known_audiences.add(audience)
+        return True
 
     def _mint(
         self,
@@ -404,12 +502,14 @@ class AuthService:
         client_id: str,
         now: int,
         key: SigningKey | None = None,
+        *,
+        audience: str,
     ) -> tuple[str, str, int]:
         key = key or self._keys.signer()
         jti = new_jti()
         ttl = self.settings.access_ttl_s
         token = mint_access_token(
-            key, issuer=self.issuer, audience=self.audience, subject=subject, scopes=scopes,
+            key, issuer=self.issuer, audience=audience, subject=subject, scopes=scopes,
             client_id=client_id, ttl_s=ttl, now=now, jti=jti,
         )
         return token, jti, now + ttl
@@ -512,27 +612,49 @@ class AuthService:
 
     # -- admin -------------------------------------------------------------
 
-    def add_user(self, name: str, password: str, scopes: Iterable[str] | str = ()) -> None:
-        """Create a user with ``scopes``. Raises InvalidInput (bad or taken name, bad
-        password or scopes), DependencyUnavailable."""
+    def add_user(
+        self,
+        name: str,
+        password: str,
+        scopes: Iterable[str] | str = (),
+        *,
+        audiences: Iterable[str] | None = None,
+    ) -> None:
+        """Create a user with ``scopes``, who may ask tokens for ``audiences``.
+
+        ``audiences`` ``None`` (the default): the service's default audience
+        only, whatever it is configured to. Raises InvalidInput (bad or taken
+        name, bad password, scopes or audience names), DependencyUnavailable.
+        """
         name = check_username(name)
         check_password(password)
         granted = check_scopes(scopes)
+        allowed = check_audiences(audiences)
         self._check_open()
         # A client-credentials token's sub is its client id: a user of the same
         # name would own that client's posts (and the other way round).
         if self._accounts.get_client(name) is not None:
             raise InvalidInput("name", "already taken by a service client")
-        self._accounts.add_user(name, self._hasher.hash(password), granted, now=int(self._clock()))
+        self._accounts.add_user(
+            name, self._hasher.hash(password), granted, now=int(self._clock()), audiences=allowed
+        )
         log.info("user %r created", name)
 
-    def add_client(self, client_id: str, scopes: Iterable[str] | str = ()) -> str:
+    def add_client(
+        self,
+        client_id: str,
+        scopes: Iterable[str] | str = (),
+        *,
+        audiences: Iterable[str] | None = None,
+    ) -> str:
         """Register a service client; returns its secret (shown once, stored hashed).
 
-        Raises InvalidInput (bad or taken id, bad scopes), DependencyUnavailable.
+        ``audiences`` as for :meth:`add_user`. Raises InvalidInput (bad or
+        taken id, bad scopes or audience names), DependencyUnavailable.
         """
         client_id = check_client_id(client_id)
         granted = check_scopes(scopes)
+        allowed = check_audiences(audiences)
         self._check_open()
         if client_id == USER_CLIENT_ID or self._accounts.get_user(client_id) is not None:
             raise InvalidInput("client_id", "reserved, or already taken by a user")
@@ -543,6 +665,7 @@ class AuthService:
             granted,
             now=int(self._clock()),
             secret_digest=client_secret_digest(secret),
+            audiences=allowed,
         )
         log.info("client %r registered", client_id)
         return secret

@@ -67,6 +67,8 @@ LEEWAY_S = 30
 MAX_LIFETIME_S = 86400
 _REQUIRED_CLAIMS = ("exp", "iat", "iss", "aud", "sub", "jti")
 _MAX_CLAIM_CHARS = 1024
+#: The most audiences an access token may name (this service mints one).
+_MAX_AUDIENCES = 8
 
 
 def new_jti() -> str:
@@ -141,6 +143,13 @@ class AccessTokenChecker:
     ``find_key(kid)`` returns our key named ``kid`` (or ``None``); the
     algorithm accepted is that key's, never the token header's.
     ``is_revoked(jti)`` may raise DependencyUnavailable, which passes through.
+
+    ``aud`` must be ``audience`` or, when ``known_audience`` is given, a name
+    it answers ``True`` for (the Auth service: an audience some account may
+    ask tokens for); of a list of audiences, one must be (RFC 7519 section
+    4.1.3: the recipient must identify itself with one of its values).
+    ``known_audience`` is only asked about tokens whose signature verified;
+    it may raise DependencyUnavailable, which passes through.
     """
 
     def __init__(
@@ -151,11 +160,13 @@ class AccessTokenChecker:
         find_key: Callable[[str], SigningKey | None],
         clock: Callable[[], float],
         is_revoked: Callable[[str], bool] | None = None,
+        known_audience: Callable[[str], bool] | None = None,
         leeway_s: int = LEEWAY_S,
         max_lifetime_s: int = MAX_LIFETIME_S,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
+        self._known_audience = known_audience
         self._find_key = find_key
         self._clock = clock
         self._is_revoked = is_revoked
@@ -193,12 +204,12 @@ class AccessTokenChecker:
                 token,
                 key.verification_key,
                 algorithms=[key.alg],
-                audience=self.audience,
                 issuer=self.issuer,
                 options={
                     "require": list(_REQUIRED_CLAIMS),
                     "verify_signature": True,
-                    "verify_aud": True,
+                    # Checked below: one of several audiences may be accepted.
+                    "verify_aud": False,
                     "verify_iss": True,
                     # Times are checked below against the injected clock.
                     "verify_exp": False,
@@ -206,8 +217,6 @@ class AccessTokenChecker:
                     "verify_iat": False,
                 },
             )
-        except jwt.InvalidAudienceError as exc:
-            raise TokenRejected("wrong audience") from exc
         except jwt.InvalidIssuerError as exc:
             raise TokenRejected("wrong issuer") from exc
         except jwt.MissingRequiredClaimError as exc:
@@ -217,6 +226,7 @@ class AccessTokenChecker:
         except (jwt.PyJWTError, ValueError, TypeError, RecursionError) as exc:
             raise TokenRejected("invalid token") from exc
         self._check_claims(claims, check_time=check_time)
+        self._check_audience(claims["aud"])
         if check_revoked and self._is_revoked is not None and self._is_revoked(claims["jti"]):
             raise TokenRejected("token revoked")
         return claims
@@ -249,6 +259,20 @@ class AccessTokenChecker:
             raise TokenRejected("token not yet valid")
         if now + leeway < claims["iat"]:
             raise TokenRejected("token issued in the future")
+
+    def _check_audience(self, aud: object) -> None:
+        values = [aud] if isinstance(aud, str) else aud
+        if (
+            not isinstance(values, list)
+            or not 0 < len(values) <= _MAX_AUDIENCES
+            or not all(isinstance(a, str) and 0 < len(a) <= _MAX_CLAIM_CHARS for a in values)
+        ):
+            raise TokenRejected("wrong audience")
+        if self.audience in values:
+            return
+        known = self._known_audience
+        if known is None or not any(known(value) for value in values):
+            raise TokenRejected("wrong audience")
 
     def check(self, token: str) -> Principal:
         """The :class:`Principal` of a valid access token. Raises TokenRejected."""
@@ -309,6 +333,8 @@ class Family:
     scopes: tuple[str, ...]
     created_at: int
     expires_at: int
+    #: The audience of the login's access token; ``None``: the service's default.
+    audience: str | None = None
 
 
 @dataclass(frozen=True)
@@ -333,9 +359,9 @@ class RefreshStore:
         with self._db.transaction() as conn:
             conn.execute(
                 "INSERT INTO refresh_families (family_id, subject, client_id, scopes, created_at, "
-                "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                "expires_at, revoked_at, audience) VALUES (?, ?, ?, ?, ?, ?, NULL, ?)",
                 (family.family_id, family.subject, family.client_id, " ".join(family.scopes),
-                 family.created_at, family.expires_at),
+                 family.created_at, family.expires_at, family.audience),
             )
             conn.execute(
                 "INSERT INTO refresh_tokens (token_hash, family_id, issued_at, used_at) "
@@ -356,20 +382,24 @@ class RefreshStore:
         and may raise to abort it). Raises TokenRejected if the token is
         unknown, its family expired or revoked, or it was used before - in
         which case the whole family and its access tokens are revoked first
-        (committed).
+        (committed). An ``issue`` that raises (a scope or audience refused)
+        rolls everything back: the token stays unused, as if never presented.
         """
         reused = False
         rotation: Rotation | None = None
         with self._db.transaction() as conn:
             row = conn.execute(
                 "SELECT t.used_at, f.family_id, f.subject, f.client_id, f.scopes, f.created_at, "
-                "f.expires_at, f.revoked_at FROM refresh_tokens t "
+                "f.expires_at, f.revoked_at, f.audience FROM refresh_tokens t "
                 "JOIN refresh_families f ON f.family_id = t.family_id WHERE t.token_hash = ?",
                 (token_hash,),
             ).fetchone()
             if row is None:
                 raise TokenRejected("invalid refresh token")
-            used_at, family_id, subject, client_id, scopes, created_at, expires_at, revoked_at = row
+            used_at, family_id, subject, client_id, scopes, created_at, expires_at, revoked_at = (
+                row[:8]
+            )
+            audience = row[8]
             if revoked_at is not None:
                 raise TokenRejected("invalid refresh token")
             if now >= expires_at:
@@ -384,7 +414,7 @@ class RefreshStore:
                 reused = True
             else:
                 family = Family(family_id, subject, client_id, tuple(scopes.split()),
-                                created_at, expires_at)
+                                created_at, expires_at, audience)
                 rotation = issue(family)
                 cur = conn.execute(
                     "UPDATE refresh_tokens SET used_at = ? "

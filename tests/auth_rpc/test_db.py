@@ -14,8 +14,8 @@ from auth_rpc.auth.db import MIGRATIONS, SCHEMA_VERSION, Database
 from auth_rpc.errors import DependencyUnavailable
 
 EXPECTED_SCHEMA = {
-    "users": ["username", "password_hash", "scopes", "created_at"],
-    "clients": ["client_id", "secret_hash", "scopes", "created_at", "secret_digest"],
+    "users": ["username", "password_hash", "scopes", "created_at", "audiences"],
+    "clients": ["client_id", "secret_hash", "scopes", "created_at", "secret_digest", "audiences"],
     "signing_keys": ["kid", "alg", "created_at", "superseded_at", "max_ttl_s"],
     "refresh_families": [
         "family_id",
@@ -25,6 +25,7 @@ EXPECTED_SCHEMA = {
         "created_at",
         "expires_at",
         "revoked_at",
+        "audience",
     ],
     "refresh_tokens": ["token_hash", "family_id", "issued_at", "used_at"],
     "family_access_tokens": ["jti", "family_id", "expires_at"],

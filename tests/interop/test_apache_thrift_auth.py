@@ -15,22 +15,22 @@ import requests
 def test_login_refresh_validate(auth_server, make_user, apache_client) -> None:
     make_user("carol", "correct horse battery", scopes="posts:read posts:write")
     with apache_client("auth", "Auth", auth_server.port) as (client, mod):
-        pair = client.login("carol", "correct horse battery")
+        pair = client.login("carol", "correct horse battery", None)
         assert pair.token_type == "Bearer" and pair.refresh_token and pair.expires_in > 0
         principal = client.validate(pair.access_token)
         assert principal.subject == "carol"
         assert sorted(principal.scopes) == ["posts:read", "posts:write"]
 
-        rotated = client.refresh(pair.refresh_token)
+        rotated = client.refresh(pair.refresh_token, None)
         assert rotated.refresh_token != pair.refresh_token
         assert client.validate(rotated.access_token).subject == "carol"
 
         # Typed exceptions reach the generated client as its own classes.
         common = mod["common.ttypes"]
         with pytest.raises(common.Unauthenticated):
-            client.login("carol", "wrong")
+            client.login("carol", "wrong", None)
         with pytest.raises(common.Unauthenticated):
-            client.refresh(pair.refresh_token)  # reused: the family is revoked
+            client.refresh(pair.refresh_token, None)  # reused: the family is revoked
         with pytest.raises(common.Unauthenticated):
             client.validate(rotated.access_token)  # ...with its access tokens
 
@@ -39,7 +39,7 @@ def test_framed_transport(make_auth_server, make_user, apache_client) -> None:
     server = make_auth_server(framed=True)
     make_user("dave", "another long password", service=server.service)
     with apache_client("auth", "Auth", server.port, framed=True) as (client, _):
-        pair = client.login("dave", "another long password")
+        pair = client.login("dave", "another long password", None)
         assert client.validate(pair.access_token).subject == "dave"
 
 
@@ -48,7 +48,7 @@ def test_login_token_verifies_with_plain_pyjwt_and_the_jwks(
 ) -> None:
     make_user("erin", "yet another password")
     with apache_client("auth", "Auth", auth_server.port) as (client, _):
-        token = client.login("erin", "yet another password").access_token
+        token = client.login("erin", "yet another password", None).access_token
     jwk_set = requests.get(auth_server.jwks_url, timeout=5).json()
     key = jwt.PyJWKSet.from_dict(jwk_set)[jwt.get_unverified_header(token)["kid"]]
     claims = jwt.decode(
@@ -60,3 +60,27 @@ def test_login_token_verifies_with_plain_pyjwt_and_the_jwks(
     )
     assert claims["sub"] == "erin"
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+
+
+def test_audience_argument(auth_server, apache_client) -> None:
+    """The added ``audience`` argument, from a generated client (which must pass every argument).
+
+    ``None`` sends nothing, as a client generated before the argument existed;
+    ``""`` (what a language without null strings passes) also means the default.
+    """
+    auth_server.service.add_user(
+        "fay", "a long enough password", "notes:read", audiences=["posts", "notes"]
+    )
+    with apache_client("auth", "Auth", auth_server.port) as (client, mod):
+        for audience, expected in ((None, "posts"), ("", "posts"), ("notes", "notes")):
+            pair = client.login("fay", "a long enough password", audience)
+            assert (
+                jwt.decode(pair.access_token, options={"verify_signature": False})["aud"]
+                == expected
+            )
+            assert client.validate(pair.access_token).audience == expected
+        with pytest.raises(mod["common.ttypes"].InvalidArgument) as refused:
+            client.login("fay", "a long enough password", "wiki")
+        assert refused.value.message.startswith("audience: ")
+        rotated = client.refresh(pair.refresh_token, "posts")
+        assert client.validate(rotated.access_token).audience == "posts"

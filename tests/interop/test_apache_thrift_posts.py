@@ -95,7 +95,7 @@ def test_generated_client_crud_in_each_mode(
 ) -> None:
     make_user("gina", PASSWORD, "posts:read posts:write")
     with apache_client("auth", "Auth", auth_server.port) as (auth, _):
-        token = auth.login("gina", PASSWORD).access_token
+        token = auth.login("gina", PASSWORD, None).access_token
     port = posts_process(mode)
     with apache_client("posts", "Posts", port) as (posts, mod):
         common = mod["common.ttypes"]
