@@ -72,6 +72,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AUDIENCE",
+    "EXPIRED_FOR_S",
     "INTROSPECT_CLIENT_ID",
     "ISSUER",
     "VERIFIER_MODES",
