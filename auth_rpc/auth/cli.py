@@ -100,7 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         "an audience the account may ask tokens for (repeat for several; default: only the "
         f"default audience of serve --audience). Names: {AUDIENCE_RULE}"
     )
-    add_user.add_argument("--audience", action="append", dest="audiences", help=audience_help)
+    add_user.add_argument(
+        "--audience", action="append", dest="audiences", metavar="AUDIENCE", help=audience_help
+    )
 
     add_client = sub.add_parser("add-client", help="register a service client; prints its secret")
     add_client.add_argument("client_id")
@@ -108,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     add_client.add_argument(
         "--scope", default=DEFAULT_CLIENT_SCOPE, help=f"default {DEFAULT_CLIENT_SCOPE!r}"
     )
-    add_client.add_argument("--audience", action="append", dest="audiences", help=audience_help)
+    add_client.add_argument(
+        "--audience", action="append", dest="audiences", metavar="AUDIENCE", help=audience_help
+    )
 
     rotate = sub.add_parser("rotate-key", help="make a new signing key")
     data_dir(rotate)
