@@ -74,6 +74,7 @@ from client.session import (
     DEFAULT_AUTH_PORT,
     DEFAULT_POSTS_PORT,
     ClientError,
+    ConnectionLost,
     Endpoint,
     NotLoggedIn,
     ProtocolError,
@@ -88,6 +89,7 @@ __all__ = [
     "EXIT_FORBIDDEN",
     "EXIT_INTERRUPTED",
     "EXIT_INVALID",
+    "EXIT_MAYBE_DONE",
     "EXIT_NOT_FOUND",
     "EXIT_OK",
     "EXIT_RATE_LIMITED",
@@ -108,6 +110,9 @@ EXIT_NOT_FOUND = 5
 EXIT_INVALID = 6
 EXIT_UNAVAILABLE = 7
 EXIT_RATE_LIMITED = 8
+#: The request was sent and the connection broke before the reply: the server may
+#: have done it. Not retryable blindly (a create would be made twice): look first.
+EXIT_MAYBE_DONE = 9
 EXIT_INTERRUPTED = 130
 
 DEFAULT_AUTH = f"127.0.0.1:{DEFAULT_AUTH_PORT}"
@@ -134,7 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Log in to the Auth service and use the Posts service.",
         epilog=(
             "exit codes: 0 ok, 1 error, 2 usage, 3 unauthenticated, 4 permission denied, "
-            "5 not found, 6 invalid argument, 7 unavailable, 8 rate limited"
+            "5 not found, 6 invalid argument, 7 unavailable (not done), 8 rate limited, "
+            "9 connection lost after sending (may have been done: look before retrying)"
         ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -688,6 +694,8 @@ def _describe(exc: BaseException) -> tuple[int, str]:
         return EXIT_INVALID, f"invalid argument: {_message(exc)}"
     if isinstance(exc, common_thrift.Unavailable):
         return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}"
+    if isinstance(exc, ConnectionLost):  # before TransportError, its base
+        return EXIT_MAYBE_DONE, f"connection lost: {_message(exc)}"
     if isinstance(exc, TransportError):
         return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}"
     if isinstance(exc, common_thrift.RateLimited):

@@ -175,3 +175,18 @@ def test_posts_refusing_every_token_exits_3_after_one_retry(
 def test_posts_unable_to_check_tokens_exits_7(logged_in: Any, auth_server: Any) -> None:
     auth_server.stop()
     _fails(logged_in.run("list"), EXIT_UNAVAILABLE, "unavailable:")
+
+
+def test_a_create_whose_reply_was_lost_has_its_own_exit_code(
+    cli: Any, auth_server: Any, user: Any, posts_srv: Any, drop_reply_proxy: Any
+) -> None:
+    """Regression: "not sent" and "may have been done" both exited 7, so a script
+    retrying on 7 made duplicates. Now 7 means not done, 9 means look first."""
+    proxy = drop_reply_proxy(posts_srv.port, drops=1)
+    login = cli.run(
+        "--auth", f"127.0.0.1:{auth_server.port}", "--posts", f"127.0.0.1:{proxy.port}",
+        "login", user.name, "--password-stdin", input=user.password + "\n",
+    )
+    assert login.returncode == 0, login.stderr
+    _fails(cli.run("create", "--title", "maybe", "--body", ""), 9, "connection lost:")
+    assert posts_srv.calls.count("create_post") == 1  # sent once, and done
