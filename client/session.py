@@ -419,17 +419,26 @@ class AuthClient(_ThinClient):
 
     _service = auth_thrift.Auth
 
-    def login(self, username: str, password: str) -> Any:
-        """A ``TokenPair``; raises Unauthenticated, RateLimited, InvalidArgument, Unavailable."""
-        return self._call("login", username, password)
+    def login(self, username: str, password: str, audience: str | None = None) -> Any:
+        """A ``TokenPair``; raises Unauthenticated, RateLimited, InvalidArgument, Unavailable.
 
-    def refresh(self, refresh_token: str) -> Any:
-        """A new ``TokenPair`` (rotation); raises Unauthenticated, InvalidArgument, Unavailable."""
-        return self._call("refresh", refresh_token)
+        ``audience`` (RFC 8707) names the service the access token is for
+        (one the account may use); ``None`` asks for the Auth service's default.
+        """
+        return self._call("login", username, password, audience or "")
 
-    def client_token(self, client_id: str, client_secret: str, scope: str = "") -> Any:
+    def refresh(self, refresh_token: str, audience: str | None = None) -> Any:
+        """A new ``TokenPair`` (rotation); raises Unauthenticated, InvalidArgument, Unavailable.
+
+        ``None`` keeps the audience of the login the refresh token came from.
+        """
+        return self._call("refresh", refresh_token, audience or "")
+
+    def client_token(
+        self, client_id: str, client_secret: str, scope: str = "", audience: str | None = None
+    ) -> Any:
         """A ``TokenPair`` for a service client; raises as :meth:`login`."""
-        return self._call("client_token", client_id, client_secret, scope)
+        return self._call("client_token", client_id, client_secret, scope, audience or "")
 
     def validate(self, token: str) -> Any:
         """The token's ``Principal``; raises Unauthenticated, Unavailable."""
@@ -580,6 +589,7 @@ class Session:
         tokens: Tokens,
         *,
         client_credentials: tuple[str, str, str] | None = None,
+        audience: str | None = None,
         clock: _Clock = time.time,
         refresh_margin_s: float = 60.0,
         retry_refresh_after_s: float = 5.0,
@@ -588,6 +598,7 @@ class Session:
         self.auth = _as_endpoint(auth, DEFAULT_AUTH_PORT)
         self._tokens: Tokens | None = tokens
         self._credentials = client_credentials  # (client_id, client_secret, scope)
+        self._audience = audience  # asked again with client credentials; a refresh keeps it
         self._clock = clock
         self._margin_s = refresh_margin_s
         self._retry_after_s = retry_refresh_after_s
@@ -603,20 +614,29 @@ class Session:
 
     @classmethod
     def login(
-        cls, auth: Endpoint | str, username: str, password: str, **options: Any
+        cls,
+        auth: Endpoint | str,
+        username: str,
+        password: str,
+        *,
+        audience: str | None = None,
+        **options: Any,
     ) -> Session:
         """Log in with a password (``Auth.login``).
 
-        Raises ``Unauthenticated`` (wrong username or password), ``RateLimited``,
-        ``InvalidArgument``, ``Unavailable``, :class:`TransportError`,
+        ``audience`` (RFC 8707) is the service the tokens are for, one the
+        user may use (``auth-rpc add-user --audience``); ``None``: the Auth
+        service's default. Renewals keep it. Raises ``Unauthenticated`` (wrong
+        username or password), ``RateLimited``, ``InvalidArgument`` (also an
+        audience the user may not use), ``Unavailable``, :class:`TransportError`,
         :class:`ProtocolError`. ``options`` are those of the constructor.
         """
         endpoint = _as_endpoint(auth, DEFAULT_AUTH_PORT)
         clock: _Clock = options.get("clock", time.time)
         with _auth_at(endpoint) as client:
-            pair = client.login(username, password)
+            pair = client.login(username, password, audience)
         tokens = Tokens.from_pair(pair, now=clock())
-        session = cls(endpoint, tokens, **options)
+        session = cls(endpoint, tokens, audience=audience, **options)
         if session._on_tokens is not None:
             session._on_tokens(tokens)
         return session
@@ -628,21 +648,27 @@ class Session:
         client_id: str,
         client_secret: str,
         scope: str = "",
+        *,
+        audience: str | None = None,
         **options: Any,
     ) -> Session:
         """Obtain a service token with OAuth client credentials (``Auth.client_token``).
 
         Client tokens have no refresh token: when one is due or rejected, the
         session asks for a new one with the same credentials (kept in memory
-        only). Raises as :meth:`login`.
+        only) and ``audience``. Raises as :meth:`login`.
         """
         endpoint = _as_endpoint(auth, DEFAULT_AUTH_PORT)
         clock: _Clock = options.get("clock", time.time)
         with _auth_at(endpoint) as client:
-            pair = client.client_token(client_id, client_secret, scope)
+            pair = client.client_token(client_id, client_secret, scope, audience)
         tokens = Tokens.from_pair(pair, now=clock())
         session = cls(
-            endpoint, tokens, client_credentials=(client_id, client_secret, scope), **options
+            endpoint,
+            tokens,
+            client_credentials=(client_id, client_secret, scope),
+            audience=audience,
+            **options,
         )
         if session._on_tokens is not None:
             session._on_tokens(tokens)
@@ -723,7 +749,7 @@ class Session:
         with _auth_at(self.auth) as client:
             if self._credentials is not None:
                 client_id, secret, scope = self._credentials
-                pair = client.client_token(client_id, secret, scope)
+                pair = client.client_token(client_id, secret, scope, self._audience)
             else:
                 pair = client.refresh(tokens.refresh_token)
         new = Tokens.from_pair(pair, now=self._clock())

@@ -279,3 +279,37 @@ def test_tls_verifies_the_certificate_and_the_hostname(
     )
     with pytest.raises(TransportError, match="certificate"):
         Session.login(wrong_name, "dave", "dave's password")
+
+
+def _aud(token: str) -> Any:
+    import jwt
+
+    return jwt.decode(token, options={"verify_signature": False})["aud"]
+
+
+def test_a_session_asks_for_an_audience_and_keeps_it(auth_server: Any) -> None:
+    """RFC 8707: one Auth service, several services; the session stays on the one it asked for."""
+    service = auth_server.service
+    service.add_user("nina", "a long password", "notes:read", audiences=["posts", "notes"])
+    address = f"127.0.0.1:{auth_server.port}"
+    clock = FakeClock()
+    with Session.login(address, "nina", "a long password", audience="notes", clock=clock) as s:
+        assert _aud(s.access_token()) == "notes"
+        clock.advance(3600)  # due: the session refreshes, and the family keeps "notes"
+        assert _aud(s.access_token()) == "notes"
+    with Session.login(address, "nina", "a long password") as s:
+        assert _aud(s.access_token()) == auth_server.service.settings.audience
+    with pytest.raises(common_thrift.InvalidArgument, match="audience"):
+        Session.login(address, "nina", "a long password", audience="billing")
+
+
+def test_a_client_session_renews_for_the_same_audience(auth_server: Any) -> None:
+    secret = auth_server.service.add_client("reporter", "notes:read", audiences=["notes"])
+    clock = FakeClock()
+    address = f"127.0.0.1:{auth_server.port}"
+    with Session.for_client(address, "reporter", secret, audience="notes", clock=clock) as s:
+        first = s.access_token()
+        assert _aud(first) == "notes"
+        clock.advance(3600)
+        second = s.access_token()
+        assert second != first and _aud(second) == "notes"
