@@ -8,19 +8,21 @@ certificate of a mutual-TLS connection is handed to the WSGI app through
 :func:`peer_cert_middleware`: the front records it under the local port of its
 loopback connection, which waitress reports as ``REMOTE_PORT``.
 
-Connections are capped (``max_connections``) and cut after ``idle_timeout_s``
-without traffic either way.
+Connections are capped (``max_connections``) and cut (reset) after
+``idle_timeout_s`` without progress either way: a client that sends but never
+reads is cut like a silent one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import selectors
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -118,7 +120,8 @@ class TlsFront:
             cert = tls.getpeercert()
             if cert:
                 self._peer_certs[port] = cert
-            self._splice(tls, backend)
+            if self._splice(tls, backend):
+                _abort(tls)  # idle: reset, the peer may never read a FIN
         except (OSError, ValueError):
             pass  # handshake failed or timed out, or a side went away
         finally:
@@ -130,47 +133,113 @@ class TlsFront:
                 self._open.difference_update({s for s in (backend, tls, raw) if s is not None})
                 self._threads.discard(threading.current_thread())
 
-    def _splice(self, tls: ssl.SSLSocket, backend: socket.socket) -> None:
+    def _splice(self, tls: ssl.SSLSocket, backend: socket.socket) -> bool:
+        """Copy both ways until a side closes or nothing moves for ``idle_timeout_s``.
+
+        Returns whether the connection went idle.
+
+        Each direction holds at most one chunk: while it cannot be sent, its
+        source is not read (so a client that stops reading stops the app too).
+        The idle deadline runs from the last byte moved either way, so a
+        client that sends but never reads is cut like a silent one.
+        """
         tls.setblocking(False)
         backend.setblocking(False)
+        to_app = b""  # read from the client, not yet sent to the app
+        to_client = b""  # read from the app, not yet sent to the client
+        app_done = False  # the app closed: send what is left, then end
+        last_progress = time.monotonic()
         with selectors.DefaultSelector() as sel:
-            sel.register(tls, selectors.EVENT_READ, backend)
-            sel.register(backend, selectors.EVENT_READ, tls)
             while not self._closing.is_set():
-                # An SSL socket may hold decrypted bytes that select() cannot see.
-                ready: list[tuple[Any, Any]] = [(tls, backend)] if tls.pending() else []
-                if not ready:
-                    events = sel.select(self._idle_timeout_s)
-                    if not events:
-                        return  # idle
-                    ready = [(key.fileobj, key.data) for key, _ in events]
-                for src, dst in ready:
-                    if not _pump(src, dst):
-                        return
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> bool:
-    """Move what ``src`` has to ``dst``; ``False`` once ``src`` is closed."""
-    try:
-        data = src.recv(_CHUNK)
-    except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
-        return True
-    if not data:
+                tls_wants = 0  # what the TLS socket waits for when no side can move
+                moved = False
+                if not to_app and not app_done:
+                    data, wants = _recv(tls)
+                    tls_wants |= wants
+                    if data == b"":
+                        return False  # the client closed
+                    if data:
+                        to_app, moved = data, True
+                if to_app:
+                    sent, _ = _send(backend, to_app)
+                    if sent:
+                        to_app, moved = to_app[sent:], True
+                if not to_client and not app_done:
+                    data, _ = _recv(backend)
+                    if data == b"":
+                        app_done = True
+                    elif data:
+                        to_client, moved = data, True
+                if to_client:
+                    sent, wants = _send(tls, to_client)
+                    tls_wants |= wants
+                    if sent:
+                        to_client, moved = to_client[sent:], True
+                if app_done and not to_client:
+                    return False
+                now = time.monotonic()
+                if moved:
+                    last_progress = now
+                    continue
+                remaining = last_progress + self._idle_timeout_s - now
+                if remaining <= 0:
+                    return True  # idle: nothing moved either way
+                _watch(sel, tls, tls_wants)
+                _watch(
+                    sel,
+                    backend,
+                    (selectors.EVENT_WRITE if to_app else 0)
+                    | (selectors.EVENT_READ if not to_client and not app_done else 0),
+                )
+                sel.select(remaining)
         return False
-    view = memoryview(data)
-    while view:
-        try:
-            sent = dst.send(view)
-        except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
-            select.select([], [dst], [], 1.0)  # wait until the peer reads
-            continue
-        view = view[sent:]
-    return True
+
+
+def _recv(sock: socket.socket) -> tuple[bytes | None, int]:
+    """``(data, 0)``, ``(b"", 0)`` at end of stream, ``(None, events to wait for)``."""
+    try:
+        return sock.recv(_CHUNK), 0
+    except ssl.SSLWantWriteError:
+        return None, selectors.EVENT_WRITE
+    except (ssl.SSLWantReadError, BlockingIOError):
+        return None, selectors.EVENT_READ
+    except (ConnectionResetError, BrokenPipeError):
+        return b"", 0
+
+
+def _send(sock: socket.socket, data: bytes) -> tuple[int, int]:
+    """``(bytes sent, 0)`` or ``(0, events to wait for)``; raises OSError if the peer is gone."""
+    try:
+        return sock.send(data), 0
+    except ssl.SSLWantReadError:
+        return 0, selectors.EVENT_READ
+    except (ssl.SSLWantWriteError, BlockingIOError):
+        return 0, selectors.EVENT_WRITE
+
+
+def _watch(sel: selectors.BaseSelector, sock: socket.socket, events: int) -> None:
+    """Make ``sel`` wait for ``events`` on ``sock`` (none: not at all)."""
+    try:
+        key = sel.get_key(sock)
+    except KeyError:
+        if events:
+            sel.register(sock, events)
+        return
+    if not events:
+        sel.unregister(sock)
+    elif key.events != events:
+        sel.modify(sock, events)
 
 
 def _shutdown(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def _abort(sock: socket.socket) -> None:
+    """Make the coming close() reset the connection (no FIN stuck behind unread data)."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def _close(sock: socket.socket) -> None:
