@@ -9,21 +9,19 @@ seen by both at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import threading
 from typing import Any
 
-from waitress.server import create_server
-
 from auth_rpc.auth.handler import AuthHandler
 from auth_rpc.auth.http import make_app
 from auth_rpc.auth.service import AuthService
 from auth_rpc.idl import auth_thrift
+from auth_rpc.serving.httpd import HttpServer
 from auth_rpc.serving.rpc import RpcServer, ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import bind_socket
-from auth_rpc.serving.tls_front import TlsFront, peer_cert_middleware
+from auth_rpc.serving.tls_front import TlsFront
 
 __all__ = ["AuthServer", "HttpListener"]
 
@@ -31,7 +29,14 @@ log = logging.getLogger("auth_rpc.auth.server")
 
 
 class HttpListener:
-    """A WSGI app served by waitress from a background thread."""
+    """A WSGI app served by waitress from a background thread.
+
+    Without TLS, waitress serves the listening socket itself. With TLS,
+    :class:`TlsFront` terminates TLS on it and hands each connection to
+    waitress over a socket pair (:meth:`HttpServer.open_connection`): waitress
+    listens on nothing, so no other process can bypass TLS or mutual TLS, and
+    the client certificate goes to the app with its own connection.
+    """
 
     def __init__(
         self,
@@ -48,26 +53,15 @@ class HttpListener:
         self.port: int = self._sock.getsockname()[1]
         self.tls = tls
         self._front: TlsFront | None = None
-        served = self._sock
-        if tls is not None:
-            # waitress has no TLS: it serves a private loopback socket, and
-            # TlsFront terminates TLS on the public one in front of it.
-            served = bind_socket("127.0.0.1", 0)
-            self._front = TlsFront(self._sock, served.getsockname(), tls)
-            app = peer_cert_middleware(app, self._front)
-        self._server = create_server(
+        self._server = HttpServer(
             app,
-            sockets=[served],
+            sock=None if tls is not None else self._sock,
+            public=(host, self.port),
             threads=threads,
-            ident="auth-rpc",
-            # waitress logs the peer of every failed request; it never logs bodies.
-            expose_tracebacks=False,
-            channel_timeout=30,
-            asyncore_loop_timeout=0.2,
-            connection_limit=1000,
-            max_request_body_size=1024 * 1024,
-            clear_untrusted_proxy_headers=True,
+            url_scheme="https" if tls is not None else "http",
         )
+        if tls is not None:
+            self._front = TlsFront(self._sock, self._server.open_connection, tls)
         self._thread: threading.Thread | None = None
 
     @property
@@ -98,13 +92,7 @@ class HttpListener:
         if self._front is not None:
             self._front.stop()
             self._sock.close()
-        server = self._server
-        server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
-        # waitress keeps no public list of its channels.
-        for channel in list(getattr(server, "_map", {}).values()):
-            with contextlib.suppress(OSError):
-                channel.close()
-        server.close()
+        self._server.close()
         if self._thread is not None:
             self._thread.join(10)
 

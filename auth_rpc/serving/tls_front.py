@@ -2,11 +2,14 @@
 
 :class:`TlsFront` accepts TLS connections on the public socket, does each
 handshake in the connection's own thread (bounded by a timeout, so a silent
-client never blocks ``accept()``), and splices the decrypted stream to
-waitress listening on a private loopback socket. The verified client
-certificate of a mutual-TLS connection is handed to the WSGI app through
-:func:`peer_cert_middleware`: the front records it under the local port of its
-loopback connection, which waitress reports as ``REMOTE_PORT``.
+client never blocks ``accept()``), and splices the decrypted stream to a
+connection it opens to the app with ``connect(peer, environ)``:
+:meth:`auth_rpc.serving.httpd.HttpServer.open_connection`, a socket pair
+whose other end becomes a waitress channel. Nothing listens for the app, so
+no other process can reach it. The WSGI environ entries of the connection
+(``wsgi.url_scheme``, and for mutual TLS the verified client certificate
+under :data:`PEER_CERT_KEY` and its identity under :data:`PEER_IDENTITY_KEY`)
+go along with it, attached to that one connection.
 
 Connections are capped (``max_connections``) and cut (reset) after
 ``idle_timeout_s`` without progress either way: a client that sends but never
@@ -23,12 +26,12 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from auth_rpc.serving.rpc import TLSServerConfig, _cert_identity, accept_until
 
-__all__ = ["PEER_CERT_KEY", "PEER_IDENTITY_KEY", "TlsFront", "peer_cert_middleware"]
+__all__ = ["PEER_CERT_KEY", "PEER_IDENTITY_KEY", "Connect", "TlsFront"]
 
 log = logging.getLogger("auth_rpc.serving.tls_front")
 
@@ -38,14 +41,18 @@ PEER_IDENTITY_KEY = "auth_rpc.peer_identity"
 
 _CHUNK = 64 * 1024
 
+#: ``connect(peer, environ)``: a new connection to the app for the client at
+#: ``peer``, whose requests get the WSGI ``environ`` entries.
+Connect = Callable[[Any, dict[str, Any]], socket.socket]
+
 
 class TlsFront:
-    """Terminates TLS on ``listener`` and forwards each connection to ``backend``."""
+    """Terminates TLS on ``listener`` and forwards each connection to ``connect(...)``."""
 
     def __init__(
         self,
         listener: socket.socket,
-        backend: tuple[str, int],
+        connect: Connect,
         tls: TLSServerConfig,
         *,
         max_connections: int = 1000,
@@ -53,7 +60,7 @@ class TlsFront:
         idle_timeout_s: float = 60.0,
     ) -> None:
         self._listener = listener
-        self._backend = backend
+        self._connect = connect
         self._context = tls.context()
         self._max = max_connections
         self._handshake_timeout_s = handshake_timeout_s
@@ -61,13 +68,8 @@ class TlsFront:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._threads: set[threading.Thread] = set()
-        self._peer_certs: dict[int, dict[str, Any]] = {}
         self._closing = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def peer_cert(self, backend_port: int) -> dict[str, Any] | None:
-        """The client certificate of the connection whose loopback leg uses ``backend_port``."""
-        return self._peer_certs.get(backend_port)
 
     def start(self) -> TlsFront:
         self._listener.settimeout(0.5)
@@ -97,35 +99,34 @@ class TlsFront:
                 log.warning("TLS front: connection limit reached")
                 return
             thread = threading.Thread(
-                target=self._serve, args=(sock,), name="tls-front-conn", daemon=True
+                target=self._serve, args=(sock, peer), name="tls-front-conn", daemon=True
             )
             self._threads.add(thread)
             self._open.add(sock)
         thread.start()
 
-    def _serve(self, raw: socket.socket) -> None:
+    def _serve(self, raw: socket.socket, peer: Any) -> None:
         tls: ssl.SSLSocket | None = None
         backend: socket.socket | None = None
-        port = 0
         try:
             raw.settimeout(self._handshake_timeout_s)
             tls = self._context.wrap_socket(raw, server_side=True)
             with self._lock:
                 self._open.discard(raw)
                 self._open.add(tls)
-            backend = socket.create_connection(self._backend, timeout=self._handshake_timeout_s)
-            with self._lock:
-                self._open.add(backend)
-            port = backend.getsockname()[1]
+            environ: dict[str, Any] = {"wsgi.url_scheme": "https"}
             cert = tls.getpeercert()
             if cert:
-                self._peer_certs[port] = cert
+                environ[PEER_CERT_KEY] = cert
+                environ[PEER_IDENTITY_KEY] = _cert_identity(cert)
+            backend = self._connect(peer, environ)
+            with self._lock:
+                self._open.add(backend)
             if self._splice(tls, backend):
                 _abort(tls)  # idle: reset, the peer may never read a FIN
         except (OSError, ValueError):
             pass  # handshake failed or timed out, or a side went away
         finally:
-            self._peer_certs.pop(port, None)
             for sock in (backend, tls, raw):
                 if sock is not None:
                     _close(sock)
@@ -245,22 +246,3 @@ def _abort(sock: socket.socket) -> None:
 def _close(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.close()
-
-
-def peer_cert_middleware(
-    app: Callable[..., Iterable[bytes]], front: TlsFront
-) -> Callable[..., Iterable[bytes]]:
-    """Mark requests as HTTPS and expose the mutual-TLS client certificate to ``app``."""
-
-    def wrapped(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        environ["wsgi.url_scheme"] = "https"
-        try:
-            cert = front.peer_cert(int(environ.get("REMOTE_PORT") or 0))
-        except ValueError:
-            cert = None
-        if cert:
-            environ[PEER_CERT_KEY] = cert
-            environ[PEER_IDENTITY_KEY] = _cert_identity(cert)
-        return app(environ, start_response)
-
-    return wrapped

@@ -264,3 +264,104 @@ def test_commands_with_mutual_tls_end_to_end(tmp_path: Path, pki: dict[str, str]
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=30)
             assert proc.returncode == 0, err
+
+
+def _listening_sockets() -> set[tuple[str, str]]:
+    """The listening sockets of this process: ("tcp", port) and ("unix", path)."""
+    inodes = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = fd.readlink().name
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found: set[tuple[str, str]] = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/self/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.add(("tcp", str(int(fields[1].rsplit(":", 1)[1], 16))))
+    for line in Path("/proc/self/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[3], 16) & 0x10000 and fields[6] in inodes:  # __SO_ACCEPTCON
+            found.add(("unix", fields[7] if len(fields) > 7 else ""))
+    return found
+
+
+def _established_local_ports(remote_port: int) -> list[int]:
+    """Local ports of this process's established loopback connections to ``remote_port``."""
+    ports = []
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and int(fields[2].rsplit(":", 1)[1], 16) == remote_port:
+            ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _plain_get(sock: socket.socket) -> bytes:
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    data = b""
+    with contextlib.suppress(OSError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_mutual_tls_http_cannot_be_bypassed_nor_its_identity_forged(
+    pki: dict[str, str],
+) -> None:
+    """The app listens on nothing but the public TLS port; a third party gets no identity.
+
+    Before, waitress listened on a loopback TCP port (plain HTTP to it skipped
+    mutual TLS), and the front handed the client identity over keyed by the
+    source port of its loopback connection, which a connection from 127.0.0.2
+    could reuse.
+    """
+    before = _listening_sockets()
+    tls = TLSServerConfig(pki["server.pem"], pki["server.key"], pki["ca.pem"])
+    listener = HttpListener(_echo_identity, tls=tls).start()
+    ctx = ssl.create_default_context(cafile=pki["ca.pem"])
+    ctx.load_cert_chain(pki["client.pem"], pki["client.key"])
+    try:
+        new = _listening_sockets() - before
+        with ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", listener.port), timeout=5),
+            server_hostname="127.0.0.1",
+        ) as legit:  # a live mutual-TLS connection, kept open while others try
+            legit.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = b""
+            while b'"}' not in reply:  # the head and the body may come apart
+                reply += legit.recv(65536) or b'"}'
+            assert b'"identity": "posts-service"' in reply, reply
+            answers = {}
+            for kind, port in sorted(new - {("tcp", str(listener.port))}):
+                if kind != "tcp":
+                    continue
+                with socket.create_connection(("127.0.0.1", int(port)), timeout=5) as plain:
+                    answers[f"plain to :{port}"] = _plain_get(plain)
+                for source_port in _established_local_ports(int(port)):
+                    with socket.socket() as forged:
+                        forged.settimeout(5)
+                        forged.bind(("127.0.0.2", source_port))
+                        forged.connect(("127.0.0.1", int(port)))
+                        answers[f"127.0.0.2:{source_port} to :{port}"] = _plain_get(forged)
+        print(f"\nlistening sockets added by the listener: {sorted(new)}; answers: {answers}")
+        assert not any(b"posts-service" in answer for answer in answers.values()), answers
+        assert not any(b"200 OK" in answer for answer in answers.values()), answers
+        # Nothing but the public port: no loopback port, no UNIX socket to reach the app.
+        assert new == {("tcp", str(listener.port))}
+    finally:
+        listener.stop()
+
+
+def test_plain_http_requests_carry_no_identity(pki: dict[str, str]) -> None:
+    """Without TLS nothing sets the identity keys, whatever the request's headers say."""
+    listener = HttpListener(_echo_identity).start()
+    try:
+        r = requests.get(
+            listener.url,
+            headers={"Auth-Rpc.Peer-Identity": "posts-service", "X-Forwarded-Proto": "https"},
+            timeout=5,
+        )
+        assert r.json() == {"identity": None, "scheme": "http"}
+    finally:
+        listener.stop()

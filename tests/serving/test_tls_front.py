@@ -34,24 +34,21 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 class EchoBackend:
-    """A loopback echo server: what a client sends comes back (until it stops reading)."""
+    """An app that echoes what a client sends (until the client stops reading).
+
+    ``connect`` is the front's ``connect(peer, environ)``: one end of a socket
+    pair, the other served by an echo thread.
+    """
 
     def __init__(self) -> None:
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.address = self.sock.getsockname()
         self._threads: list[threading.Thread] = []
-        self._accept = threading.Thread(target=self._run, daemon=True)
-        self._accept.start()
 
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._echo, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+    def connect(self, peer: object, environ: dict[str, object]) -> socket.socket:
+        mine, theirs = socket.socketpair()
+        thread = threading.Thread(target=self._echo, args=(theirs,), daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return mine
 
     @staticmethod
     def _echo(conn: socket.socket) -> None:
@@ -60,10 +57,8 @@ class EchoBackend:
                 conn.sendall(data)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-        self.sock.close()
-        self._accept.join(5)
+        for thread in self._threads:
+            thread.join(5)
 
 
 @pytest.fixture
@@ -96,7 +91,7 @@ def test_a_client_that_stops_reading_is_cut_at_the_idle_timeout(
     """It pipelines, never reads: no progress either way for the idle timeout ends it."""
     listener = bind_socket("127.0.0.1", 0)
     front = TlsFront(
-        listener, echo.address, TLSServerConfig(pki["server"], pki["server"]), idle_timeout_s=0.5
+        listener, echo.connect, TLSServerConfig(pki["server"], pki["server"]), idle_timeout_s=0.5
     ).start()
     client = _tls_client(pki, listener.getsockname()[1], rcvbuf=16 * 1024)
     try:
