@@ -25,7 +25,11 @@ only ever sent to the Auth service they came from: with a different
 ``--auth``, a command says "not logged in" instead.
 
 The token file is ``tokens.json`` in ``$POSTS_CLIENT_CONFIG_DIR`` if set, else
-in the platform's configuration directory for ``posts-client``. Tokens are
+in the platform's configuration directory for ``posts-client``. The directory
+is made with mode 0700; an existing one of the user's own that others may
+enter is tightened to 0700 (with a note on standard error), and one that
+belongs to another user, or that a parent lets other users replace, is
+refused (exit 1). Tokens are
 refreshed shortly before they expire (and once when a call is refused as
 unauthenticated), and a rotated refresh token is saved at once. Two
 ``posts-client`` processes refreshing the same saved login at the same moment
@@ -68,6 +72,7 @@ from client.config import (
     delete_login,
     load_login,
     save_login,
+    secure_config_dir,
     token_file,
 )
 from client.session import (
@@ -753,6 +758,8 @@ def main(
     )
     try:
         ctx.check_options()
+        if secure_config_dir(config_dir):
+            ctx.note(f"restricted {config_dir} to its owner (mode 0700)")
         return _COMMANDS[args.command](ctx)
     except SystemExit as exc:  # ctx.usage()
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE

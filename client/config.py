@@ -11,7 +11,12 @@ directory, flushed to disk, then renamed over the old one, so a crash never
 leaves a half-written file and a rotated refresh token is never lost to a
 partial write. The directory is created with mode 0700. On POSIX a file that
 other users may read, or that belongs to someone else, is refused (as ssh does
-with a private key).
+with a private key). So is a directory that belongs to someone else, or whose
+parent lets another user rename and replace it (writable by group or others
+without the sticky bit, or owned by another user than root): whoever can
+replace the directory can swap the tokens. An existing directory of the user's
+own that group or others may enter is tightened to 0700
+(:func:`secure_config_dir`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ __all__ = [
     "delete_login",
     "load_login",
     "save_login",
+    "secure_config_dir",
     "token_file",
 ]
 
@@ -114,13 +120,60 @@ def token_file(config_dir: Path) -> Path:
     return config_dir / TOKEN_FILE_NAME
 
 
+def secure_config_dir(directory: Path) -> bool:
+    """Check the configuration directory on POSIX; True if its mode was tightened to 0700.
+
+    A directory that does not exist yet passes (:func:`save_login` makes it
+    0700). Raises :class:`ConfigError` when ``directory`` is not a directory,
+    belongs to another user, or when it or one of its parents may be replaced
+    by another user: a parent writable by group or others without the sticky
+    bit (``/tmp``, mode 1777, is fine), or owned by another user than root.
+    """
+    if os.name != "posix":
+        return False
+    try:
+        info = os.stat(directory)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise ConfigError(f"{directory}: cannot use it: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{directory}: not a directory")
+    uid = os.getuid()
+    if info.st_uid != uid:
+        raise ConfigError(f"{directory}: belongs to another user; refusing to use it")
+    real = Path(os.path.realpath(directory))
+    for parent in real.parents:
+        try:
+            above = os.stat(parent)
+        except OSError as exc:
+            raise ConfigError(f"{parent}: cannot check it: {exc.strerror or exc}") from exc
+        replaceable = above.st_mode & 0o022 and not above.st_mode & stat.S_ISVTX
+        if above.st_uid not in (0, uid) or replaceable:
+            raise ConfigError(
+                f"{directory}: its parent {parent} lets other users replace it "
+                f"(owner uid {above.st_uid}, mode {stat.S_IMODE(above.st_mode):04o}); "
+                "refusing to use it"
+            )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        try:
+            os.chmod(directory, 0o700)
+        except OSError as exc:
+            raise ConfigError(f"{directory}: cannot restrict it to 0700: "
+                              f"{exc.strerror or exc}") from exc
+        return True
+    return False
+
+
 def save_login(path: Path, login: SavedLogin) -> None:
     """Write ``login`` to ``path`` atomically with mode 0600.
 
-    Creates the parent directory with mode 0700 if needed. Raises ``OSError``.
+    Creates the parent directory with mode 0700 if needed, and checks it
+    (:func:`secure_config_dir`). Raises ``OSError``, :class:`ConfigError`.
     """
     directory = path.parent
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secure_config_dir(directory)
     # mkstemp creates the file with O_EXCL and mode 0600 from the start, so
     # the tokens are never readable by others, not even for a moment.
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -142,8 +195,10 @@ def load_login(path: Path) -> SavedLogin | None:
 
     Raises :class:`ConfigError` when the file is malformed or, on POSIX, when
     it is a symbolic link, belongs to another user, or is readable or
-    writable by group or others.
+    writable by group or others, or when its directory is unsafe
+    (:func:`secure_config_dir`, which also tightens it).
     """
+    secure_config_dir(path.parent)
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)

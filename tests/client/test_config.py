@@ -18,6 +18,7 @@ from client.config import (
     delete_login,
     load_login,
     save_login,
+    secure_config_dir,
     token_file,
 )
 
@@ -145,3 +146,89 @@ def test_token_pair_is_checked() -> None:
 def test_refresh_is_due_a_margin_before_expiry(now: float, due: bool) -> None:
     tokens = Tokens.from_pair(_pair(), now=1000.0)  # expires at 1900
     assert tokens.refresh_due(now, margin_s=60.0) is due
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_an_open_config_directory_of_ones_own_is_tightened(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: an existing 0777 directory was used as it was, without a word."""
+    from client.cli import main
+
+    directory = tmp_path / "posts-client"
+    directory.mkdir()
+    os.chmod(directory, 0o777)
+    assert secure_config_dir(directory) is True
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert secure_config_dir(directory) is False  # nothing left to do
+    os.chmod(directory, 0o755)
+    save_login(token_file(directory), LOGIN)  # the library checks too
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    os.chmod(directory, 0o777)
+    assert load_login(token_file(directory)) == LOGIN
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    # The command says so, once, and goes on (not logged in: exit 3).
+    os.chmod(directory, 0o777)
+    delete_login(token_file(directory))
+    code = main(["whoami"], env={"POSTS_CLIENT_CONFIG_DIR": str(directory)})
+    err = capsys.readouterr().err
+    assert code == 3, err
+    assert f"restricted {directory} to its owner (mode 0700)" in err
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+
+
+def _foreign_directory(tmp_path: Path) -> Path:
+    if os.getuid() == 0:
+        directory = tmp_path / "theirs"
+        directory.mkdir(mode=0o777)
+        os.chmod(directory, 0o777)
+        os.chown(directory, 65534, 65534)
+        return directory
+    return Path("/usr")  # root's, not ours
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX ownership")
+def test_a_config_directory_of_another_user_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import main
+
+    directory = _foreign_directory(tmp_path)
+    before = stat.S_IMODE(directory.stat().st_mode)
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        secure_config_dir(directory)
+    with pytest.raises(ConfigError, match="belongs to another user"):
+        load_login(token_file(directory))
+    code = main(["whoami"], env={"POSTS_CLIENT_CONFIG_DIR": str(directory)})
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1
+    assert len(err) == 1 and err[0].startswith("posts-client: error: ")
+    assert "belongs to another user" in err[0]
+    assert stat.S_IMODE(directory.stat().st_mode) == before  # not touched
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_a_config_directory_others_can_replace_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import main
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    directory = shared / "posts-client"
+    directory.mkdir(mode=0o700)
+    for mode in (0o777, 0o775):
+        os.chmod(shared, mode)  # anyone (of the group) may rename ours and put theirs
+        with pytest.raises(ConfigError, match=f"parent {shared} lets other users replace it"):
+            secure_config_dir(directory)
+        with pytest.raises(ConfigError, match="lets other users replace it"):
+            save_login(token_file(directory), LOGIN)
+        assert not token_file(directory).exists()
+        code = main(["whoami"], env={"POSTS_CLIENT_CONFIG_DIR": str(directory)})
+        err = capsys.readouterr().err.splitlines()
+        assert code == 1 and len(err) == 1 and "lets other users replace it" in err[0], err
+    # With the sticky bit (as /tmp), only the owner may rename its entries.
+    os.chmod(shared, 0o1777)
+    assert secure_config_dir(directory) is False
+    save_login(token_file(directory), LOGIN)
+    assert load_login(token_file(directory)) == LOGIN
