@@ -19,6 +19,15 @@ Nothing here logs a request body, an ``Authorization`` header, a token or a
 password; the last-resort handler logs the exception's class and stack only
 (an exception's message might quote input).
 
+Access log: one line per request on the logger ``auth_rpc.access.http`` (INFO),
+``http method=POST path=/token status=200 latency_ms=12.345 client=reporter
+subject=alice peer=127.0.0.1``: the path without its query string (a path that
+is no endpoint of ours is logged as ``?``, since it could carry anything), the
+authenticated client id and the subject of a successful password grant (``-``
+when unknown or not authenticated), and the peer address (``REMOTE_ADDR``: the
+TCP peer, or the TLS front's client). Names are percent-encoded outside
+printable ASCII. Never a token, secret, password, header or body.
+
 Client authentication (RFC 6749 section 2.3.1) is accepted as HTTP Basic
 (``client_secret_basic``, id and secret form-encoded before base64 as the RFC
 says) or as ``client_id``/``client_secret`` body parameters
@@ -43,13 +52,14 @@ import json
 import logging
 import math
 import re
+import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
 
 from auth_rpc import errors
 
@@ -67,6 +77,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("auth_rpc.auth.http")
+#: One line per HTTP request (see the module docstring).
+access_log = logging.getLogger("auth_rpc.access.http")
 
 #: How long a client may cache the JWK Set and the metadata, in seconds.
 JWKS_MAX_AGE_S = 300
@@ -212,6 +224,36 @@ class _Response:
     cache: str = "no-store"
 
 
+@dataclass
+class _AccessNote:
+    """What a request's access-log line says about who made it (filled in as learnt)."""
+
+    client: str = "-"
+    subject: str = "-"
+
+
+_NOTE_KEY = "auth_rpc.access_note"
+#: Characters of a logged name or address kept as they are (the rest percent-encoded).
+_LOG_SAFE = "!$&'()*+,;:@/~._-[]"
+#: A path that is no endpoint is logged if it is short segments of these only
+#: (no 20-character piece of a token can fit), else as "?".
+_LOGGABLE_PATH = re.compile(r"(?:/[A-Za-z0-9._-]{0,16}){1,8}\Z")
+_METHOD_RE = re.compile(r"[A-Z]{1,16}\Z")
+
+
+def _note(environ: WSGIEnvironment) -> _AccessNote:
+    note = environ.get(_NOTE_KEY)
+    if not isinstance(note, _AccessNote):
+        note = _AccessNote()
+        environ[_NOTE_KEY] = note
+    return note
+
+
+def _log_value(value: object) -> str:
+    text = str(value)[:128]
+    return quote(text, safe=_LOG_SAFE) if text else "-"
+
+
 @dataclass(frozen=True)
 class _ClientCredentials:
     client_id: str
@@ -251,8 +293,10 @@ class AuthHttpApp:
     # -- WSGI entry -------------------------------------------------------
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        started = time.perf_counter()
         method = str(environ.get("REQUEST_METHOD", "GET")).upper()
         path = str(environ.get("PATH_INFO", "")) or "/"
+        note = _note(environ)
         try:
             response = self._dispatch(environ, method, path)
         except OAuthError as exc:
@@ -263,12 +307,32 @@ class AuthHttpApp:
             log.error(
                 "internal error in %s %s: %s\n%s",
                 method,
-                path[:64],
+                self._loggable_path(path),
                 type(exc).__name__,
                 "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
             )
             response = _Response(500, {"error": "server_error"})
-        return _send(start_response, method, response)
+        try:
+            return _send(start_response, method, response)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "http method=%s path=%s status=%d latency_ms=%.3f client=%s subject=%s "
+                    "peer=%s",
+                    method if _METHOD_RE.match(method) else "?",
+                    self._loggable_path(path),
+                    response.status,
+                    (time.perf_counter() - started) * 1000.0,
+                    note.client,
+                    note.subject,
+                    _log_value(environ.get("REMOTE_ADDR", "")),
+                )
+
+    def _loggable_path(self, path: str) -> str:
+        """``path`` if it is one of ours or harmless (see ``_LOGGABLE_PATH``), else ``?``."""
+        if path in self._routes or _LOGGABLE_PATH.match(path):
+            return _log_value(path)
+        return "?"
 
     def _dispatch(self, environ: WSGIEnvironment, method: str, path: str) -> _Response:
         route = self._routes.get(path)
@@ -350,6 +414,7 @@ class AuthHttpApp:
                 client_auth=True,
                 **target,
             )
+            _note(environ).client = _log_value(creds.client_id)
         elif grant_type in ("password", "refresh_token"):
             # RFC 6749 4.3.2: "If the client type is confidential or the client
             # was issued client credentials ..., the client MUST authenticate".
@@ -363,12 +428,14 @@ class AuthHttpApp:
                     creds.client_secret,
                     client_auth=True,
                 )
+                _note(environ).client = _log_value(client_id)
             named_client: dict[str, Any] = {} if client_id is None else {"client_id": client_id}
             named_client.update(target)
             if grant_type == "password":
                 username = _required(form, "username")
                 password = _required(form, "password")
                 tokens = self._call(self._service.login, username, password, scope, **named_client)
+                _note(environ).subject = _log_value(username)
             else:
                 refresh_token = _required(form, "refresh_token")
                 # RFC 6749 6: the server MUST "ensure that it was issued to the
@@ -445,6 +512,7 @@ class AuthHttpApp:
             creds.client_secret,
             client_auth=True,
         )
+        _note(environ).client = _log_value(client_id)
         return client_id
 
     @staticmethod
