@@ -2,6 +2,8 @@
 
     auth-rpc serve --data-dir DIR [--host H] [--port P] [--http-port P] [--issuer URL]
                    [--audience AUD] [--alg ALG] [--hs256-secret-file FILE] [--access-ttl S]
+                   [--http-connection-limit N] [--http-per-peer-limit N]
+                   [--http-header-timeout S] [--http-idle-timeout S]
     auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--audience AUD ...] [--password-stdin]
     auth-rpc add-client ID --data-dir DIR [--scope "..."] [--audience AUD ...]
 
@@ -27,6 +29,7 @@ from auth_rpc.auth.accounts import AUDIENCE_RULE
 from auth_rpc.auth.server import AuthServer
 from auth_rpc.auth.service import AuthService, AuthSettings
 from auth_rpc.errors import AuthError
+from auth_rpc.serving.httpd import HttpLimits
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
     bind_socket,
@@ -79,6 +82,39 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     serve.add_argument("--max-connections", type=int, default=2048)
+    limits = HttpLimits()
+    serve.add_argument(
+        "--http-connection-limit",
+        type=_positive_int,
+        default=limits.connection_limit,
+        metavar="N",
+        help="HTTP connections in all; at the limit a newcomer closes the oldest idle one "
+        f"(default {limits.connection_limit})",
+    )
+    serve.add_argument(
+        "--http-per-peer-limit",
+        type=_positive_int,
+        default=limits.per_peer_limit,
+        metavar="N",
+        help="HTTP connections of one client IP address; more are closed at once "
+        f"(default {limits.per_peer_limit})",
+    )
+    serve.add_argument(
+        "--http-header-timeout",
+        type=_positive_float,
+        default=limits.header_timeout_s,
+        metavar="S",
+        help="seconds an HTTP request's header may take to arrive from its first byte, and "
+        f"its body from the header's end (default {limits.header_timeout_s:g})",
+    )
+    serve.add_argument(
+        "--http-idle-timeout",
+        type=_positive_float,
+        default=limits.idle_timeout_s,
+        metavar="S",
+        help="seconds an HTTP connection may stay idle (or, with TLS, make no progress "
+        f"either way) (default {limits.idle_timeout_s:g})",
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -122,6 +158,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
 def _settings(args: argparse.Namespace, issuer: str) -> AuthSettings:
     return AuthSettings(
         data_dir=args.data_dir,
@@ -149,12 +199,23 @@ def _serve(args: argparse.Namespace) -> int:
     http_url = f"{'https' if tls else 'http'}://{args.host}:{http_sock.getsockname()[1]}"
     issuer = args.issuer or http_url
     settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
+    http_limits = HttpLimits(
+        connection_limit=args.http_connection_limit,
+        per_peer_limit=args.http_per_peer_limit,
+        header_timeout_s=args.http_header_timeout,
+        idle_timeout_s=args.http_idle_timeout,
+    )
 
     def start() -> Callable[[], None]:
         service = AuthService.open(_settings(args, issuer))
         try:
             server = AuthServer(
-                service, host=args.host, sock=thrift_sock, http_sock=http_sock, settings=settings
+                service,
+                host=args.host,
+                sock=thrift_sock,
+                http_sock=http_sock,
+                settings=settings,
+                http_limits=http_limits,
             ).start()
         except BaseException:
             service.close()

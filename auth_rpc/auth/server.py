@@ -18,7 +18,7 @@ from auth_rpc.auth.handler import AuthHandler
 from auth_rpc.auth.http import make_app
 from auth_rpc.auth.service import AuthService
 from auth_rpc.idl import auth_thrift
-from auth_rpc.serving.httpd import HttpServer
+from auth_rpc.serving.httpd import HttpLimits, HttpServer
 from auth_rpc.serving.rpc import RpcServer, ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import bind_socket
 from auth_rpc.serving.tls_front import TlsFront
@@ -36,6 +36,10 @@ class HttpListener:
     waitress over a socket pair (:meth:`HttpServer.open_connection`): waitress
     listens on nothing, so no other process can bypass TLS or mutual TLS, and
     the client certificate goes to the app with its own connection.
+
+    ``limits`` (:class:`HttpLimits`) bound connections in all and per peer,
+    the time a request may take to arrive and idle time, in waitress and in
+    the TLS front alike; ``handshake_timeout_s`` bounds a TLS handshake.
     """
 
     def __init__(
@@ -47,7 +51,11 @@ class HttpListener:
         threads: int = 8,
         sock: socket.socket | None = None,
         tls: TLSServerConfig | None = None,
+        limits: HttpLimits | None = None,
+        handshake_timeout_s: float = 5.0,
     ) -> None:
+        limits = limits if limits is not None else HttpLimits()
+        self.limits = limits
         self._sock = sock if sock is not None else bind_socket(host, port)
         self.host = host
         self.port: int = self._sock.getsockname()[1]
@@ -59,9 +67,18 @@ class HttpListener:
             public=(host, self.port),
             threads=threads,
             url_scheme="https" if tls is not None else "http",
+            limits=limits,
         )
         if tls is not None:
-            self._front = TlsFront(self._sock, self._server.open_connection, tls)
+            self._front = TlsFront(
+                self._sock,
+                self._server.open_connection,
+                tls,
+                max_connections=limits.connection_limit,
+                max_per_peer=limits.per_peer_limit,
+                handshake_timeout_s=handshake_timeout_s,
+                idle_timeout_s=limits.idle_timeout_s,
+            )
         self._thread: threading.Thread | None = None
 
     @property
@@ -102,7 +119,8 @@ class AuthServer:
 
     ``start()`` binds both (``port=0`` picks free ports) and serves from
     background threads; ``stop()`` stops both gracefully. The caller owns the
-    :class:`AuthService` and closes it after ``stop()``.
+    :class:`AuthService` and closes it after ``stop()``. ``http_limits`` are
+    the HTTP listener's (:class:`HttpLimits`; ``settings`` are the Thrift one's).
     """
 
     def __init__(
@@ -116,6 +134,7 @@ class AuthServer:
         http_sock: socket.socket | None = None,
         sock: socket.socket | None = None,
         settings: ServerSettings | None = None,
+        http_limits: HttpLimits | None = None,
     ) -> None:
         self.service = service
         self.host = host
@@ -134,7 +153,12 @@ class AuthServer:
         scheme = "https" if tls is not None else "http"
         base = f"{scheme}://{http_host}:{self._http_sock.getsockname()[1]}"
         self._http = HttpListener(
-            make_app(service, base_url=base), host=http_host, sock=self._http_sock, tls=tls
+            make_app(service, base_url=base),
+            host=http_host,
+            sock=self._http_sock,
+            tls=tls,
+            limits=http_limits,
+            handshake_timeout_s=settings.handshake_timeout_s if settings is not None else 5.0,
         )
         self._started = False
 

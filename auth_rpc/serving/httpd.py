@@ -10,13 +10,35 @@
   client certificate). They travel on the waitress channel object itself, so
   there is no port, path or key another process could reach or forge: only the
   front, in this process, can open a connection to the app.
+
+:class:`HttpLimits` bound what clients can hold (waitress alone has an idle
+timeout and a total connection limit, at which it stops accepting and
+newcomers queue until they time out):
+
+* a request's header must arrive within ``header_timeout_s`` of its first
+  byte, and its body within ``header_timeout_s`` of the header's end (a client
+  dripping a byte now and then is cut, as the Thrift ports cut a message that
+  takes over 10 s); a connection idle for ``idle_timeout_s`` is closed;
+* one peer (IP address) holds at most ``per_peer_limit`` connections: the one
+  over is closed at once;
+* at ``connection_limit`` connections, a newcomer closes the connection that
+  has waited longest without a request being served (the oldest idle one, or
+  one still dripping its request); only when every connection is being served
+  is the newcomer closed, at once.
+
+The same limits apply in the TLS front (:class:`auth_rpc.serving.tls_front.TlsFront`),
+which counts connections from their first byte, handshake included.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import logging
 import socket
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from waitress.adjustments import Adjustments
@@ -24,7 +46,55 @@ from waitress.channel import HTTPChannel
 from waitress.server import BaseWSGIServer, TcpWSGIServer
 from waitress.task import ThreadedTaskDispatcher, WSGITask
 
-__all__ = ["HttpServer"]
+__all__ = ["HttpLimits", "HttpServer", "peer_key"]
+
+log = logging.getLogger("auth_rpc.serving.httpd")
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """Limits of an HTTP listener (see the module's docstring). Times in seconds."""
+
+    connection_limit: int = 1000
+    per_peer_limit: int = 100
+    header_timeout_s: float = 10.0
+    idle_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("connection_limit", "per_peer_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        for name in ("header_timeout_s", "idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def peer_key(peer: Any) -> str:
+    """The address a per-peer limit counts (an IPv4-mapped IPv6 address as IPv4)."""
+    host = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer or "")
+    return host.removeprefix("::ffff:") if "." in host else host
+
+
+class RateLimitedLog:
+    """Log a warning at most once per ``every_s`` (an attack must not flood the log)."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = 10.0) -> None:
+        self._log = logger
+        self._every_s = every_s
+        self._next: dict[str, float] = {}
+        self._skipped: collections.Counter[str] = collections.Counter()
+        self._lock = threading.Lock()
+
+    def warning(self, message: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next.get(message, 0.0):
+                self._skipped[message] += 1
+                return
+            self._next[message] = now + self._every_s
+            skipped = self._skipped.pop(message, 0)
+        more = f" ({skipped} more since the last report)" if skipped else ""
+        self._log.warning("%s%s", message, more)
 
 
 class _Task(WSGITask):
@@ -35,16 +105,147 @@ class _Task(WSGITask):
 
 
 class _Channel(HTTPChannel):
+    """A waitress channel that times its request and counts against its peer."""
+
     task_class = _Task
     #: WSGI environ entries of every request on this channel (set by the hand-over only).
     extra_environ: dict[str, Any] = {}  # noqa: RUF012 (replaced, never mutated)
+    server: Any  # a _Limited waitress server
+
+    def __init__(self, server: Any, sock: socket.socket, addr: Any, *args: Any, **kw: Any) -> None:
+        self.peer = peer_key(addr)
+        self._counted = False
+        #: when the channel last began to wait for a request (opened, or a reply done)
+        self.waiting_since = time.monotonic()
+        self._request_began: float | None = None  # first byte of the request being read
+        self._body_began: float | None = None  # end of its header
+        super().__init__(server, sock, addr, *args, **kw)
+
+    def add_channel(self, map: Any = None) -> None:
+        super().add_channel(map)
+        if not self._counted:
+            self._counted = True
+            self.server.peers[self.peer] += 1
+
+    def del_channel(self, map: Any = None) -> None:
+        super().del_channel(map)
+        if self._counted:
+            self._counted = False
+            peers = self.server.peers
+            peers[self.peer] -= 1
+            if peers[self.peer] <= 0:
+                del peers[self.peer]
+
+    def received(self, data: bytes) -> bool:
+        before = self.request
+        result: bool = super().received(data)
+        request = self.request
+        if request is None:
+            self._request_began = self._body_began = None
+        else:
+            now = time.monotonic()
+            if request is not before:
+                self._request_began, self._body_began = now, None
+            if self._body_began is None and request.headers_finished:
+                self._body_began = now
+        return result
+
+    def service(self) -> None:
+        super().service()
+        now = time.monotonic()
+        self.waiting_since = now
+        if self._request_began is not None:  # a pipelined request waited meanwhile
+            self._request_began = now
+            if self._body_began is not None:
+                self._body_began = now
+
+    def request_overdue(self, now: float, timeout_s: float) -> bool:
+        """Whether the header (or then the body) being read took over ``timeout_s``."""
+        began = self._body_began if self._body_began is not None else self._request_began
+        return began is not None and now - began > timeout_s
 
 
-class _TcpServer(TcpWSGIServer):
+class _Limited:
+    """What both waitress servers add: deadlines, per-peer cap, eviction at the cap."""
+
+    limits: HttpLimits
+    peers: collections.Counter[str]
+    _next_check = 0.0
+    _check_every_s = 1.0
+    _warn: RateLimitedLog
+
+    def _init_limits(self, limits: HttpLimits) -> None:
+        self.limits = limits
+        self.peers = collections.Counter()
+        # Deadlines are checked this often (waitress checks its idle timeout every 30 s).
+        self._check_every_s = max(0.05, min(1.0, limits.header_timeout_s / 4))
+        self._warn = RateLimitedLog(log)
+
+    def readable(self) -> bool:
+        # Called on every turn of waitress's loop (at least every asyncore_loop_timeout).
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + self._check_every_s
+            self.maintenance(time.time())
+        # Never stop accepting at the limit: handle_accept makes room or refuses at once.
+        return bool(self.accepting)  # type: ignore[attr-defined]
+
+    def maintenance(self, now: float) -> None:
+        """Close channels idle too long, or too slow to send their request."""
+        mono = time.monotonic()
+        idle_cutoff = now - self.limits.idle_timeout_s
+        for channel in list(self.active_channels.values()):  # type: ignore[attr-defined]
+            if channel.requests or channel.will_close:
+                continue  # being served: the app's time is not the client's
+            if (
+                channel.request_overdue(mono, self.limits.header_timeout_s)
+                or channel.last_activity < idle_cutoff
+            ):
+                channel.will_close = True  # the loop closes it on its next turn
+
+    def handle_accept(self) -> None:
+        try:
+            accepted = self.accept()  # type: ignore[attr-defined]
+            if accepted is None:
+                return
+            conn, addr = accepted
+            self.set_socket_options(conn)  # type: ignore[attr-defined]
+        except OSError:
+            return  # e.g. the client left first
+        addr = self.fix_addr(addr)  # type: ignore[attr-defined]
+        if not self._make_room(peer_key(addr)):
+            with contextlib.suppress(OSError):
+                conn.close()
+            return
+        self.channel_class(self, conn, addr, self.adj, map=self._map)  # type: ignore[attr-defined]
+
+    def _make_room(self, peer: str) -> bool:
+        """Whether a new connection from ``peer`` may be served (closing another if need be)."""
+        if self.peers[peer] >= self.limits.per_peer_limit:
+            self._warn.warning("HTTP: a peer reached its connection limit; refusing it")
+            return False
+        channels = self.active_channels  # type: ignore[attr-defined]
+        if len(channels) < self.limits.connection_limit:
+            return True
+        idle = [c for c in channels.values() if not c.requests and not c.will_close]
+        if not idle:
+            self._warn.warning("HTTP: connection limit reached, all busy; refusing")
+            return False
+        victim = min(idle, key=lambda c: c.waiting_since)
+        self._warn.warning("HTTP: connection limit reached; closing the oldest idle connection")
+        victim.handle_close()
+        return True
+
+
+class _TcpServer(_Limited, TcpWSGIServer):
     channel_class = _Channel
 
+    def __init__(self, *args: Any, limits: HttpLimits, **kw: Any) -> None:
+        self._init_limits(limits)
+        super().__init__(*args, **kw)
 
-class _HandedOverServer(BaseWSGIServer):
+
+class _HandedOverServer(_Limited, BaseWSGIServer):
     """A waitress server accepting nothing: its channels come from the hand-over.
 
     waitress wants a socket for the server itself: an unbound AF_UNIX socket
@@ -53,8 +254,9 @@ class _HandedOverServer(BaseWSGIServer):
 
     channel_class = _Channel
 
-    def __init__(self, *args: Any, public: tuple[str, int], **kw: Any) -> None:
+    def __init__(self, *args: Any, public: tuple[str, int], limits: HttpLimits, **kw: Any) -> None:
         self._public = public
+        self._init_limits(limits)
         super().__init__(*args, **kw)
 
     def getsockname(self) -> tuple[str, str]:
@@ -77,18 +279,22 @@ class HttpServer:
         public: tuple[str, int],
         threads: int = 8,
         url_scheme: str = "http",
-        idle_timeout_s: float = 30.0,
-        connection_limit: int = 1000,
+        limits: HttpLimits | None = None,
     ) -> None:
+        limits = limits if limits is not None else HttpLimits()
+        self.limits = limits
         adj = Adjustments(
             threads=threads,
             ident="auth-rpc",
             url_scheme=url_scheme,
             # waitress logs the peer of every failed request; it never logs bodies.
             expose_tracebacks=False,
-            channel_timeout=max(1, round(idle_timeout_s)),
+            # The idle timeout and the limits are _Limited's (to the tenth of a second).
+            channel_timeout=max(1, round(limits.idle_timeout_s)),
+            connection_limit=limits.connection_limit,
             asyncore_loop_timeout=0.2,
-            connection_limit=connection_limit,
+            # poll(), not select(): select() fails once a descriptor passes 1023.
+            asyncore_use_poll=True,
             max_request_body_size=1024 * 1024,
             clear_untrusted_proxy_headers=True,
         )
@@ -107,6 +313,7 @@ class HttpServer:
                 adj=adj,
                 bind_socket=False,
                 sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+                limits=limits,
             )
         else:
             self._server = _HandedOverServer(
@@ -118,6 +325,7 @@ class HttpServer:
                 bind_socket=False,
                 sockinfo=(socket.AF_UNIX, socket.SOCK_STREAM, None, None),
                 public=public,
+                limits=limits,
             )
 
     def run(self) -> None:
