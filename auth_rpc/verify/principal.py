@@ -3,16 +3,25 @@
 :class:`Principal` is what every verifier returns and what a Posts handler is
 given. :class:`TokenVerifier` is the pluggable part (a ``Protocol``: users may
 bring their own); :class:`RevocationCheck` is how a local-mode verifier learns
-that a token id was revoked (nothing by default; a pushed revocation list
-later).
+that a token id was revoked (nothing by default). :class:`StatusReference`
+is a token's entry in a Token Status List (its ``status`` claim), which the
+local and jwks verifiers check on every call
+(:mod:`auth_rpc.verify.statuslist`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol, runtime_checkable
 
-__all__ = ["NoRevocations", "Principal", "RevocationCheck", "TokenVerifier"]
+__all__ = ["NoRevocations", "Principal", "RevocationCheck", "StatusReference", "TokenVerifier"]
+
+
+class StatusReference(NamedTuple):
+    """A token's ``status.status_list`` claim: its entry ``idx`` in the list at ``uri``."""
+
+    uri: str
+    idx: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +35,9 @@ class Principal:
     client_id: str
     issuer: str = ""
     audience: tuple[str, ...] = ()
+    #: The token's Status List entry (local and jwks modes; ``None`` without a
+    #: ``status`` claim or in the remote modes). Not part of equality.
+    status: StatusReference | None = field(default=None, compare=False, repr=False)
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
