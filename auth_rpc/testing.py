@@ -135,6 +135,10 @@ class TokenFactory:
     scopes: tuple[str, ...] = ()
     clock: Callable[[], float] = time.time
     minted: list[str] = field(default_factory=list, repr=False)
+    #: ``status(exp) -> claim``: a fresh Token Status List entry for each token
+    #: (:meth:`for_auth_server` takes the Auth service's, so that its tokens pass
+    #: the local and jwks verifiers and can be revoked); ``None``: no ``status``.
+    status: Callable[[int], dict[str, object]] | None = None
 
     @classmethod
     def for_auth_server(cls, auth: AuthServer, **fields: Any) -> TokenFactory:
@@ -143,6 +147,7 @@ class TokenFactory:
         fields.setdefault("key", service.signing_key())
         fields.setdefault("issuer", service.settings.issuer)
         fields.setdefault("audience", service.settings.audience)
+        fields.setdefault("status", service.allocate_status)
         return cls(**fields)
 
     @staticmethod
@@ -178,9 +183,15 @@ class TokenFactory:
 
         ``scopes`` defaults to the factory's :attr:`scopes` (none unless
         given). ``now`` shifts the issue time (``now=time.time() - 3600`` with
-        ``ttl_s=60`` gives an expired token: :meth:`expired` does that).
+        ``ttl_s=60`` gives an expired token: :meth:`expired` does that). The
+        token gets a fresh Token Status List entry of the Auth service
+        (:attr:`status`) unless ``claims`` names ``status`` (``None``: none).
         """
         from auth_rpc.auth.tokens import mint_access_token
+
+        issued = self.clock() if now is None else now
+        if self.status is not None and "status" not in (claims or {}):
+            claims = {"status": self.status(int(issued) + int(ttl_s)), **(claims or {})}
 
         token = mint_access_token(
             key or self.key,
@@ -190,7 +201,7 @@ class TokenFactory:
             scopes=self.scopes if scopes is None else scopes,
             client_id=client_id,
             ttl_s=ttl_s,
-            now=self.clock() if now is None else now,
+            now=issued,
             jti=jti,
             headers=headers,
             claims=claims,
@@ -240,6 +251,7 @@ def make_auth_server(
     from auth_rpc.auth.server import AuthServer
     from auth_rpc.auth.service import AuthService
     from auth_rpc.serving.rpc import ServerSettings
+    from auth_rpc.serving.runner import bind_socket
 
     started: list[tuple[AuthServer, AuthService]] = []
 
@@ -253,10 +265,21 @@ def make_auth_server(
         **auth_settings: Any,
     ) -> AuthServer:
         directory = data_dir or tmp_path_factory.mktemp("auth-data")
-        service = AuthService.open(_auth_settings(directory, **auth_settings))
         server_settings = settings or ServerSettings(framed=framed)
+        # The HTTP port first: the Status Lists are published there (the
+        # issuer, http://auth.test, is a name, not a place to fetch them from).
+        http_sock = bind_socket("127.0.0.1", http_port)
+        scheme = "https" if server_settings.tls is not None else "http"
+        auth_settings.setdefault(
+            "status_list_base_url", f"{scheme}://127.0.0.1:{http_sock.getsockname()[1]}"
+        )
+        try:
+            service = AuthService.open(_auth_settings(directory, **auth_settings))
+        except BaseException:
+            http_sock.close()
+            raise
         server = AuthServer(
-            service, port=port, http_port=http_port, settings=server_settings
+            service, port=port, http_sock=http_sock, settings=server_settings
         ).start()
         started.append((server, service))
         return server
@@ -353,6 +376,9 @@ def _verifier_settings(
         "issuer": service.settings.issuer,
         "audience": service.settings.audience if audience is None else audience,
     }
+    if mode in ("local", "jwks"):
+        # Where the Auth server publishes its Token Status Lists.
+        settings["status_list_prefix"] = service.status_list_prefix
     if mode == "local":
         key = service.signing_key()
         if key.symmetric:

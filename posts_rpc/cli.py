@@ -3,11 +3,22 @@
     posts-rpc serve --data-dir DIR [--host H] [--port P] --verify MODE --issuer ISS
                     [--audience AUD] [--cache-ttl SECONDS] [--framed]
                     [--tls-cert F --tls-key F [--tls-client-ca F]]
-      MODE local:      --public-key FILE | --hs256-secret-file FILE
+      MODE local:      --public-key FILE | --hs256-secret-file FILE [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
+      local and jwks:  [--status-list required|if-present|off] [--status-list-prefix URL]
+                       [--status-max-age SECONDS] [--status-refresh SECONDS]
       MODE introspect: --introspect-url URL --client-id ID --client-secret-file FILE
                        [--auth-tls-ca F]
       MODE thrift:     --auth-addr HOST:PORT [--auth-tls-ca F] [--auth-framed]
+
+In the local and jwks modes every token must carry a Token Status List entry
+(``status`` claim) whose bit is read on every call from the list fetched from
+the Auth service (``--status-list-prefix``, default ``<issuer>/statuslists/``)
+and refreshed every ``ttl`` (at most ``--status-refresh`` seconds, default 1):
+a revoked token is refused within about a second. A list the Auth service has
+not confirmed for ``--status-max-age`` seconds (default 60) fails calls closed
+(``Unavailable``). ``--status-list if-present`` also accepts tokens without
+the claim (another issuer's); ``off`` ignores it.
 
 ``--framed`` and ``--tls-*`` configure the Posts listener; ``--auth-tls-ca``
 (the CA to trust for the Auth service's certificate, whose hostname is
@@ -67,10 +78,14 @@ _MODE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "--client-id": ("client_id", ("introspect",)),
     "--client-secret-file": ("client_secret_file", ("introspect",)),
     "--auth-addr": ("auth_addr", ("thrift",)),
-    "--auth-tls-ca": ("auth_tls_ca", ("jwks", "introspect", "thrift")),
-    "--auth-tls-cert": ("auth_tls_cert", ("jwks", "introspect", "thrift")),
-    "--auth-tls-key": ("auth_tls_key", ("jwks", "introspect", "thrift")),
+    "--auth-tls-ca": ("auth_tls_ca", ("local", "jwks", "introspect", "thrift")),
+    "--auth-tls-cert": ("auth_tls_cert", ("local", "jwks", "introspect", "thrift")),
+    "--auth-tls-key": ("auth_tls_key", ("local", "jwks", "introspect", "thrift")),
     "--auth-framed": ("auth_framed", ("thrift",)),
+    "--status-list": ("status_list", ("local", "jwks")),
+    "--status-list-prefix": ("status_list_prefix", ("local", "jwks")),
+    "--status-max-age": ("status_max_age", ("local", "jwks")),
+    "--status-refresh": ("status_refresh", ("local", "jwks")),
 }
 
 
@@ -106,6 +121,32 @@ def _parser() -> argparse.ArgumentParser:
     intro.add_argument("--client-id", metavar="ID", help="this service's client id")
     intro.add_argument(
         "--client-secret-file", type=Path, metavar="FILE", help="this service's client secret"
+    )
+    status = serve.add_argument_group("--verify local and jwks: Token Status Lists")
+    status.add_argument(
+        "--status-list",
+        choices=("required", "if-present", "off"),
+        help="required (default): every token must carry a status claim, whose bit is "
+        "checked on every call; if-present: tokens without one are accepted (another "
+        "issuer's); off: the claim is ignored (revoked tokens pass until they expire)",
+    )
+    status.add_argument(
+        "--status-list-prefix",
+        metavar="URL",
+        help="the only place status lists are fetched from (default: ISSUER/statuslists/)",
+    )
+    status.add_argument(
+        "--status-max-age",
+        type=float,
+        metavar="SECONDS",
+        help="the fail-closed bound: calls are refused (Unavailable) when the list held "
+        "was not confirmed by the Auth service for this long (default 60)",
+    )
+    status.add_argument(
+        "--status-refresh",
+        type=float,
+        metavar="SECONDS",
+        help="fetch each list at least this often (caps the issuer's ttl; default 1)",
     )
     thrift = serve.add_argument_group("--verify thrift")
     thrift.add_argument("--auth-addr", metavar="HOST:PORT", help="the Auth service (Thrift)")
@@ -163,6 +204,12 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--audience must not be empty")
     if not args.cache_ttl >= 0:  # also refuses NaN
         parser.error("--cache-ttl must be 0 or more seconds")
+    refresh = 1.0 if args.status_refresh is None else args.status_refresh
+    max_age = 60.0 if args.status_max_age is None else args.status_max_age
+    if not 0 < refresh < 3600:  # also refuses NaN
+        parser.error("--status-refresh must be between 0 and 3600 seconds")
+    if not refresh < max_age <= 86400:
+        parser.error("--status-max-age must be longer than --status-refresh (at most 86400)")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
@@ -201,6 +248,15 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
     }
     session = None
     mode = args.verify
+    if mode in ("local", "jwks"):
+        if args.status_list is not None:
+            settings["status_list"] = args.status_list
+        if args.status_list_prefix is not None:
+            settings["status_list_prefix"] = args.status_list_prefix
+        if args.status_max_age is not None:
+            settings["status_max_age_s"] = args.status_max_age
+        if args.status_refresh is not None:
+            settings["status_refresh_max_s"] = args.status_refresh
     if mode == "local":
         if args.public_key:
             settings["public_key_file"] = args.public_key
@@ -219,7 +275,7 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
             settings["tls"] = TLSClientConfig(
                 ca_file=args.auth_tls_ca, cert_file=args.auth_tls_cert, key_file=args.auth_tls_key
             )
-    if mode in ("jwks", "introspect") and args.auth_tls_ca:
+    if mode in ("local", "jwks", "introspect") and args.auth_tls_ca:
         session = _session(args.auth_tls_ca)
         if args.auth_tls_cert:
             session.cert = (args.auth_tls_cert, args.auth_tls_key)

@@ -65,6 +65,7 @@ def test_posts_workers_share_the_socket_restart_and_stop(tmp_path: Path) -> None
     with serve(
         "posts_rpc.cli", "serve", "--data-dir", str(tmp_path / "posts"), "--port", "0",
         "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t",
+        "--status-list", "off",  # tokens of an issuer without Token Status Lists
         "--workers", "2",
     ) as (proc, ready):
         port = int(re.search(r"thrift=[\d.]+:(\d+)", ready)[1])  # type: ignore[index]
@@ -177,6 +178,7 @@ def test_a_second_reader_of_the_posts_database_crashes_nothing(tmp_path: Path) -
     with serve(
         "posts_rpc.cli", "serve", "--data-dir", str(data), "--port", "0",
         "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t",
+        "--status-list", "off",  # tokens of an issuer without Token Status Lists
         "--workers", "2", log=tmp_path / "posts.log",
     ) as (proc, ready):
         port = int(re.search(r"thrift=[\d.]+:(\d+)", ready)[1])  # type: ignore[index]
@@ -224,7 +226,8 @@ def _posts_serve_args(tmp_path: Path, *extra: str) -> list[str]:
         secret.write_bytes(os.urandom(32))
     return [
         sys.executable, "-m", "posts_rpc.cli", "serve", "--data-dir", str(tmp_path / "posts"),
-        "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t", *extra,
+        "--verify", "local", "--hs256-secret-file", str(secret), "--issuer", "urn:t",
+        "--status-list", "off", *extra,
     ]
 
 

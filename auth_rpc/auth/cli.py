@@ -2,6 +2,7 @@
 
     auth-rpc serve --data-dir DIR [--host H] [--port P] [--http-port P] [--issuer URL]
                    [--audience AUD] [--alg ALG] [--hs256-secret-file FILE] [--access-ttl S]
+                   [--status-list-ttl S] [--status-list-size N] [--status-list-base-url URL]
                    [--http-connection-limit N] [--http-per-peer-limit N]
                    [--http-header-timeout S] [--http-idle-timeout S]
     auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--audience AUD ...] [--password-stdin]
@@ -77,6 +78,27 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--alg", default="EdDSA", choices=ALGORITHMS, help="signing algorithm")
     serve.add_argument("--hs256-secret-file", type=Path, help="the HS256 secret (>= 32 bytes)")
     serve.add_argument("--access-ttl", type=int, default=900, help="access token lifetime, seconds")
+    serve.add_argument(
+        "--status-list-ttl",
+        type=int,
+        default=1,
+        metavar="SECONDS",
+        help="the ttl of the Token Status Lists: how soon verifiers fetch them again "
+        "(default 1)",
+    )
+    serve.add_argument(
+        "--status-list-size",
+        type=int,
+        default=1_000_000,
+        metavar="N",
+        help="entries per Token Status List, a multiple of 8 (default 1000000)",
+    )
+    serve.add_argument(
+        "--status-list-base-url",
+        metavar="URL",
+        help="where the Token Status Lists are published, as URL/statuslists/K "
+        "(default: the issuer when it is an http(s) URL, else the HTTP base URL)",
+    )
     serve.add_argument("--framed", action="store_true", help="framed Thrift transport")
     serve.add_argument("--tls-cert", help="TLS certificate (PEM) for both listeners")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
@@ -180,6 +202,9 @@ def _settings(args: argparse.Namespace, issuer: str) -> AuthSettings:
         alg=args.alg,
         hs256_secret_file=args.hs256_secret_file,
         access_ttl_s=args.access_ttl,
+        status_list_base_url=getattr(args, "status_list_base_url", None),
+        status_list_size=getattr(args, "status_list_size", 1_000_000),
+        status_list_ttl_s=getattr(args, "status_list_ttl", 1),
     )
 
 
@@ -198,6 +223,8 @@ def _serve(args: argparse.Namespace) -> int:
         tls = TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
     http_url = f"{'https' if tls else 'http'}://{args.host}:{http_sock.getsockname()[1]}"
     issuer = args.issuer or http_url
+    if args.status_list_base_url is None and not issuer.startswith(("http://", "https://")):
+        args.status_list_base_url = http_url  # a non-URL issuer: publish the lists here
     settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
     http_limits = HttpLimits(
         connection_limit=args.http_connection_limit,

@@ -19,8 +19,9 @@ applies the missing ones in one transaction. Add a migration by appending to
 the tuple, never by editing one that shipped.
 
 Only this module and the small store classes (``accounts.AccountStore``,
-``keys.KeyStore``, ``tokens.RefreshStore``, ``tokens.RevocationStore``) speak
-SQL, so that another store (PostgreSQL) can replace them later.
+``keys.KeyStore``, ``tokens.RefreshStore``, ``tokens.RevocationStore``,
+``status.StatusListStore``) speak SQL, so that another store (PostgreSQL) can
+replace them later.
 """
 
 from __future__ import annotations
@@ -126,6 +127,38 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE users ADD COLUMN audiences TEXT;
     ALTER TABLE clients ADD COLUMN audiences TEXT;
     ALTER TABLE refresh_families ADD COLUMN audience TEXT;
+    """,
+    # 5: Token Status Lists (draft-ietf-oauth-status-list). Every access token
+    # gets an entry (status.status_list {idx, uri}) in a list; revoking it sets
+    # the entry's bit. status_lists: one row per list ever started (ids are
+    # never reused: a retired list keeps its row); `allocated` counts the
+    # indices given out, in the transaction that issues each token (the n-th
+    # index is a keyed permutation of n, with `perm_key`, so indices are not
+    # sequential and never given twice); `version` grows whenever a bit is set
+    # (a served list is encoded once per version); `last_exp` is the latest exp
+    # of its tokens: once past, a full list is retired (its bits deleted, no
+    # longer served). status_bits: the bits set (revoked entries). A family's
+    # access tokens remember their entry, so that revoking the family sets them.
+    """
+    CREATE TABLE status_lists (
+        list_id    INTEGER PRIMARY KEY NOT NULL,
+        capacity   INTEGER NOT NULL,
+        allocated  INTEGER NOT NULL,
+        perm_key   BLOB NOT NULL,
+        version    INTEGER NOT NULL,
+        last_exp   INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        retired_at INTEGER
+    );
+
+    CREATE TABLE status_bits (
+        list_id INTEGER NOT NULL REFERENCES status_lists (list_id),
+        idx     INTEGER NOT NULL,
+        PRIMARY KEY (list_id, idx)
+    ) WITHOUT ROWID;
+
+    ALTER TABLE family_access_tokens ADD COLUMN status_list INTEGER;
+    ALTER TABLE family_access_tokens ADD COLUMN status_idx INTEGER;
     """,
 )
 

@@ -10,6 +10,10 @@ Endpoints (the contract's "HTTP endpoints of the Auth service"):
   e.g. ``notes``: the access token's ``aud``; else 400 ``invalid_target``);
 - ``POST /introspect`` -- RFC 7662, for registered clients only;
 - ``POST /revoke`` -- RFC 7009, for registered clients only;
+- ``GET /statuslists/<k>`` -- a Token Status List (draft-ietf-oauth-status-list):
+  ``application/statuslist+jwt``, with ``ETag`` (``If-None-Match`` gives 304) and
+  gzip when accepted; 404 for a list unknown or retired;
+- ``GET /statuslists`` -- the Status List Aggregation (``{"status_lists": [uri...]}``);
 - ``GET /healthz`` -- 200 when the service can serve, else 503.
 
 The app calls only the :class:`auth_rpc.auth.service.AuthService` facade: it
@@ -95,6 +99,11 @@ TOKEN_PATH = "/token"  # noqa: S105  # a URL path, not a password
 INTROSPECT_PATH = "/introspect"
 REVOKE_PATH = "/revoke"
 HEALTH_PATH = "/healthz"
+STATUS_LISTS_PATH = "/statuslists"
+STATUS_LIST_TYPE = "application/statuslist+jwt"
+#: How long a client may cache the aggregation (the lists themselves say ``ttl``).
+AGGREGATION_MAX_AGE_S = 60
+_LIST_SEGMENT = re.compile(r"[1-9][0-9]{0,17}\Z")
 
 FORM_TYPE = "application/x-www-form-urlencoded"
 JSON_TYPE = "application/json"
@@ -222,6 +231,9 @@ class _Response:
     body: dict[str, object]
     headers: list[tuple[str, str]] = field(default_factory=list)
     cache: str = "no-store"
+    #: Sent as is instead of ``body`` as JSON (a Status List Token).
+    raw: bytes | None = None
+    content_type: str = JSON_TYPE
 
 
 @dataclass
@@ -281,6 +293,7 @@ class AuthHttpApp:
             INTROSPECT_PATH: _Route(("POST",), self._introspect),
             REVOKE_PATH: _Route(("POST",), self._revoke),
             HEALTH_PATH: _Route(get, self._health),
+            STATUS_LISTS_PATH: _Route(get, self._status_lists),
         }
         # RFC 8414 section 3: "If the issuer identifier value contains a path
         # component, any terminating "/" MUST be removed before inserting
@@ -336,6 +349,8 @@ class AuthHttpApp:
 
     def _dispatch(self, environ: WSGIEnvironment, method: str, path: str) -> _Response:
         route = self._routes.get(path)
+        if route is None and path.startswith(STATUS_LISTS_PATH + "/"):
+            route = _Route(("GET", "HEAD"), self._status_list)
         if route is None:
             return _Response(404, {"error": "not_found"})
         if method not in route.methods:
@@ -368,6 +383,9 @@ class AuthHttpApp:
             "jwks_uri": base + JWKS_PATH,
             "introspection_endpoint": base + INTROSPECT_PATH,
             "revocation_endpoint": base + REVOKE_PATH,
+            # draft-ietf-oauth-status-list section 9.3: "it is RECOMMENDED to use the
+            # status_list_aggregation_endpoint parameter within its metadata".
+            "status_list_aggregation_endpoint": base + STATUS_LISTS_PATH,
             "grant_types_supported": list(GRANT_TYPES),
             "token_endpoint_auth_methods_supported": methods,
             "introspection_endpoint_auth_methods_supported": methods,
@@ -377,6 +395,44 @@ class AuthHttpApp:
             "response_types_supported": [],
         }
         return _Response(200, body, cache=f"public, max-age={JWKS_MAX_AGE_S}")
+
+    def _status_list(self, environ: WSGIEnvironment) -> _Response:
+        segment = str(environ.get("PATH_INFO", ""))[len(STATUS_LISTS_PATH) + 1 :]
+        not_found = _Response(404, {"error": "not_found"})
+        if not _LIST_SEGMENT.match(segment):
+            return not_found
+        # draft-ietf-oauth-status-list section 8.1: content negotiation; this
+        # service has the JWT format only.
+        if not _accepts(str(environ.get("HTTP_ACCEPT", "")), STATUS_LIST_TYPE):
+            return _Response(406, {"error": "not_acceptable"})
+        try:
+            encoded = self._service.status_list_token(int(segment))
+        except errors.NotFoundError:
+            return not_found
+        except errors.AuthError as exc:
+            raise oauth_error_for(exc) from exc
+        cache = f"public, max-age={_list_ttl(self._service)}"
+        headers = [("ETag", encoded.etag), ("Vary", "Accept-Encoding")]
+        # RFC 9110 13.1.2: If-None-Match matching the current entity tag: 304.
+        if _etag_matches(str(environ.get("HTTP_IF_NONE_MATCH", "")), encoded.etag):
+            return _Response(304, {}, headers, cache=cache, raw=b"")
+        # Section 8.2: "The HTTP response SHOULD use Content-Encoding (such as gzip)".
+        if _accepts_gzip(str(environ.get("HTTP_ACCEPT_ENCODING", ""))):
+            headers.append(("Content-Encoding", "gzip"))
+            body = encoded.gzipped
+        else:
+            body = encoded.token.encode("ascii")
+        return _Response(
+            200, {}, headers, cache=cache, raw=body, content_type=STATUS_LIST_TYPE
+        )
+
+    def _status_lists(self, environ: WSGIEnvironment) -> _Response:
+        # draft-ietf-oauth-status-list section 9.3: "status_lists: REQUIRED. JSON
+        # array of strings that contains URIs linking to Status List Tokens."
+        uris = self._call(self._service.status_list_uris)
+        return _Response(
+            200, {"status_lists": uris}, cache=f"public, max-age={AGGREGATION_MAX_AGE_S}"
+        )
 
     def _health(self, environ: WSGIEnvironment) -> _Response:
         try:
@@ -702,11 +758,57 @@ def _request_base(environ: WSGIEnvironment) -> str:
     return f"{scheme}://{host}{script}"
 
 
+def _list_ttl(service: AuthService) -> int:
+    """The ``ttl`` of the service's Status List Tokens (their HTTP ``max-age``)."""
+    return int(service.settings.status_list_ttl_s)
+
+
+def _accepts(header: str, media_type: str) -> bool:
+    """Whether an ``Accept`` header (RFC 9110 12.5.1) admits ``media_type``; absent admits all."""
+    if not header.strip():
+        return True
+    major = media_type.split("/")[0]
+    for item in header.split(","):
+        name, *params = item.split(";")
+        name = name.strip().lower()
+        q = next((p.split("=", 1)[1].strip() for p in params if p.strip().startswith("q=")), "1")
+        if q in ("0", "0.", "0.0", "0.00", "0.000"):
+            continue
+        if name in (media_type, f"{major}/*", "*/*"):
+            return True
+    return False
+
+
+def _accepts_gzip(header: str) -> bool:
+    for item in header.split(","):
+        name, *params = item.split(";")
+        if name.strip().lower() in ("gzip", "x-gzip", "*"):
+            q = next((p.split("=", 1)[1].strip() for p in params if "q=" in p), "1")
+            return q not in ("0", "0.", "0.0", "0.00", "0.000")
+    return False
+
+
+def _etag_matches(header: str, etag: str) -> bool:
+    """RFC 9110 13.1.2 If-None-Match: weak comparison against the current ``etag``."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(
+        candidate.strip().removeprefix("W/") == etag for candidate in header.split(",")
+    )
+
+
 def _send(start_response: StartResponse, method: str, response: _Response) -> list[bytes]:
-    body = json.dumps(response.body, separators=(",", ":")).encode("ascii")
-    headers = [
-        ("Content-Type", JSON_TYPE),
-        ("Content-Length", str(len(body))),
+    if response.raw is not None:
+        body = response.raw
+    else:
+        body = json.dumps(response.body, separators=(",", ":")).encode("ascii")
+    headers = [("Content-Type", response.content_type)]
+    if response.status != 304:
+        # RFC 9110 8.6: a 304 carries no Content-Length unless equal to the 200's.
+        headers.append(("Content-Length", str(len(body))))
+    headers += [
         ("Cache-Control", response.cache),
         ("X-Content-Type-Options", "nosniff"),
         ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),

@@ -57,6 +57,13 @@ from auth_rpc.auth.accounts import (
 from auth_rpc.auth.db import Database
 from auth_rpc.auth.keys import ALGORITHMS, KeyManager, KeyStore, SigningKey, read_hs256_secret
 from auth_rpc.auth.passwords import SecretHasher
+from auth_rpc.auth.status import (
+    DEFAULT_STATUS_LIST_SIZE,
+    StatusEntry,
+    StatusListPublisher,
+    StatusListStore,
+    StatusListToken,
+)
 from auth_rpc.auth.throttle import SqliteStreakStore, Throttle
 from auth_rpc.auth.tokens import (
     LEEWAY_S,
@@ -111,6 +118,14 @@ class AuthSettings:
     hs256_secret_file: Path | None = None  # required for HS256; >= 32 bytes
     access_ttl_s: int = 900
     refresh_ttl_s: int = 14 * 86400
+    #: Token Status Lists: published under ``<status_list_base_url>/statuslists/<k>``
+    #: (``None``: the issuer), ``status_list_size`` entries each, with ``ttl``
+    #: ``status_list_ttl_s`` (how soon verifiers fetch again) and
+    #: ``exp - iat`` ``status_list_lifetime_s``.
+    status_list_base_url: str | None = None
+    status_list_size: int = DEFAULT_STATUS_LIST_SIZE
+    status_list_ttl_s: int = 1
+    status_list_lifetime_s: int = 600
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -128,6 +143,19 @@ class AuthSettings:
             raise ValueError("access_ttl_s must be 1..86400 seconds")
         if not 1 <= self.refresh_ttl_s <= 366 * 86400:
             raise ValueError("refresh_ttl_s must be 1..31622400 seconds")
+        base = self.status_list_base_url
+        if base is not None and (
+            not base.startswith(("http://", "https://")) or "?" in base or "#" in base
+        ):
+            raise ValueError("status_list_base_url must be an http(s) URL without query")
+        if not 8 <= self.status_list_size <= 1 << 27 or self.status_list_size % 8:
+            raise ValueError("status_list_size must be a multiple of 8 in 8..134217728")
+        if not 1 <= self.status_list_ttl_s <= 86400:
+            raise ValueError("status_list_ttl_s must be 1..86400 seconds")
+        if not max(10, 2 * self.status_list_ttl_s) <= self.status_list_lifetime_s <= 7 * 86400:
+            raise ValueError(
+                "status_list_lifetime_s must be 10..604800 seconds and twice status_list_ttl_s"
+            )
 
 
 @dataclass(frozen=True)
@@ -202,6 +230,16 @@ class AuthService:
         self._accounts = AccountStore(db)
         self._refresh = RefreshStore(db)
         self._revocations = RevocationStore(db)
+        self._status = StatusListStore(db, capacity=settings.status_list_size)
+        self._status_lists = StatusListPublisher(
+            self._status,
+            issuer=settings.issuer,
+            base_url=settings.status_list_base_url or settings.issuer,
+            signer=keys.signer,
+            ttl_s=settings.status_list_ttl_s,
+            lifetime_s=settings.status_list_lifetime_s,
+            clock=clock,
+        )
         self._checker = AccessTokenChecker(
             issuer=settings.issuer,
             audience=settings.audience,
@@ -209,6 +247,7 @@ class AuthService:
             clock=clock,
             is_revoked=self._revocations.is_revoked,
             known_audience=self._audience_known,
+            status_revoked=self._status_revoked,
         )
         self._known_audiences: set[str] = set()
         self._streaks = SqliteStreakStore(db)
@@ -309,11 +348,16 @@ class AuthService:
             expires_at=now + self.settings.refresh_ttl_s,
             audience=wanted,
         )
-        access, jti, exp = self._mint(username, scopes, client_id, now, audience=aud)
         refresh = new_refresh_token()
-        self._refresh.start_family(
-            family, token_hash=hash_refresh_token(refresh), access_jti=jti, access_expires_at=exp
-        )
+        with self._db.transaction():  # the token's Status List entry and its family, together
+            access, jti, exp, status = self._mint(username, scopes, client_id, now, audience=aud)
+            self._refresh.start_family(
+                family,
+                token_hash=hash_refresh_token(refresh),
+                access_jti=jti,
+                access_expires_at=exp,
+                access_status=status,
+            )
         log.info("login succeeded for %r", username)
         return IssuedTokens(access, refresh, self.settings.access_ttl_s, " ".join(scopes))
 
@@ -359,12 +403,12 @@ class AuthService:
             current = tuple(s for s in family.scopes if s in set(user.scopes))
             scopes = _narrow(current, requested)
             aud = self._allowed_audience(user.audiences, wanted or family.audience)
-            access, jti, exp = self._mint(
+            access, jti, exp, status = self._mint(
                 family.subject, scopes, family.client_id, now, key, audience=aud
             )
             new_refresh = new_refresh_token()
             issued.update(access=access, refresh=new_refresh, scope=" ".join(scopes))
-            return Rotation(hash_refresh_token(new_refresh), jti, exp)
+            return Rotation(hash_refresh_token(new_refresh), jti, exp, status)
 
         self._refresh.rotate(hash_refresh_token(token), now=now, issue=issue)
         return IssuedTokens(
@@ -388,7 +432,7 @@ class AuthService:
         scopes = _narrow(granted.scopes, requested)
         aud = self._allowed_audience(granted.audiences, wanted)
         now = int(self._clock())
-        access, _, _ = self._mint(client_id, scopes, client_id, now, audience=aud)
+        access, _, _, _ = self._mint(client_id, scopes, client_id, now, audience=aud)
         log.info("client token issued to %r", client_id)
         return IssuedTokens(access, "", self.settings.access_ttl_s, " ".join(scopes))
 
@@ -504,15 +548,63 @@ class AuthService:
         key: SigningKey | None = None,
         *,
         audience: str,
-    ) -> tuple[str, str, int]:
+    ) -> tuple[str, str, int, StatusEntry]:
+        """A signed access token, its jti, exp and Token Status List entry.
+
+        The entry is allocated in the transaction that issues the token (the
+        caller's, when it has one): an index is never given to two tokens.
+        """
         key = key or self._keys.signer()
         jti = new_jti()
         ttl = self.settings.access_ttl_s
-        token = mint_access_token(
-            key, issuer=self.issuer, audience=audience, subject=subject, scopes=scopes,
-            client_id=client_id, ttl_s=ttl, now=now, jti=jti,
-        )
-        return token, jti, now + ttl
+        with self._db.transaction():
+            status = self._status.allocate(expires_at=now + ttl, now=now)
+            token = mint_access_token(
+                key, issuer=self.issuer, audience=audience, subject=subject, scopes=scopes,
+                client_id=client_id, ttl_s=ttl, now=now, jti=jti,
+                claims={"status": self._status_lists.claim(status)},
+            )
+        return token, jti, now + ttl, status
+
+    # -- token status lists ------------------------------------------------
+
+    @property
+    def status_list_prefix(self) -> str:
+        """Where the lists are published: ``<base>/statuslists/`` (the ``uri`` prefix)."""
+        return self._status_lists.prefix
+
+    def status_list_token(self, list_id: int) -> StatusListToken:
+        """The current Status List Token of list ``list_id`` (encoded once per version).
+
+        Raises NotFoundError (no such list, or retired), DependencyUnavailable.
+        """
+        self._check_open()
+        return self._status_lists.token(list_id)
+
+    def status_list_uris(self) -> list[str]:
+        """The ``uri`` of every list served (the aggregation). Raises DependencyUnavailable."""
+        self._check_open()
+        return self._status_lists.uris()
+
+    def allocate_status(self, expires_at: int) -> dict[str, object]:
+        """A fresh ``status`` claim for a token expiring at ``expires_at`` (the test factory's).
+
+        Raises DependencyUnavailable.
+        """
+        self._check_open()
+        entry = self._status.allocate(expires_at=int(expires_at), now=int(self._clock()))
+        return self._status_lists.claim(entry)
+
+    def _status_revoked(self, status: object) -> bool:
+        """Whether the entry a token's ``status`` claim names has its bit set (validate's check).
+
+        Raises TokenRejected for a claim naming no live entry of ours,
+        DependencyUnavailable.
+        """
+        revoked = self._status.is_set(self._status_lists.entry_of(status))
+        if revoked is None:
+            raise TokenRejected("invalid status claim")
+        return revoked
 
     # -- checking ----------------------------------------------------------
 
@@ -588,7 +680,14 @@ class AuthService:
             if client_id is not None and claims.get("client_id") != client_id:
                 return
             if claims["exp"] + LEEWAY_S > now:
-                self._revocations.revoke(claims["jti"], expires_at=int(claims["exp"]))
+                if "status" in claims:  # its Status List bit: what every check reads
+                    try:
+                        entry = self._status_lists.entry_of(claims["status"])
+                    except TokenRejected:
+                        return
+                    self._status.revoke(entry)
+                else:  # a token issued before Status Lists: by jti
+                    self._revocations.revoke(claims["jti"], expires_at=int(claims["exp"]))
                 log.info("access token revoked")
             return
         if self._refresh.revoke_by_token(hash_refresh_token(token), now=now, client_id=client_id):
@@ -716,6 +815,7 @@ class AuthService:
             self._purged_at = now
             removed = self._revocations.purge(now=now)
             self._refresh.purge(now=now)
+            self._status.retire(now=now, leeway_s=LEEWAY_S)
             # A streak is over a window after its longest possible delay.
             throttle = self._login_throttle
             self._streaks.purge(before=now - throttle.window_s - throttle.max_delay_s)

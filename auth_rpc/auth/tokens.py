@@ -13,7 +13,10 @@ token issued from it (RFC 9700 section 4.14.2). A family lives
 ``refresh_ttl_s`` from the login, however often it is rotated.
 
 :class:`RevocationStore` keeps revoked access-token ids on disk until the
-token would have expired anyway.
+token would have expired anyway: for tokens without a Token Status List entry
+(issued before schema v5); a token with one is revoked by setting its bit
+(:mod:`auth_rpc.auth.status`), and a family's revocation sets the bits of its
+access tokens in the same transaction.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import jwt
 
 from auth_rpc.auth.db import Database
 from auth_rpc.auth.keys import SigningKey
+from auth_rpc.auth.status import StatusEntry, StatusListStore
 from auth_rpc.errors import TokenRejected
 from auth_rpc.verify.principal import Principal
 
@@ -150,6 +154,10 @@ class AccessTokenChecker:
     4.1.3: the recipient must identify itself with one of its values).
     ``known_audience`` is only asked about tokens whose signature verified;
     it may raise DependencyUnavailable, which passes through.
+
+    ``status_revoked(status)`` answers for a token with a ``status`` claim
+    (its Token Status List entry: the one record of its revocation) instead
+    of ``is_revoked``; it may raise TokenRejected or DependencyUnavailable.
     """
 
     def __init__(
@@ -163,6 +171,7 @@ class AccessTokenChecker:
         known_audience: Callable[[str], bool] | None = None,
         leeway_s: int = LEEWAY_S,
         max_lifetime_s: int = MAX_LIFETIME_S,
+        status_revoked: Callable[[object], bool] | None = None,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
@@ -170,6 +179,7 @@ class AccessTokenChecker:
         self._find_key = find_key
         self._clock = clock
         self._is_revoked = is_revoked
+        self._status_revoked = status_revoked
         self._leeway_s = leeway_s
         self._max_lifetime_s = max_lifetime_s
 
@@ -227,8 +237,12 @@ class AccessTokenChecker:
             raise TokenRejected("invalid token") from exc
         self._check_claims(claims, check_time=check_time)
         self._check_audience(claims["aud"])
-        if check_revoked and self._is_revoked is not None and self._is_revoked(claims["jti"]):
-            raise TokenRejected("token revoked")
+        if check_revoked:
+            if self._status_revoked is not None and "status" in claims:
+                if self._status_revoked(claims["status"]):
+                    raise TokenRejected("token revoked")
+            elif self._is_revoked is not None and self._is_revoked(claims["jti"]):
+                raise TokenRejected("token revoked")
         return claims
 
     def _check_claims(self, claims: Mapping[str, Any], *, check_time: bool) -> None:
@@ -344,6 +358,8 @@ class Rotation:
     refresh_token_hash: bytes
     access_jti: str
     access_expires_at: int
+    #: The access token's Status List entry (``None``: a token without one).
+    access_status: StatusEntry | None = None
 
 
 class RefreshStore:
@@ -353,9 +369,15 @@ class RefreshStore:
         self._db = db
 
     def start_family(
-        self, family: Family, *, token_hash: bytes, access_jti: str, access_expires_at: int
+        self,
+        family: Family,
+        *,
+        token_hash: bytes,
+        access_jti: str,
+        access_expires_at: int,
+        access_status: StatusEntry | None = None,
     ) -> None:
-        """Record a new family with its first refresh token and access token id."""
+        """Record a new family with its first refresh token and access token (id, status entry)."""
         with self._db.transaction() as conn:
             conn.execute(
                 "INSERT INTO refresh_families (family_id, subject, client_id, scopes, created_at, "
@@ -368,9 +390,8 @@ class RefreshStore:
                 "VALUES (?, ?, ?, NULL)",
                 (token_hash, family.family_id, family.created_at),
             )
-            conn.execute(
-                "INSERT INTO family_access_tokens (jti, family_id, expires_at) VALUES (?, ?, ?)",
-                (access_jti, family.family_id, access_expires_at),
+            _record_access_token(
+                conn, access_jti, family.family_id, access_expires_at, access_status
             )
 
     def rotate(
@@ -428,10 +449,12 @@ class RefreshStore:
                     "VALUES (?, ?, ?, NULL)",
                     (rotation.refresh_token_hash, family_id, now),
                 )
-                conn.execute(
-                    "INSERT INTO family_access_tokens (jti, family_id, expires_at) "
-                    "VALUES (?, ?, ?)",
-                    (rotation.access_jti, family_id, rotation.access_expires_at),
+                _record_access_token(
+                    conn,
+                    rotation.access_jti,
+                    family_id,
+                    rotation.access_expires_at,
+                    rotation.access_status,
                 )
         if reused:
             log.warning("a used refresh token was presented again; its family is revoked")
@@ -475,10 +498,14 @@ class RefreshStore:
             "UPDATE refresh_families SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
             (now, family_id),
         )
+        # One record per revocation: the Status List bit of a token that has an
+        # entry (the lists, validate and introspect all read it), else its jti
+        # (tokens issued before schema v5).
+        StatusListStore.revoke_family(conn, family_id, now=now, leeway_s=LEEWAY_S)
         conn.execute(
             "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) "
             "SELECT jti, expires_at FROM family_access_tokens "
-            "WHERE family_id = ? AND expires_at + ? > ?",
+            "WHERE family_id = ? AND status_list IS NULL AND expires_at + ? > ?",
             (family_id, LEEWAY_S, now),
         )
 
@@ -494,6 +521,26 @@ class RefreshStore:
                 (now,),
             )
             conn.execute("DELETE FROM refresh_families WHERE expires_at < ?", (now,))
+
+
+def _record_access_token(
+    conn: sqlite3.Connection,
+    jti: str,
+    family_id: str,
+    expires_at: int,
+    status: StatusEntry | None,
+) -> None:
+    conn.execute(
+        "INSERT INTO family_access_tokens (jti, family_id, expires_at, status_list, status_idx) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (
+            jti,
+            family_id,
+            expires_at,
+            None if status is None else status.list_id,
+            None if status is None else status.idx,
+        ),
+    )
 
 
 class RevocationStore:

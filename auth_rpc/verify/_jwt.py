@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import jwt
+import requests
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -19,6 +20,7 @@ from auth_rpc.verify._common import (
     _MIN_RSA_BITS,
     _REQUIRED_CLAIMS,
     _RSA_ALGS,
+    DEFAULT_TIMEOUT_S,
     _audiences,
     _b64url_json,
     _check_settings,
@@ -26,6 +28,23 @@ from auth_rpc.verify._common import (
 )
 from auth_rpc.verify.cache import CachingVerifier
 from auth_rpc.verify.principal import NoRevocations, Principal, RevocationCheck
+from auth_rpc.verify.statuslist import (
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_REFRESH_MAX_S,
+    STATUS_LIST_TYP,
+    StatusListChecker,
+    check_uri_prefix,
+    default_uri_prefix,
+    parse_status_claim,
+)
+
+#: ``status_list`` settings of the local and jwks verifiers: every token must
+#: carry a ``status`` claim whose bit is checked (the default), only tokens
+#: that carry one are checked (tokens of issuers without status lists), or
+#: the claim is ignored.
+STATUS_REQUIRED, STATUS_IF_PRESENT, STATUS_OFF = "required", "if-present", "off"
+STATUS_MODES = (STATUS_REQUIRED, STATUS_IF_PRESENT, STATUS_OFF)
+_STATUS_LIST_TYPES = frozenset({STATUS_LIST_TYP, "application/" + STATUS_LIST_TYP})
 
 # -- shared JWT policy --------------------------------------------------------
 
@@ -76,6 +95,13 @@ class _JwtVerifier(CachingVerifier):
         cache_size: int,
         cache_ttl_s: float,
         clock: Callable[[], float],
+        status_list: str = STATUS_REQUIRED,
+        status_list_prefix: str | None = None,
+        status_max_age_s: float = DEFAULT_MAX_AGE_S,
+        status_refresh_max_s: float = DEFAULT_REFRESH_MAX_S,
+        status_checker: StatusListChecker | None = None,
+        status_session: requests.Session | None = None,
+        status_timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         _check_settings(issuer, audience, leeway_s)
         if max_lifetime_s <= 0:
@@ -92,9 +118,106 @@ class _JwtVerifier(CachingVerifier):
         self._leeway_s = float(leeway_s)
         self._max_lifetime_s = float(max_lifetime_s)
         self._revocations = revocations
-        if not isinstance(revocations, NoRevocations):
-            self._recheck = self._check_revoked
         self._jws = jwt.PyJWS(options={"enforce_minimum_key_length": True})
+        if status_list not in STATUS_MODES:
+            raise ValueError(f"status_list must be one of {STATUS_MODES}")
+        self.status_list = status_list
+        self._status_required = status_list == STATUS_REQUIRED
+        self._own_status = False
+        self._status: StatusListChecker | None = None
+        if status_list != STATUS_OFF:
+            if status_checker is None:
+                prefix = status_list_prefix or default_uri_prefix(issuer)
+                try:
+                    check_uri_prefix(prefix)
+                except ValueError as exc:
+                    raise ValueError(
+                        f"{exc}; the default is <issuer>/statuslists/, which needs an http(s) "
+                        "issuer: set status_list_prefix, or status_list='off' for tokens of an "
+                        "issuer without status lists"
+                    ) from None
+                status_checker = StatusListChecker(
+                    uri_prefix=prefix,
+                    verify_token=self._verify_status_list_token,
+                    issuer=issuer,
+                    max_age_s=status_max_age_s,
+                    refresh_max_s=status_refresh_max_s,
+                    timeout_s=status_timeout_s,
+                    leeway_s=leeway_s,
+                    session=status_session,
+                    clock=clock,
+                )
+                self._own_status = True
+            self._status = status_checker
+        # Consulted on every call, cached or not: a cached answer never hides a revocation.
+        checks: list[Callable[[Principal], None]] = []
+        if not isinstance(revocations, NoRevocations):
+            checks.append(self._check_revoked)
+        if self._status is not None:
+            checks.append(self._check_status)
+        if len(checks) == 1:
+            self._recheck = checks[0]
+        elif checks:
+            self._recheck = self._check_all
+
+    @property
+    def status_checker(self) -> StatusListChecker | None:
+        """The Status List checker in use (``None`` with ``status_list="off"``)."""
+        return self._status
+
+    def _check_all(self, principal: Principal) -> None:
+        self._check_revoked(principal)
+        self._check_status(principal)
+
+    def _check_status(self, principal: Principal) -> None:
+        ref = principal.status
+        if ref is None:
+            if self._status_required:
+                raise TokenRejected("token has no status claim")
+            return
+        self._status.check(ref)  # type: ignore[union-attr]  # set whenever this is a check
+
+    def _status_list_key(self, header: dict[str, Any], alg: str, now: float) -> Any:
+        """The key that verifies a Status List Token with ``header`` (the subclass's keys)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _verify_status_list_token(self, token: str, now: float) -> dict[str, Any]:
+        """The claims of a Status List Token signed by a key trusted for access tokens.
+
+        The same policy as for access tokens (configured algorithms only, no
+        ``crit``, keys from configuration), but ``typ`` must be
+        ``statuslist+jwt``. The claims are the checker's to judge. Raises
+        TokenRejected (DependencyUnavailable from the JWKS).
+        """
+        head, sep, rest = token.partition(".")
+        if not sep or rest.count(".") != 1:
+            raise TokenRejected("malformed token")
+        header = _b64url_json(head)
+        if not isinstance(header, dict):
+            raise TokenRejected("malformed token")
+        alg = header.get("alg")
+        if not isinstance(alg, str) or alg not in self.algorithms:
+            raise TokenRejected("algorithm not allowed")
+        typ = header.get("typ")
+        # draft-ietf-oauth-status-list section 5.1: "typ: REQUIRED. The JWT type MUST be
+        # statuslist+jwt" - an access token is never taken for a list, nor a list for one.
+        if not isinstance(typ, str) or typ.lower() not in _STATUS_LIST_TYPES:
+            raise TokenRejected("not a status list token")
+        if "crit" in header:
+            raise TokenRejected("unsupported critical header")
+        payload = self._verify_signature(token, self._status_list_key(header, alg, now), alg)
+        try:
+            claims = json.loads(payload)
+        except (ValueError, RecursionError):
+            raise TokenRejected("malformed token") from None
+        if not isinstance(claims, dict):
+            raise TokenRejected("malformed token")
+        return claims
+
+    def close(self) -> None:
+        super().close()
+        if self._own_status and self._status is not None:
+            self._status.close()
 
     def _check_revoked(self, principal: Principal) -> None:
         try:
@@ -201,6 +324,9 @@ class _JwtVerifier(CachingVerifier):
             client_id=client_id,
             issuer=self.issuer,
             audience=audiences,
+            # draft-ietf-oauth-status-list section 8.3: the token's own checks (above)
+            # come first; its status is read on every call (``_check_status``).
+            status=parse_status_claim(claims) if self._status is not None else None,
         )
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from auth_rpc.errors import TokenRejected
-from auth_rpc.verify.principal import Principal
+from auth_rpc.verify.principal import Principal, StatusReference
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",
@@ -135,7 +135,15 @@ class VerifiedCache:
             principal.audience,
         )
         shared = tuple(canon.setdefault(part, part) for part in parts)
-        if all(a is b for a, b in zip(shared, parts, strict=True)):
+        status = principal.status
+        if status is not None:
+            # Every token of a Status List names the same uri: one copy of it.
+            uri = canon.setdefault(status.uri, status.uri)
+            if uri is not status.uri:
+                status = StatusReference(uri, status.idx)
+        if status is principal.status and all(
+            a is b for a, b in zip(shared, parts, strict=True)
+        ):
             return principal
         subject, scopes, client_id, issuer, audience = shared
         return Principal(
@@ -146,6 +154,7 @@ class VerifiedCache:
             client_id=client_id,
             issuer=issuer,
             audience=audience,
+            status=status,
         )
 
     def discard(self, key: bytes) -> None:
@@ -169,8 +178,10 @@ class CachingVerifier:
 
     Subclasses implement ``_verify_uncached(token, now) -> Principal`` (raising
     ``TokenRejected`` / ``DependencyUnavailable``). A subclass that must re-check
-    something on every call, cached or not (local verifiers: the revocation
-    list), sets ``_recheck`` to a callable raising ``TokenRejected``.
+    something on every call, cached or not (local verifiers: the token's bit in
+    its Status List, a revocation list), sets ``_recheck`` to a callable raising
+    ``TokenRejected`` (or ``DependencyUnavailable``): a cached answer never
+    hides a revocation.
     """
 
     _recheck: Callable[[Principal], None] | None = None

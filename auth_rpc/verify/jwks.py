@@ -25,9 +25,19 @@ from auth_rpc.verify._common import (
     _new_session,
     _read_body,
 )
-from auth_rpc.verify._jwt import _algorithms_for_key, _check_algorithms, _JwtVerifier
+from auth_rpc.verify._jwt import (
+    STATUS_REQUIRED,
+    _algorithms_for_key,
+    _check_algorithms,
+    _JwtVerifier,
+)
 from auth_rpc.verify.cache import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_S
 from auth_rpc.verify.principal import NoRevocations, Principal, RevocationCheck
+from auth_rpc.verify.statuslist import (
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_REFRESH_MAX_S,
+    StatusListChecker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,11 @@ class JwksVerifier(_JwtVerifier):
     symmetric (``oct``) keys are ignored, and so are URLs and keys carried in
     a token (``jku``, ``x5u``, ``jwk``). Redirects are not followed.
 
+    Token Status Lists (``status_list``, on by default) as for
+    :class:`~auth_rpc.verify.local.LocalVerifier`: lists are fetched from
+    ``status_list_prefix`` (default ``<issuer>/statuslists/``) with the same
+    ``session`` and ``timeout_s`` and verified with the keys of the JWK Set.
+
     Raises ``ValueError`` for misconfiguration (an HMAC algorithm, ``none``).
     """
 
@@ -77,6 +92,11 @@ class JwksVerifier(_JwtVerifier):
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         session: requests.Session | None = None,
         clock: Callable[[], float] = time.time,
+        status_list: str = STATUS_REQUIRED,
+        status_list_prefix: str | None = None,
+        status_max_age_s: float = DEFAULT_MAX_AGE_S,
+        status_refresh_max_s: float = DEFAULT_REFRESH_MAX_S,
+        status_checker: StatusListChecker | None = None,
     ) -> None:
         _check_url(jwks_url, "jwks_url")
         algs = _check_algorithms(algorithms, _ASYMMETRIC_ALGS)
@@ -95,6 +115,13 @@ class JwksVerifier(_JwtVerifier):
             cache_size=cache_size,
             cache_ttl_s=cache_ttl_s,
             clock=clock,
+            status_list=status_list,
+            status_list_prefix=status_list_prefix,
+            status_max_age_s=status_max_age_s,
+            status_refresh_max_s=status_refresh_max_s,
+            status_checker=status_checker,
+            status_session=session,
+            status_timeout_s=timeout_s,
         )
         self.jwks_url = jwks_url
         self._timeout_s = float(timeout_s)
@@ -148,6 +175,15 @@ class JwksVerifier(_JwtVerifier):
             raise TokenRejected("algorithm not allowed")
         payload = self._verify_signature(token, entry.key, alg)
         return self._principal(payload, now)
+
+    def _status_list_key(self, header: dict[str, Any], alg: str, now: float) -> Any:
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise TokenRejected("token lacks a key id")
+        entry = self._key_for(kid, now)
+        if alg not in entry.algorithms:
+            raise TokenRejected("algorithm not allowed")
+        return entry.key
 
     def _key_for(self, kid: str, now: float) -> _JwkEntry:
         entry = self._keys.get(kid)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import requests
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from auth_rpc.errors import TokenRejected
@@ -17,10 +18,21 @@ from auth_rpc.verify._common import (
     DEFAULT_LEEWAY_S,
     DEFAULT_MAX_LIFETIME_S,
     DEFAULT_MAX_TOKEN_BYTES,
+    DEFAULT_TIMEOUT_S,
 )
-from auth_rpc.verify._jwt import _algorithms_for_key, _check_algorithms, _JwtVerifier
+from auth_rpc.verify._jwt import (
+    STATUS_REQUIRED,
+    _algorithms_for_key,
+    _check_algorithms,
+    _JwtVerifier,
+)
 from auth_rpc.verify.cache import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_S
 from auth_rpc.verify.principal import NoRevocations, Principal, RevocationCheck
+from auth_rpc.verify.statuslist import (
+    DEFAULT_MAX_AGE_S,
+    DEFAULT_REFRESH_MAX_S,
+    StatusListChecker,
+)
 
 # -- local --------------------------------------------------------------------
 
@@ -34,6 +46,16 @@ class LocalVerifier(_JwtVerifier):
     one for the key (HS256, EdDSA, RS256, ES256/384/512) and is checked against
     the key type. The key is loaded once here. When ``kid`` is given, a token
     naming another ``kid`` is refused; otherwise ``kid`` is informational.
+
+    Token Status Lists (``status_list``, on by default): every token must carry
+    a ``status`` claim naming its entry in a list under ``status_list_prefix``
+    (default ``<issuer>/statuslists/``); the list is fetched over HTTP
+    (``session``, ``timeout_s``), verified with the same key, kept, refreshed
+    every ``ttl`` (at most ``status_refresh_max_s``) and the token's bit is
+    checked on every call, cached or not. A list not confirmed by the issuer
+    for ``status_max_age_s`` fails the call closed. ``status_list="if-present"``
+    accepts tokens without the claim (another issuer's), ``"off"`` ignores it.
+    See :mod:`auth_rpc.verify.statuslist`.
 
     Raises ``ValueError`` for any misconfiguration.
     """
@@ -55,6 +77,13 @@ class LocalVerifier(_JwtVerifier):
         cache_size: int = DEFAULT_CACHE_SIZE,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         clock: Callable[[], float] = time.time,
+        status_list: str = STATUS_REQUIRED,
+        status_list_prefix: str | None = None,
+        status_max_age_s: float = DEFAULT_MAX_AGE_S,
+        status_refresh_max_s: float = DEFAULT_REFRESH_MAX_S,
+        status_checker: StatusListChecker | None = None,
+        session: requests.Session | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         given = [x is not None for x in (key, public_key_pem, hs256_secret)]
         if sum(given) != 1:
@@ -95,6 +124,13 @@ class LocalVerifier(_JwtVerifier):
             cache_size=cache_size,
             cache_ttl_s=cache_ttl_s,
             clock=clock,
+            status_list=status_list,
+            status_list_prefix=status_list_prefix,
+            status_max_age_s=status_max_age_s,
+            status_refresh_max_s=status_refresh_max_s,
+            status_checker=status_checker,
+            status_session=session,
+            status_timeout_s=timeout_s,
         )
         self._key = verify_key
         self._kid = kid
@@ -105,6 +141,11 @@ class LocalVerifier(_JwtVerifier):
             raise TokenRejected("unknown signing key")
         payload = self._verify_signature(token, self._key, alg)
         return self._principal(payload, now)
+
+    def _status_list_key(self, header: dict[str, Any], alg: str, now: float) -> Any:
+        if self._kid is not None and header.get("kid") != self._kid:
+            raise TokenRejected("unknown signing key")
+        return self._key
 
 
 def _hmac_secret(secret: bytes | str) -> bytes:

@@ -301,7 +301,7 @@ def test_migration_from_v3_keeps_existing_accounts_on_the_default(
 
     service = open_service()
     with sqlite3.connect(data_dir / DB_FILENAME) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT audiences FROM users").fetchall() == [(None,)]
         assert conn.execute("SELECT audiences FROM clients").fetchall() == [(None,)]
     assert aud(service.refresh(refresh_token).access_token) == AUDIENCE

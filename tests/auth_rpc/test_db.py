@@ -28,9 +28,20 @@ EXPECTED_SCHEMA = {
         "audience",
     ],
     "refresh_tokens": ["token_hash", "family_id", "issued_at", "used_at"],
-    "family_access_tokens": ["jti", "family_id", "expires_at"],
+    "family_access_tokens": ["jti", "family_id", "expires_at", "status_list", "status_idx"],
     "revoked_tokens": ["jti", "expires_at"],
     "throttle_streaks": ["kind", "key", "failures", "last"],
+    "status_lists": [
+        "list_id",
+        "capacity",
+        "allocated",
+        "perm_key",
+        "version",
+        "last_exp",
+        "created_at",
+        "retired_at",
+    ],
+    "status_bits": ["list_id", "idx"],
 }
 
 

@@ -181,6 +181,7 @@ def test_metadata_from_the_request_host(base: str, service: AuthService) -> None
         "jwks_uri": base + "/.well-known/jwks.json",
         "introspection_endpoint": base + "/introspect",
         "revocation_endpoint": base + "/revoke",
+        "status_list_aggregation_endpoint": base + "/statuslists",
         "grant_types_supported": ["password", "refresh_token", "client_credentials"],
         "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
         "introspection_endpoint_auth_methods_supported": [

@@ -43,6 +43,7 @@ class Clock:
 
 
 def local(clock: Clock, **kw: Any) -> LocalVerifier:
+    kw.setdefault("status_list", "off")  # a test issuer without Token Status Lists
     return LocalVerifier(issuer=ISS, audience=AUD, hs256_secret=SECRET, clock=clock, **kw)
 
 

@@ -127,6 +127,7 @@ def make(server: JwksServer, clock: Clock, **kwargs: Any) -> JwksVerifier:
     kwargs.setdefault("issuer", ISS)
     kwargs.setdefault("audience", AUD)
     kwargs.setdefault("timeout_s", 1.0)
+    kwargs.setdefault("status_list", "off")  # a test issuer without Token Status Lists
     return JwksVerifier(jwks_url=server.url, clock=clock, **kwargs)
 
 
@@ -367,6 +368,9 @@ def test_misconfiguration() -> None:
 
 def test_make_verifier_jwks(jwks_server: JwksServer, k1: Any) -> None:
     jwks_server.publish(("k1", k1))
-    v = make_verifier("jwks", jwks_url=jwks_server.url, issuer=ISS, audience=AUD, clock=Clock())
+    v = make_verifier(
+        "jwks", jwks_url=jwks_server.url, issuer=ISS, audience=AUD, clock=Clock(),
+        status_list="off",
+    )
     assert v.verify(mint(k1, "EdDSA", "k1")).subject == "alice"
     v.close()

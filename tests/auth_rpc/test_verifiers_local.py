@@ -80,6 +80,7 @@ def pem(private_key: Any) -> bytes:
 def verifier(clock_at: float = NOW, **kwargs: Any) -> LocalVerifier:
     kwargs.setdefault("issuer", ISS)
     kwargs.setdefault("audience", AUD)
+    kwargs.setdefault("status_list", "off")  # a test issuer without Token Status Lists
     return LocalVerifier(clock=lambda: clock_at, **kwargs)
 
 
@@ -398,12 +399,12 @@ def test_make_verifier_local_reads_files(tmp_path: Any, ed_key: Any) -> None:
     (tmp_path / "pub.pem").write_bytes(pem(ed_key))
     v1 = make_verifier(
         "local", hs256_secret_file=tmp_path / "secret", issuer=ISS, audience=AUD,
-        clock=lambda: NOW,
+        clock=lambda: NOW, status_list="off",
     )
     assert v1.verify(mint(SECRET, "HS256")).subject == "alice"
     v2 = make_verifier(
         "local", public_key_file=str(tmp_path / "pub.pem"), issuer=ISS, audience=AUD,
-        clock=lambda: NOW,
+        clock=lambda: NOW, status_list="off",
     )
     assert v2.verify(mint(ed_key, "EdDSA")).subject == "alice"
     with pytest.raises(ValueError, match="unknown verification mode"):

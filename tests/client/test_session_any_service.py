@@ -167,6 +167,7 @@ def notes_server(
         audience=AUDIENCE,
         public_key_pem=auth_server.service.signing_key().public_pem(),
         cache_ttl_s=0,
+        status_list_prefix=auth_server.service.status_list_prefix,
     )
     handler = NotesHandler(notes_thrift, verifier)
     server = serve_thrift(notes_thrift.Notes, handler)

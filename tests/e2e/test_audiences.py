@@ -51,6 +51,8 @@ def verifiers(auth: Any) -> Iterator[Callable[[str, str], TokenVerifier]]:
             "audience": audience,
             "cache_ttl_s": 0,
         }
+        if mode in ("local", "jwks"):  # where the Auth service publishes its status lists
+            settings["status_list_prefix"] = auth.service.status_list_prefix
         if mode == "local":
             key = auth.service.signing_key()
             settings.update(public_key_pem=key.public_pem(), algorithms=[key.alg])

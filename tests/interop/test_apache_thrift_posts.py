@@ -35,6 +35,8 @@ def posts_process(auth_server: Any, tmp_path: Path) -> Iterator[Any]:
             args += ["--public-key", str(pem)]
         elif mode == "jwks":
             args += ["--jwks-url", auth_server.jwks_url]
+        if mode in ("local", "jwks"):  # where the Auth server publishes its status lists
+            args += ["--status-list-prefix", service.status_list_prefix]
         elif mode == "introspect":
             secret = tmp_path / "client-secret"
             secret.write_text(service.add_client("posts-interop", ["introspect"]))

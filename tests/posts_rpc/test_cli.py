@@ -60,6 +60,8 @@ def serve(
         *extra: str, verify: tuple[str, ...] = ()
     ) -> tuple[subprocess.Popen[str], int]:
         verify = verify or ("--verify", "local", "--hs256-secret-file", str(secret_file))
+        if "--status-list" not in extra:  # tokens minted here carry no Status List entry
+            extra = (*extra, "--status-list", "off")
         cmd = [
             sys.executable, "-m", "posts_rpc.cli", "serve",
             "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1", "--port", "0",
@@ -269,8 +271,15 @@ BASE = ["serve", "--data-dir", "/nonexistent", "--port", "0", "--issuer", "https
          "--verify introspect needs --introspect-url"),
         (["--verify", "thrift"], "--verify thrift needs --auth-addr"),
         (["--verify", "thrift", "--auth-addr", "nohostport"], "--auth-addr: expected HOST:PORT"),
-        (["--verify", "local", "--hs256-secret-file", "s", "--auth-tls-ca", "ca.pem"],
-         "--auth-tls-ca does not apply to --verify local"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--status-list", "off"],
+         "--status-list does not apply to --verify thrift"),
+        (["--verify", "introspect", "--introspect-url", "http://x/", "--client-id", "c",
+          "--client-secret-file", "f", "--status-max-age", "5"],
+         "--status-max-age does not apply to --verify introspect"),
+        (["--verify", "jwks", "--jwks-url", "http://x/", "--status-refresh", "0"],
+         "--status-refresh must be between"),
+        (["--verify", "jwks", "--jwks-url", "http://x/", "--status-max-age", "1"],
+         "--status-max-age must be longer than --status-refresh"),
         (["--verify", "jwks", "--jwks-url", "http://x/", "--auth-framed"],
          "--auth-framed does not apply"),
         (["--verify", "thrift", "--auth-addr", "h:1", "--cache-ttl", "-1"], "--cache-ttl"),

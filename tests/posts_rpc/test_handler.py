@@ -235,7 +235,9 @@ def test_ed25519_tokens(tmp_path: Any, mint: Mint, issuer_audience: tuple[str, s
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     issuer, audience = issuer_audience
-    verifier = LocalVerifier(public_key_pem=pem, issuer=issuer, audience=audience)
+    verifier = LocalVerifier(
+        public_key_pem=pem, issuer=issuer, audience=audience, status_list="off"
+    )
     with PostsServer(data_dir=tmp_path, verifier=verifier) as server:
         client = open_client(posts_thrift.Posts, "127.0.0.1", server.port)
         try:

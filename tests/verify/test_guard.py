@@ -151,6 +151,7 @@ def verifier(tokens: TokenFactory) -> Iterator[LocalVerifier]:
         issuer=ISSUER,
         audience=AUDIENCE,
         cache_ttl_s=0,
+        status_list="off",  # tokens of a key of its own, without Token Status Lists
     )
     yield v
     v.close()
