@@ -20,6 +20,8 @@ from auth_rpc.verify._common import (
     DEFAULT_MAX_LIFETIME_S,
     DEFAULT_MAX_TOKEN_BYTES,
     DEFAULT_TIMEOUT_S,
+    _audiences,
+    _b64url_json,
     _check_url,
     _FetchError,
     _new_session,
@@ -50,6 +52,10 @@ class _JwkEntry:
     algorithms: frozenset[str]
 
 
+class _KeyNotFetchedYet(DependencyUnavailable):
+    """An unknown ``kid`` while the cooldown forbids a fetch: retryable, not a rejection."""
+
+
 class JwksVerifier(_JwtVerifier):
     """Checks tokens against the public keys of a JWK Set fetched from ``jwks_url``.
 
@@ -57,9 +63,15 @@ class JwksVerifier(_JwtVerifier):
     fetch at most once per ``refresh_cooldown_s`` (one fetch however many
     threads ask); the set is also fetched again when older than
     ``max_key_age_s``, by the one call that finds it stale (other calls keep using the
-    old keys meanwhile). While the endpoint is down the cached keys stay in use; with no
-    key ever fetched every call fails with ``DependencyUnavailable`` (a fetch
-    is retried after ``failure_retry_s``). Only keys with ``use`` ``sig`` (or
+    old keys meanwhile). An unknown ``kid`` is refused (``TokenRejected``)
+    only when a fetch made for it does not list it; while the cooldown
+    forbids a fetch the call fails with ``DependencyUnavailable`` (retryable:
+    the token may be signed by a key published since the last fetch, and a
+    client must not throw it away). A failed fetch is retried after
+    ``failure_retry_s``, doubling with each further failure up to
+    ``failure_retry_max_s``, not after the whole cooldown. While the endpoint
+    is down the cached keys stay in use; with no key ever fetched every call
+    fails with ``DependencyUnavailable``. Only keys with ``use`` ``sig`` (or
     no ``use``), a ``kid``, and an algorithm in ``algorithms`` are used;
     symmetric (``oct``) keys are ignored, and so are URLs and keys carried in
     a token (``jku``, ``x5u``, ``jwk``). Redirects are not followed.
@@ -82,7 +94,8 @@ class JwksVerifier(_JwtVerifier):
         timeout_s: float = DEFAULT_TIMEOUT_S,
         refresh_cooldown_s: float = 30.0,
         max_key_age_s: float = 300.0,
-        failure_retry_s: float = 2.0,
+        failure_retry_s: float = 1.0,
+        failure_retry_max_s: float = 8.0,
         max_jwks_bytes: int = 1 << 20,
         leeway_s: float = DEFAULT_LEEWAY_S,
         max_token_bytes: int = DEFAULT_MAX_TOKEN_BYTES,
@@ -102,7 +115,7 @@ class JwksVerifier(_JwtVerifier):
         algs = _check_algorithms(algorithms, _ASYMMETRIC_ALGS)
         if not 0 < timeout_s <= 30:
             raise ValueError("timeout_s must be in (0, 30]")
-        if refresh_cooldown_s < 0 or failure_retry_s < 0 or max_key_age_s <= 0:
+        if min(refresh_cooldown_s, failure_retry_s, failure_retry_max_s) < 0 or max_key_age_s <= 0:
             raise ValueError("refresh intervals must not be negative")
         super().__init__(
             issuer=issuer,
@@ -128,6 +141,7 @@ class JwksVerifier(_JwtVerifier):
         self._cooldown_s = float(refresh_cooldown_s)
         self._max_key_age_s = float(max_key_age_s)
         self._failure_retry_s = float(failure_retry_s)
+        self._failure_retry_max_s = max(float(failure_retry_max_s), self._failure_retry_s)
         self._max_jwks_bytes = max_jwks_bytes
         self._own_session = session is None
         self._session = session if session is not None else _new_session(2)
@@ -137,6 +151,7 @@ class JwksVerifier(_JwtVerifier):
         self._last_attempt: float | None = None
         self._last_ok = False
         self._attempts = 0
+        self._failures = 0  # consecutive failed fetches (the retry delay grows with them)
         self._fetch_lock = threading.Lock()
 
     @property
@@ -170,11 +185,37 @@ class JwksVerifier(_JwtVerifier):
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenRejected("token lacks a key id")
-        entry = self._key_for(kid, now)
+        try:
+            entry = self._key_for(kid, now)
+        except _KeyNotFetchedYet:
+            if not self._could_be_valid(token, now):
+                # Whatever key signed it, this token is refused: say so now, not later.
+                raise TokenRejected("unknown signing key") from None
+            raise
         if alg not in entry.algorithms:
             raise TokenRejected("algorithm not allowed")
         payload = self._verify_signature(token, entry.key, alg)
         return self._principal(payload, now)
+
+    def _could_be_valid(self, token: str, now: float) -> bool:
+        """Whether the token's unverified claims could pass: our issuer and audience, unexpired.
+
+        Only ever used to refuse early a token that would be refused anyway (a
+        foreign issuer's token naming a kid we do not know), never to accept.
+        """
+        try:
+            claims = _b64url_json(token.split(".")[1])
+        except TokenRejected:
+            return False
+        if not isinstance(claims, dict) or claims.get("iss") != self.issuer:
+            return False
+        audiences = _audiences(claims.get("aud"))
+        exp = claims.get("exp")
+        if audiences is None or self.audience not in audiences:
+            return False
+        if isinstance(exp, bool) or not isinstance(exp, (int, float)):
+            return False
+        return bool(exp > now - self._leeway_s)
 
     def _status_list_key(self, header: dict[str, Any], alg: str, now: float) -> Any:
         kid = header.get("kid")
@@ -195,34 +236,49 @@ class JwksVerifier(_JwtVerifier):
                 if entry is None:  # the key was withdrawn from the set
                     raise TokenRejected("unknown signing key")
             return entry
-        self._refresh(now, wait=True)
+        fetched = self._refresh(now, wait=True)
         entry = self._keys.get(kid)
         if entry is not None:
             return entry
         if not self._last_ok:
             raise DependencyUnavailable("JWKS endpoint unreachable")
+        if not fetched:
+            # The cooldown forbids a fetch: the key may have been published since the
+            # last one. Retryable, so that a client keeps its (possibly valid) token.
+            raise _KeyNotFetchedYet("signing key not fetched yet; retry later")
         raise TokenRejected("unknown signing key")
 
     def _may_fetch(self, now: float) -> bool:
         last = self._last_attempt
         if last is None or now < last:  # never tried, or the clock went backwards
             return True
-        interval = self._failure_retry_s if not self._keys else self._cooldown_s
+        if self._failures:
+            # 1, 2, 4... times failure_retry_s after a failed fetch, at most failure_retry_max_s.
+            interval = min(
+                self._failure_retry_s * 2 ** min(self._failures - 1, 30), self._failure_retry_max_s
+            )
+        elif not self._keys:
+            interval = self._failure_retry_s
+        else:
+            interval = self._cooldown_s
         return now - last >= interval
 
-    def _refresh(self, now: float, *, wait: bool) -> None:
+    def _refresh(self, now: float, *, wait: bool) -> bool:
+        """Fetch if allowed; whether a fetch was made meanwhile (by this call or another)."""
         seen = self._attempts
         if wait:
             # Bounded: a fetch in progress ends within about two timeouts.
             if not self._fetch_lock.acquire(timeout=2 * self._timeout_s + 1):
                 raise DependencyUnavailable("JWKS endpoint unreachable")
         elif not self._fetch_lock.acquire(blocking=False):
-            return
+            return False
         try:
             if self._attempts != seen:
-                return  # another thread fetched while we waited: use its result
+                return True  # another thread fetched while we waited: use its result
             if self._may_fetch(now):
                 self._fetch_locked(now)
+                return True
+            return False
         finally:
             self._fetch_lock.release()
 
@@ -233,6 +289,7 @@ class JwksVerifier(_JwtVerifier):
             keys = self._fetch()
         except _FetchError as exc:
             self._last_ok = False
+            self._failures += 1
             log.warning(
                 "JWKS fetch from %s failed (%s); %d cached key(s) stay in use",
                 self.jwks_url,
@@ -245,6 +302,7 @@ class JwksVerifier(_JwtVerifier):
         self._keys = keys
         self._fetched_at = now
         self._last_ok = True
+        self._failures = 0
 
     def _fetch(self) -> dict[str, _JwkEntry]:
         deadline = time.monotonic() + 2 * self._timeout_s

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from collections.abc import Iterator
@@ -157,11 +158,13 @@ def test_rotation_picked_up_on_unknown_kid_and_cooldown_respected(
     assert jwks_server.hits == 1
 
     jwks_server.publish(("k1", k1), ("k2", k2))  # the issuer rotates
-    clock.now = T0 + 5  # within the cooldown: no fetch, the kid is unknown
-    with pytest.raises(TokenRejected, match="unknown signing key"):
+    clock.now = T0 + 5  # within the cooldown: no fetch, so the verifier cannot decide yet
+    # Not TokenRejected: that would make clients throw a valid token away. Unavailable is
+    # retryable, and the key is fetched once the cooldown has passed.
+    with pytest.raises(DependencyUnavailable, match="not fetched yet"):
         v.verify(mint(k2, "EdDSA", "k2", at=clock.now))
     for i in range(20):  # an attacker's random kids cannot make us fetch
-        with pytest.raises(TokenRejected, match="unknown signing key"):
+        with pytest.raises(DependencyUnavailable):
             v.verify(mint(k2, "EdDSA", f"random-{i}", at=clock.now))
     assert jwks_server.hits == 1
 
@@ -169,9 +172,10 @@ def test_rotation_picked_up_on_unknown_kid_and_cooldown_respected(
     assert v.verify(mint(k2, "EdDSA", "k2", at=clock.now)).subject == "alice"
     assert jwks_server.hits == 2
     clock.now = T0 + 40  # unknown kid again within the new cooldown
-    with pytest.raises(TokenRejected, match="unknown signing key"):
+    with pytest.raises(DependencyUnavailable):
         v.verify(mint(k2, "EdDSA", "k3", at=clock.now))
     assert jwks_server.hits == 2
+    # After the cooldown: fetched again, and a kid still unknown after a fresh fetch is refused.
     clock.now = T0 + 61
     with pytest.raises(TokenRejected, match="unknown signing key"):
         v.verify(mint(k2, "EdDSA", "k3", at=clock.now))
@@ -253,13 +257,69 @@ def test_down_with_no_keys_is_unavailable_then_recovers(
     with pytest.raises(DependencyUnavailable):
         v.prefetch()
     jwks_server.start()
-    clock.now = T0 + 1  # retry interval after a failure not yet passed
+    clock.now = T0 + 3  # two failures: the retry delay has grown from 2 to 4 s
     with pytest.raises(DependencyUnavailable):
         v.verify(token)
     assert jwks_server.hits == 0
-    clock.now = T0 + 3
+    clock.now = T0 + 4
     assert v.verify(token).subject == "alice"
     assert jwks_server.hits == 1
+
+
+def test_a_failed_fetch_is_retried_after_a_short_delay_not_the_cooldown(
+    jwks_server: JwksServer, k1: Any, k2: Any
+) -> None:
+    jwks_server.publish(("k1", k1))
+    clock = Clock()
+    v = make(jwks_server, clock)  # defaults: 30 s cooldown, 1 s first retry after a failure
+    v.verify(mint(k1, "EdDSA", "k1"))
+    jwks_server.stop()  # the Auth service is down...
+    clock.now = T0 + 31  # ...when a token under a key not fetched yet arrives
+    with pytest.raises(DependencyUnavailable, match="unreachable"):
+        v.verify(mint(k2, "EdDSA", "k2", at=clock.now))
+    assert v.fetch_count == 2
+    jwks_server.publish(("k1", k1), ("k2", k2))
+    jwks_server.start()  # ...and comes back
+    clock.now = T0 + 31.5
+    with pytest.raises(DependencyUnavailable):
+        v.verify(mint(k2, "EdDSA", "k2", at=clock.now))
+    assert v.fetch_count == 2  # no fetch within the retry delay
+    clock.now = T0 + 32  # 1 s after the failed fetch, not 30 s
+    assert v.verify(mint(k2, "EdDSA", "k2", at=clock.now)).subject == "alice"
+    assert v.fetch_count == 3
+
+
+def _flood(v: JwksVerifier, clock: Clock, k: Any, *, start: float, end: float) -> list[float]:
+    """Random kids, 5 every 0.25 s of the fake clock; returns when each fetch was made."""
+    fetched_at: list[float] = []
+    step = 0
+    while (now := start + 0.25 * step) < end:
+        clock.now = now
+        for i in range(5):
+            before = v.fetch_count
+            with pytest.raises((DependencyUnavailable, TokenRejected)):
+                v.verify(mint(k, "EdDSA", f"random-{step}-{i}", at=now))
+            if v.fetch_count != before:
+                fetched_at.append(now)
+        step += 1
+    return fetched_at
+
+
+def test_a_flood_of_random_kids_is_bounded_up_and_down(
+    jwks_server: JwksServer, k1: Any, k2: Any
+) -> None:
+    jwks_server.publish(("k1", k1))
+    clock = Clock()
+    v = make(jwks_server, clock, failure_retry_s=1, failure_retry_max_s=8)
+    v.verify(mint(k1, "EdDSA", "k1"))
+    # Endpoint up: one fetch per cooldown (30 s), however many unknown kids arrive.
+    assert _flood(v, clock, k2, start=T0, end=T0 + 120) == [T0 + 30, T0 + 60, T0 + 90]
+    # Endpoint down: retried after 1, 2, 4, then every 8 s (the bound), never more often.
+    jwks_server.stop()
+    fetched = _flood(v, clock, k2, start=T0 + 120, end=T0 + 180)
+    assert [b - a for a, b in itertools.pairwise(fetched)] == [1, 2, 4, 8, 8, 8, 8, 8, 8]
+    assert fetched[0] == T0 + 120
+    assert v.key_ids == {"k1"}  # the cached keys stay in use
 
 
 @pytest.mark.parametrize(
