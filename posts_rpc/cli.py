@@ -49,6 +49,7 @@ from requests.adapters import HTTPAdapter
 
 from auth_rpc import __version__
 from auth_rpc.errors import AuthError, DependencyUnavailable
+from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
     bind_socket,
@@ -299,7 +300,7 @@ def _serve(args: argparse.Namespace) -> int:
         # auth-rpc does): a store that cannot be opened is one error line and
         # exit 1, not a ready line followed by every worker failing.
         directory = Path(args.data_dir)
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(directory, "data directory")
         SqlitePostStore.open(directory / DB_FILE_NAME).close()
     sock = bind_socket(args.host, args.port)
 

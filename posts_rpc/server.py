@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth_rpc.idl import posts_thrift
+from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import RpcServer, ServerSettings
 from auth_rpc.verify.principal import Principal, TokenVerifier
 from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE
@@ -55,7 +56,9 @@ class PostsServer:
 
     Raises ``ValueError`` for a bad combination of arguments and
     :class:`~auth_rpc.errors.DependencyUnavailable` when the store cannot
-    be opened.
+    be opened (:class:`~auth_rpc.serving.private_files.UnsafeFile`, one of
+    its subclasses, when another user owns the data directory or the store,
+    or group or others may write them).
     """
 
     def __init__(
@@ -83,7 +86,7 @@ class PostsServer:
         if store is None:
             assert data_dir is not None
             directory = Path(data_dir)
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(directory, "data directory")  # refuses one another user could write
             store = SqlitePostStore.open(directory / DB_FILE_NAME, clock=clock)
         self.store: PostStore = store
         try:

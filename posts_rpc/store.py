@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from auth_rpc.errors import DependencyUnavailable, storage_failure
+from auth_rpc.serving.private_files import check_private_stat
 
 T = TypeVar("T")
 
@@ -204,7 +205,10 @@ class SqlitePostStore:
             # Create the file ourselves so that it (and the -wal and -shm files,
             # which SQLite creates with its mode) is readable by the owner only.
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+            try:
+                check_private_stat(os.fstat(fd), path, "post database")
+            finally:
+                os.close(fd)
             writer = _connect(path, busy_timeout_s)
         except (sqlite3.Error, OSError) as exc:
             log.error("cannot open the post database: %s", storage_failure(exc))

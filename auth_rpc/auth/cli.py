@@ -2,6 +2,7 @@
 
     auth-rpc serve --data-dir DIR [--host H] [--port P] [--http-port P] [--issuer URL]
                    [--audience AUD] [--alg ALG] [--hs256-secret-file FILE] [--access-ttl S]
+                   [--init]
                    [--status-list-ttl S] [--status-list-size N] [--status-list-base-url URL]
                    [--http-connection-limit N] [--http-per-peer-limit N]
                    [--http-header-timeout S] [--http-idle-timeout S]
@@ -12,7 +13,13 @@
 (RFC 8707 ``resource``; Thrift ``audience``); without it, only the default
 audience of ``serve`` (its ``--audience``). Names: 1..128 ASCII letters,
 digits and ``. _ ~ : / -``, starting with a letter or a digit.
-    auth-rpc rotate-key --data-dir DIR
+    auth-rpc rotate-key --data-dir DIR [--alg ALG] [--activate-after S | --now]
+
+``rotate-key`` publishes the new key at once and signs with it from
+``--activate-after`` seconds later (default 360: what verifiers may cache the
+JWK Set, plus a margin); the running service switches by itself. ``--now``
+switches at once: for a compromised key only. ``serve --init`` starts afresh
+when the database is missing or empty beside existing keys (refused otherwise).
 
 Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage.
 """
@@ -27,6 +34,7 @@ from pathlib import Path
 
 from auth_rpc import __version__
 from auth_rpc.auth.accounts import AUDIENCE_RULE
+from auth_rpc.auth.keys import KEY_ACTIVATION_DELAY_S
 from auth_rpc.auth.server import AuthServer
 from auth_rpc.auth.service import AuthService, AuthSettings
 from auth_rpc.errors import AuthError
@@ -144,6 +152,14 @@ def _parser() -> argparse.ArgumentParser:
         help="pre-forked processes sharing the listening sockets (default 1)",
     )
     serve.add_argument("--log-level", default="INFO")
+    serve.add_argument(
+        "--init",
+        action="store_true",
+        help="start afresh even though the database is missing or empty beside existing keys, "
+        "or the keys directory holds keys the database does not know (those files are moved "
+        "to DATA_DIR/keys-unknown-TIME/); every account and issued token is lost. Not needed "
+        "on a new data directory",
+    )
 
     add_user = sub.add_parser("add-user", help="create a user")
     add_user.add_argument("name")
@@ -176,6 +192,20 @@ def _parser() -> argparse.ArgumentParser:
     data_dir(rotate)
     rotate.add_argument(
         "--alg", choices=ALGORITHMS, help="algorithm of the new key (default: current)"
+    )
+    when = rotate.add_mutually_exclusive_group()
+    when.add_argument(
+        "--activate-after",
+        type=int,
+        metavar="SECONDS",
+        help=f"publish the key now, sign with it SECONDS later (default {KEY_ACTIVATION_DELAY_S}: "
+        "what verifiers may cache the JWK Set, plus a margin)",
+    )
+    when.add_argument(
+        "--now",
+        action="store_true",
+        help="sign with the new key at once: for a compromised key only (verifiers may refuse "
+        "its tokens until they fetch the JWK Set again)",
     )
     return parser
 
@@ -234,7 +264,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     def start() -> Callable[[], None]:
-        service = AuthService.open(_settings(args, issuer))
+        service = AuthService.open(_settings(args, issuer), init=args.init)
         try:
             server = AuthServer(
                 service,
@@ -263,7 +293,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers == 1:
             return run_until_signal(ready, start())
         # Make the data dir, schema and signing key once, before the workers open them.
-        AuthService.open(_settings(args, issuer)).close()
+        AuthService.open(_settings(args, issuer), init=args.init).close()
         return run_workers(args.workers, ready, start)
 
 
@@ -324,12 +354,25 @@ def main(argv: list[str] | None = None) -> int:
             print(secret)
             return 0
         if args.command == "rotate-key":
+            delay = 0 if args.now else args.activate_after
             service = _admin_service(args)
             try:
-                kid = service.rotate_key(args.alg)
+                kid = service.rotate_key(args.alg, activate_after_s=delay)
             finally:
                 service.close()
-            print(f"new signing key {kid}; the previous key verifies until its tokens expire")
+            if delay == 0:
+                print(
+                    f"new signing key {kid}: it signs at once (emergency rotation: verifiers "
+                    "may refuse its tokens until they fetch the JWK Set again); the previous "
+                    "key verifies until its tokens expire"
+                )
+            else:
+                print(
+                    f"new signing key {kid}: published now, it signs in "
+                    f"{KEY_ACTIVATION_DELAY_S if delay is None else delay} s (running services "
+                    "switch by themselves); the previous key signs until then and verifies "
+                    "until its tokens expire"
+                )
             return 0
     except (AuthError, ValueError, OSError) as exc:
         return report_error("auth-rpc", exc)

@@ -35,8 +35,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from auth_rpc.errors import DependencyUnavailable, storage_failure
+from auth_rpc.serving.private_files import check_private_stat
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database"]
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database", "NewDatabaseRefused"]
 
 log = logging.getLogger("auth_rpc.auth.db")
 
@@ -160,9 +161,19 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE family_access_tokens ADD COLUMN status_list INTEGER;
     ALTER TABLE family_access_tokens ADD COLUMN status_idx INTEGER;
     """,
+    # 6: keys published before they sign. activates_at: when a key starts
+    # signing (NULL = from when it was made: keys made before v6, first keys,
+    # emergency rotations); the key it replaces has superseded_at = that time.
+    """
+    ALTER TABLE signing_keys ADD COLUMN activates_at INTEGER;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class NewDatabaseRefused(ValueError):
+    """The database is new (missing or empty) where an existing one was expected."""
 
 _UNAVAILABLE = "database unavailable"
 
@@ -180,6 +191,8 @@ class Database:
         self._lock = threading.RLock()
         self._depth = 0
         self.path = path
+        #: Whether :meth:`open` made the schema (the file was missing or empty).
+        self.created = False
 
     @classmethod
     def open(
@@ -188,18 +201,28 @@ class Database:
         *,
         busy_timeout_s: float = 5.0,
         migrations: tuple[str, ...] = MIGRATIONS,
+        allow_new: bool = True,
     ) -> Database:
-        """Open (creating with mode 0600) the database at ``path`` and migrate it.
+        """Open (creating with mode 0600) the database at ``path``, check it, migrate it.
 
-        Raises :class:`DependencyUnavailable` if SQLite fails, ``ValueError``
-        if the file's schema is newer than ``migrations`` knows.
+        Before anything is written: a file another user owns or group/others
+        may write is refused (:class:`~auth_rpc.serving.private_files.UnsafeFile`),
+        and so is a damaged one (``PRAGMA quick_check``;
+        :class:`DependencyUnavailable` naming SQLite's message). With
+        ``allow_new=False`` a new database (missing, empty, or with no schema)
+        raises :class:`NewDatabaseRefused`. :attr:`created` tells whether the
+        schema was made by this call. Raises :class:`DependencyUnavailable` if
+        SQLite fails, ``ValueError`` if the file's schema is newer than
+        ``migrations`` knows.
         """
         path = Path(path)
+        existed = path.exists()
         try:
             # Create the file ourselves so that it (and SQLite's -wal and -shm
             # files, which copy its mode) is never readable by others.
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
+                check_private_stat(os.fstat(fd), path, "database")
                 if os.fstat(fd).st_mode & 0o077:
                     log.warning("restricting the database file to its owner (mode 0600)")
                     os.fchmod(fd, 0o600)
@@ -216,6 +239,7 @@ class Database:
             raise DependencyUnavailable(f"{_UNAVAILABLE}: {storage_failure(exc)}") from exc
         db = cls(conn, path)
         try:
+            db.created = db._check(conn, allow_new=allow_new, existed=existed)
             with db._locked() as c:
                 c.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
                 mode = c.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -228,6 +252,31 @@ class Database:
             db.close()
             raise
         return db
+
+    def _check(self, conn: sqlite3.Connection, *, allow_new: bool, existed: bool) -> bool:
+        """Whether the database is new; refuses a damaged one (and a new one unless allowed)."""
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.Error as exc:
+            raise DependencyUnavailable(
+                f"the database {self.path} cannot be used: {storage_failure(exc)}; "
+                "restore it from a backup"
+            ) from exc
+        problems = [str(row[0]) for row in rows if str(row[0]) != "ok"]
+        if problems:
+            detail = "; ".join(" ".join(p.split()) for p in problems[:3])
+            raise DependencyUnavailable(
+                f"the database {self.path} is damaged (SQLite quick_check: {detail}); "
+                "restore it from a backup"
+            )
+        if version == 0 and not allow_new:
+            if not existed:
+                conn.close()
+                self._conn = None
+                self.path.unlink(missing_ok=True)
+            raise NewDatabaseRefused(f"the database {self.path} is new (missing or empty)")
+        return version == 0
 
     def _migrate(self, migrations: tuple[str, ...]) -> None:
         with self.transaction() as conn:

@@ -11,7 +11,21 @@ the ``signing_keys`` table records each key's algorithm, when it was made,
 when a newer key superseded it, and the longest access-token lifetime it was
 used with. A superseded key keeps verifying, and stays in the JWK Set, until
 ``superseded_at + max_ttl_s + RETIRE_SLACK_S``: by then every token it signed
-has expired. After that its row and file are deleted.
+has expired. After that its file and row are deleted.
+
+Rotation publishes before it signs: a new key is in the JWK Set from the
+moment it is made, but signs only from ``activates_at`` (by default
+:data:`KEY_ACTIVATION_DELAY_S` later), when the previous key becomes
+superseded. Verifiers that cache the JWK Set have fetched it by then, so no
+valid token is refused. Which key signs is decided from the clock on every
+use, so a running service switches at ``activates_at`` without a restart or
+a reload. An immediate rotation (``activates_at`` NULL) exists for
+emergencies (a compromised key): tokens under the new key may then be
+refused by verifiers until they fetch the set again.
+
+Every process refuses a keys directory or key file that another user owns
+or that group or others may write, and a key file whose ``kid`` is not the
+RFC 7638 thumbprint of its public key (:mod:`auth_rpc.serving.private_files`).
 
 HS256: the secret comes from a file given in the settings (at least 32
 bytes), is never written to the data dir and never published: the JWK Set
@@ -25,6 +39,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import sqlite3
@@ -41,9 +56,11 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
 from auth_rpc.auth.db import Database
 from auth_rpc.errors import DependencyUnavailable
+from auth_rpc.serving.private_files import UnsafeFile, check_private, private_dir
 
 __all__ = [
     "ALGORITHMS",
+    "KEY_ACTIVATION_DELAY_S",
     "MIN_HS256_SECRET_BYTES",
     "RETIRE_SLACK_S",
     "KeyManager",
@@ -63,6 +80,12 @@ RSA_BITS = 2048
 #: Extra time a superseded key lives beyond its longest token lifetime
 #: (leeway of validators, and the delay before another process sees a rotation).
 RETIRE_SLACK_S = 60
+#: How long a new key is published before it signs (``rotate-key``, or a switch of
+#: algorithm at start): at least what verifiers may cache the JWK Set (its max-age,
+#: ``auth_rpc.auth.http.JWKS_MAX_AGE_S`` = 300 s, also the jwks verifier's
+#: ``max_key_age_s``) plus the time running services take to see the new key
+#: (``KeyManager`` re-reads the key table every 5 s) and a margin.
+KEY_ACTIVATION_DELAY_S = 360
 _KID_MAX = 128
 
 
@@ -231,6 +254,17 @@ class KeyRecord:
     created_at: int
     superseded_at: int | None
     max_ttl_s: int
+    activates_at: int | None = None  # None: signs from when it was made
+
+    def signs_at(self, now: float) -> bool:
+        """Whether this key is the one to sign with at ``now`` (activated, not superseded)."""
+        if self.activates_at is not None and now < self.activates_at:
+            return False
+        return self.superseded_at is None or now < self.superseded_at
+
+    def may_sign(self, now: float) -> bool:
+        """Whether this key signs now or will (not superseded yet)."""
+        return self.superseded_at is None or now < self.superseded_at
 
     def retire_at(self) -> float | None:
         """When the key stops verifying (``None`` while it is the signer)."""
@@ -247,16 +281,34 @@ class KeyStore:
         self.keys_dir = keys_dir
 
     def ensure_dir(self) -> None:
-        """Create ``keys_dir`` with mode 0700 (tightening it if it exists)."""
-        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.keys_dir, 0o700)
+        """Create ``keys_dir`` with mode 0700 (tightening it if it exists).
+
+        Raises :class:`~auth_rpc.serving.private_files.UnsafeFile` if another
+        user owns it or group or others may write it, OSError.
+        """
+        private_dir(self.keys_dir, "key directory")
+
+    def unknown_files(self, *, grace_s: float = 30.0) -> list[Path]:
+        """Key files (``*.pem``) in ``keys_dir`` that no row of ``signing_keys`` names.
+
+        A file written in the last ``grace_s`` seconds is left out: another
+        process (``auth-rpc rotate-key``) writes the file just before its row.
+        """
+        if not self.keys_dir.is_dir():
+            return []
+        known = {record.kid for record in self.records()}
+        recent = time.time() - grace_s
+        return sorted(
+            p for p in self.keys_dir.glob("*.pem")
+            if p.stem not in known and p.stat().st_mtime < recent
+        )
 
     def records(self) -> list[KeyRecord]:
         """Every key row, oldest first. Raises DependencyUnavailable."""
         with self._db.read() as conn:
             rows = conn.execute(
-                "SELECT kid, alg, created_at, superseded_at, max_ttl_s FROM signing_keys "
-                "ORDER BY created_at, kid"
+                "SELECT kid, alg, created_at, superseded_at, max_ttl_s, activates_at "
+                "FROM signing_keys ORDER BY created_at, kid"
             ).fetchall()
         return [KeyRecord(*row) for row in rows]
 
@@ -264,18 +316,38 @@ class KeyStore:
         """Read and parse one key file. Raises DependencyUnavailable if it is missing or bad."""
         path = self._path(record.kid)
         try:
-            if path.stat().st_mode & 0o077:
+            st = check_private(path, "signing key file")  # UnsafeFile passes through
+            if st.st_mode & 0o077:
                 log.warning("restricting signing key file %s to its owner (mode 0600)", path.name)
                 os.chmod(path, 0o600)
-            return SigningKey.from_pem(path.read_bytes(), kid=record.kid, alg=record.alg)
+            key = SigningKey.from_pem(path.read_bytes(), kid=record.kid, alg=record.alg)
         except (OSError, ValueError, TypeError) as exc:
             log.error("cannot load signing key %s: %s", record.kid, type(exc).__name__)
             raise DependencyUnavailable("signing key unavailable") from exc
+        jwk = key.public_jwk()
+        if jwk is not None and _thumbprint(jwk) != record.kid:
+            # Our kids are RFC 7638 thumbprints: another key was put in this file's place.
+            raise UnsafeFile(
+                f"signing key file {path}: the key is not the one its kid names (RFC 7638 "
+                "thumbprint mismatch): refused"
+            )
+        return key
 
-    def add(self, key: SigningKey, *, now: int, max_ttl_s: int, supersede: bool = True) -> None:
+    def add(
+        self,
+        key: SigningKey,
+        *,
+        now: int,
+        max_ttl_s: int,
+        supersede: bool = True,
+        activates_at: int | None = None,
+    ) -> None:
         """Write ``key`` (0600, fsynced) and record it; older signers become superseded.
 
-        Raises DependencyUnavailable (database) or OSError (file).
+        ``activates_at`` ``None``: the key signs at once, and every key not
+        yet superseded (a pending one too) is superseded at ``now``. Else it
+        signs from ``activates_at``, when the keys not yet superseded become
+        superseded. Raises DependencyUnavailable (database) or OSError (file).
         """
         self.ensure_dir()
         path = self._path(key.kid)
@@ -288,25 +360,34 @@ class KeyStore:
         _fsync_dir(self.keys_dir)
         try:
             with self._db.transaction() as conn:
-                if supersede:
+                if supersede and activates_at is None:
+                    conn.execute(
+                        "UPDATE signing_keys SET superseded_at = ? "
+                        "WHERE superseded_at IS NULL OR superseded_at > ?",
+                        (now, now),
+                    )
+                elif supersede:
                     conn.execute(
                         "UPDATE signing_keys SET superseded_at = ? WHERE superseded_at IS NULL",
-                        (now,),
+                        (activates_at,),
                     )
                 conn.execute(
-                    "INSERT INTO signing_keys (kid, alg, created_at, superseded_at, max_ttl_s) "
-                    "VALUES (?, ?, ?, NULL, ?)",
-                    (key.kid, key.alg, now, max_ttl_s),
+                    "INSERT INTO signing_keys "
+                    "(kid, alg, created_at, superseded_at, max_ttl_s, activates_at) "
+                    "VALUES (?, ?, ?, NULL, ?, ?)",
+                    (key.kid, key.alg, now, max_ttl_s, activates_at),
                 )
         except BaseException:
             path.unlink(missing_ok=True)
             raise
 
     def supersede_all(self, *, now: int) -> None:
-        """Mark every current signer superseded (switching to an HS256 secret)."""
+        """Mark every current or pending signer superseded (switching to an HS256 secret)."""
         with self._db.transaction() as conn:
             conn.execute(
-                "UPDATE signing_keys SET superseded_at = ? WHERE superseded_at IS NULL", (now,)
+                "UPDATE signing_keys SET superseded_at = ? "
+                "WHERE superseded_at IS NULL OR superseded_at > ?",
+                (now, now),
             )
 
     def note_ttl(self, kid: str, ttl_s: int) -> None:
@@ -317,18 +398,18 @@ class KeyStore:
             )
 
     def delete(self, kid: str) -> None:
-        """Forget a retired key: its row, then its file."""
+        """Forget a retired key: its file, then its row (a file never outlives its row)."""
+        self._path(kid).unlink(missing_ok=True)
         with self._db.transaction() as conn:
             conn.execute("DELETE FROM signing_keys WHERE kid = ?", (kid,))
-        self._path(kid).unlink(missing_ok=True)
 
-    def fingerprint(self) -> tuple[tuple[str, int | None], ...]:
-        """A cheap summary that changes whenever keys are added or superseded."""
+    def fingerprint(self) -> tuple[tuple[str, int | None, int | None], ...]:
+        """A cheap summary that changes whenever keys are added, scheduled or superseded."""
         with self._db.read() as conn:
             rows = conn.execute(
-                "SELECT kid, superseded_at FROM signing_keys ORDER BY kid"
+                "SELECT kid, superseded_at, activates_at FROM signing_keys ORDER BY kid"
             ).fetchall()
-        return tuple((str(k), s) for k, s in rows)
+        return tuple((str(k), s, a) for k, s, a in rows)
 
     def _path(self, kid: str) -> Path:
         if not kid.replace("-", "").replace("_", "").isalnum():
@@ -351,12 +432,45 @@ def _fsync_dir(path: Path) -> None:
 
 @dataclass(frozen=True)
 class KeyRing:
-    """An immutable snapshot: the signer and every key that still verifies."""
+    """An immutable snapshot: every key that still verifies (pending ones too).
 
-    signer: SigningKey | None
+    ``fixed_signer`` is the HS256 secret when one is configured (it always
+    signs); otherwise the signer is the key of ``records`` active at the time
+    asked (:meth:`signer_at`).
+    """
+
+    fixed_signer: SigningKey | None
     keys: Mapping[str, SigningKey]
     records: Mapping[str, KeyRecord]
-    fingerprint: tuple[tuple[str, int | None], ...]
+    fingerprint: tuple[tuple[str, int | None, int | None], ...]
+
+    def signer_at(self, now: float) -> SigningKey | None:
+        """The key that signs at ``now``: the latest activated one not yet superseded."""
+        if self.fixed_signer is not None:
+            return self.fixed_signer
+        best: KeyRecord | None = None
+        for record in self.records.values():
+            if record.alg not in ASYMMETRIC or not record.signs_at(now):
+                continue
+            if best is None or _activation_order(record) > _activation_order(best):
+                best = record
+        return None if best is None else self.keys.get(best.kid)
+
+
+def _activation_order(record: KeyRecord) -> tuple[int, int, str]:
+    start = record.created_at if record.activates_at is None else record.activates_at
+    return (start, record.created_at, record.kid)
+
+
+#: Why ``rotate-key`` refuses when no asymmetric key signs (HS256, or never served).
+NO_KEY_TO_ROTATE = (
+    "no asymmetric signing key is in use here: the service signs with an HS256 secret (or has "
+    "never been started: auth-rpc serve makes the first key). To rotate an HS256 secret, write "
+    "a new one (at least 32 random bytes) to the file of serve --hs256-secret-file and restart "
+    "auth-rpc serve; give the same file to every verifier (posts-rpc serve --verify local "
+    "--hs256-secret-file) and restart them at the same time: tokens signed with the old secret "
+    "are refused from then on, and clients log in again"
+)
 
 
 class KeyManager:
@@ -365,7 +479,9 @@ class KeyManager:
     Thread safe: lookups read an immutable :class:`KeyRing` swapped atomically.
     A rotation made by another process (``auth-rpc rotate-key``) is picked up
     within ``reload_interval_s`` (checked on use), or at once when a token
-    names an unknown ``kid`` (at most once a second).
+    names an unknown ``kid`` (at most once a second). A new key signs
+    ``activation_delay_s`` after it is made (published meanwhile): keep it
+    above ``reload_interval_s`` plus what verifiers may cache the JWK Set.
     """
 
     def __init__(
@@ -377,6 +493,7 @@ class KeyManager:
         clock: Callable[[], float],
         hs256_key: SigningKey | None = None,
         reload_interval_s: float = 5.0,
+        activation_delay_s: float = KEY_ACTIVATION_DELAY_S,
     ) -> None:
         if alg not in ALGORITHMS:
             raise ValueError(f"unsupported algorithm {alg!r}; choose one of {ALGORITHMS}")
@@ -388,6 +505,9 @@ class KeyManager:
         self._clock = clock
         self._hs256 = hs256_key
         self._reload_interval_s = reload_interval_s
+        if activation_delay_s < 0:
+            raise ValueError("activation_delay_s must not be negative")
+        self._activation_delay_s = activation_delay_s
         self._lock = threading.Lock()
         self._ring = KeyRing(None, {}, {}, ())
         self._checked_at = float("-inf")
@@ -399,22 +519,39 @@ class KeyManager:
         """Load the keys; with ``create``, make a signing key of ``alg`` if none is current.
 
         Making a key of another algorithm than the current signer's is a
-        rotation (the old key retires after its tokens expire). Raises
+        rotation: the new key is published at once and signs from
+        ``activation_delay_s`` later (the old key signs until then, and
+        retires after its tokens expire); a first key signs at once. Raises
         DependencyUnavailable, OSError.
         """
         now = int(self._clock())
         self._store.ensure_dir()
         if create:
-            current = [r for r in self._store.records() if r.superseded_at is None]
+            records = self._store.records()
+            current = [r for r in records if r.superseded_at is None]
             if self.alg == "HS256":
-                if current:
+                if any(r.may_sign(now) for r in records):
                     log.info("switching to HS256; current asymmetric keys retire")
                     self._store.supersede_all(now=now)
             elif not any(r.alg == self.alg for r in current):
                 key = SigningKey.generate(self.alg)
-                self._store.add(key, now=now, max_ttl_s=self._access_ttl_s)
-                log.info("made signing key %s (%s)", key.kid, key.alg)
+                signing = any(r.alg in ASYMMETRIC and r.signs_at(now) for r in records)
+                activates_at = self._activation_time(now) if signing else None
+                self._store.add(
+                    key, now=now, max_ttl_s=self._access_ttl_s, activates_at=activates_at
+                )
+                if activates_at is None:
+                    log.info("made signing key %s (%s)", key.kid, key.alg)
+                else:
+                    log.info(
+                        "made signing key %s (%s); published now, signs in %d s",
+                        key.kid, key.alg, activates_at - now,
+                    )
         self.reload(force=True)
+
+    def _activation_time(self, now: int, delay_s: float | None = None) -> int | None:
+        delay = self._activation_delay_s if delay_s is None else delay_s
+        return now + math.ceil(delay) if delay > 0 else None
 
     def reload(self, *, force: bool = False) -> None:
         """Re-read the key table if it changed (or ``force``); drop retired keys."""
@@ -435,21 +572,24 @@ class KeyManager:
                     continue
                 records[record.kid] = record
                 keys[record.kid] = old.get(record.kid) or self._store.load(record)
-            signer: SigningKey | None
+            fixed: SigningKey | None = None
             if self._hs256 is not None:
-                signer = self._hs256
-                keys[signer.kid] = signer
+                fixed = self._hs256
+                keys[fixed.kid] = fixed
             else:
-                current = [r for r in records.values() if r.superseded_at is None]
-                signer = keys[current[-1].kid] if current else None
-                if signer is not None and records[signer.kid].max_ttl_s < self._access_ttl_s:
+                short = [
+                    r for r in records.values()
+                    if r.may_sign(now) and r.max_ttl_s < self._access_ttl_s
+                ]
+                if short:
                     # A key made by another process (auth-rpc rotate-key) with a
-                    # shorter lifetime in its settings: record ours before
-                    # signing, so that the key does not retire too early.
-                    self._store.note_ttl(signer.kid, self._access_ttl_s)
+                    # shorter lifetime in its settings: record ours before it
+                    # signs, so that the key does not retire too early.
+                    for record in short:
+                        self._store.note_ttl(record.kid, self._access_ttl_s)
                     fingerprint = self._store.fingerprint()
                     records = {r.kid: r for r in self._store.records() if r.kid in records}
-            self._ring = KeyRing(signer, keys, records, fingerprint)
+            self._ring = KeyRing(fixed, keys, records, fingerprint)
 
     def _retire_locked(self) -> None:
         now = self._clock()
@@ -464,7 +604,7 @@ class KeyManager:
             self._forget(kid)
         keys = {k: v for k, v in ring.keys.items() if k not in expired}
         records = {k: v for k, v in ring.records.items() if k not in expired}
-        self._ring = KeyRing(ring.signer, keys, records, self._store.fingerprint())
+        self._ring = KeyRing(ring.fixed_signer, keys, records, self._store.fingerprint())
 
     def _forget(self, kid: str) -> None:
         try:
@@ -478,15 +618,15 @@ class KeyManager:
             return
         try:
             self.reload()
-        except DependencyUnavailable:
-            log.warning("key reload failed; keeping the loaded keys")
+        except DependencyUnavailable as exc:
+            log.warning("key reload failed (%s); keeping the loaded keys", exc.message)
 
     # -- use ---------------------------------------------------------------
 
     def signer(self) -> SigningKey:
         """The current signing key. Raises DependencyUnavailable if there is none."""
         self._maybe_reload()
-        signer = self._ring.signer
+        signer = self._ring.signer_at(self._clock())
         if signer is None:
             raise DependencyUnavailable("no signing key")
         return signer
@@ -515,7 +655,7 @@ class KeyManager:
         return key
 
     def jwks(self) -> dict[str, object]:
-        """The JWK Set (RFC 7517): public keys that still verify, newest first.
+        """The JWK Set (RFC 7517): public keys that still verify, the latest to sign first.
 
         Never contains an HS256 secret; empty in HS256 mode unless older
         asymmetric keys are still retiring. Never raises (serves the loaded
@@ -524,7 +664,7 @@ class KeyManager:
         self._maybe_reload()
         ring = self._ring
         now = self._clock()
-        entries: list[tuple[int, dict[str, str]]] = []
+        entries: list[tuple[tuple[int, int, str], dict[str, str]]] = []
         for kid, key in ring.keys.items():
             record = ring.records.get(kid)
             if record is None:
@@ -534,28 +674,54 @@ class KeyManager:
                 continue
             jwk = key.public_jwk()
             if jwk is not None:
-                entries.append((record.created_at, jwk))
+                entries.append((_activation_order(record), jwk))
         entries.sort(key=lambda e: e[0], reverse=True)
         return {"keys": [jwk for _, jwk in entries]}
 
-    def rotate(self, alg: str | None = None) -> str:
-        """Make a new signing key; it signs from now on. Returns its ``kid``.
+    def rotate(self, alg: str | None = None, *, activate_after_s: float | None = None) -> str:
+        """Make a new signing key, published at once; returns its ``kid``.
 
-        ``alg`` defaults to the current signer's algorithm (or the configured
-        one). Raises ``ValueError`` for HS256 (replace the secret file
-        instead) or an unknown algorithm; DependencyUnavailable, OSError.
+        It signs from ``activate_after_s`` (default ``activation_delay_s``)
+        later, when the current key becomes superseded: verifiers that cache
+        the JWK Set fetch it before any token carries it. ``0`` switches at
+        once: for emergencies only (a compromised key), as verifiers may refuse
+        tokens of the new key until they fetch the set again. ``alg``
+        defaults to the algorithm of the newest key. Raises ``ValueError``
+        when no asymmetric key is in use (HS256: replace the secret file
+        instead; or never started), for HS256 or an unknown algorithm;
+        DependencyUnavailable, OSError.
         """
+        if self._hs256 is not None:
+            raise ValueError(NO_KEY_TO_ROTATE)
+        self.reload()
+        now = int(self._clock())
+        ring = self._ring
+        final = [
+            r for r in ring.records.values() if r.superseded_at is None and r.alg in ASYMMETRIC
+        ]
+        if not final:
+            raise ValueError(NO_KEY_TO_ROTATE)
         if alg is None:
-            current = self._ring.signer
-            alg = current.alg if current is not None else self.alg
+            alg = max(final, key=_activation_order).alg
         if alg == "HS256":
-            raise ValueError(
-                "an HS256 secret cannot be rotated here: write a new secret file and restart"
-            )
+            raise ValueError(NO_KEY_TO_ROTATE)
         if alg not in ALGORITHMS:
             raise ValueError(f"unsupported algorithm {alg!r}; choose one of {ALGORITHMS}")
+        if activate_after_s is not None and not 0 <= activate_after_s <= 366 * 86400:
+            raise ValueError("the activation delay must be 0..31622400 seconds")
+        activates_at = None
+        if ring.signer_at(now) is not None:
+            activates_at = self._activation_time(now, activate_after_s)
         key = SigningKey.generate(alg)
-        self._store.add(key, now=int(self._clock()), max_ttl_s=self._access_ttl_s)
-        log.info("rotated to signing key %s (%s)", key.kid, key.alg)
+        self._store.add(
+            key, now=now, max_ttl_s=self._access_ttl_s, activates_at=activates_at
+        )
+        if activates_at is None:
+            log.info("rotated to signing key %s (%s) at once", key.kid, key.alg)
+        else:
+            log.info(
+                "new signing key %s (%s) published; it signs in %d s",
+                key.kid, key.alg, activates_at - now,
+            )
         self.reload(force=True)
         return key.kid

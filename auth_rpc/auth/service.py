@@ -54,8 +54,15 @@ from auth_rpc.auth.accounts import (
     client_secret_digest,
     parse_scope,
 )
-from auth_rpc.auth.db import Database
-from auth_rpc.auth.keys import ALGORITHMS, KeyManager, KeyStore, SigningKey, read_hs256_secret
+from auth_rpc.auth.db import Database, NewDatabaseRefused
+from auth_rpc.auth.keys import (
+    ALGORITHMS,
+    KEY_ACTIVATION_DELAY_S,
+    KeyManager,
+    KeyStore,
+    SigningKey,
+    read_hs256_secret,
+)
 from auth_rpc.auth.passwords import SecretHasher
 from auth_rpc.auth.status import (
     DEFAULT_STATUS_LIST_SIZE,
@@ -85,6 +92,7 @@ from auth_rpc.errors import (
     InvalidInput,
     TokenRejected,
 )
+from auth_rpc.serving.private_files import private_dir
 from auth_rpc.verify.principal import Principal
 
 __all__ = ["DB_FILENAME", "USER_CLIENT_ID", "AuthService", "AuthSettings", "IssuedTokens"]
@@ -118,6 +126,9 @@ class AuthSettings:
     hs256_secret_file: Path | None = None  # required for HS256; >= 32 bytes
     access_ttl_s: int = 900
     refresh_ttl_s: int = 14 * 86400
+    #: How long a new signing key (rotate-key, a switch of --alg) is published
+    #: before it signs: at least what verifiers may cache the JWK Set.
+    key_activation_delay_s: int = KEY_ACTIVATION_DELAY_S
     #: Token Status Lists: published under ``<status_list_base_url>/statuslists/<k>``
     #: (``None``: the issuer), ``status_list_size`` entries each, with ``ttl``
     #: ``status_list_ttl_s`` (how soon verifiers fetch again) and
@@ -143,6 +154,8 @@ class AuthSettings:
             raise ValueError("access_ttl_s must be 1..86400 seconds")
         if not 1 <= self.refresh_ttl_s <= 366 * 86400:
             raise ValueError("refresh_ttl_s must be 1..31622400 seconds")
+        if not 0 <= self.key_activation_delay_s <= 366 * 86400:
+            raise ValueError("key_activation_delay_s must be 0..31622400 seconds")
         base = self.status_list_base_url
         if base is not None and (
             not base.startswith(("http://", "https://")) or "?" in base or "#" in base
@@ -181,11 +194,51 @@ class IssuedTokens:
 
 
 def _prepare_data_dir(path: Path) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.stat()
-    if st.st_mode & 0o077 and st.st_uid == os.getuid():
-        log.info("restricting the data directory to its owner (mode 0700)")
-        os.chmod(path, 0o700)
+    private_dir(path, "data directory")  # refuses one another user could write
+
+
+def _open_database(data_dir: Path, *, init: bool) -> Database:
+    """The database of ``data_dir``; a new one beside an existing ``keys/`` only with ``init``.
+
+    ``keys/`` is made on the first start, with the database: a new (missing or
+    empty) database beside it means the database was deleted or emptied, and
+    starting would silently lose every account and revocation and make every
+    issued token unverifiable.
+    """
+    keys_dir = data_dir / "keys"
+    had_keys = os.path.lexists(keys_dir)
+    try:
+        return Database.open(data_dir / DB_FILENAME, allow_new=init or not had_keys)
+    except NewDatabaseRefused:
+        raise ValueError(
+            f"the database {data_dir / DB_FILENAME} is missing or empty but {keys_dir} exists: "
+            "this data directory was in use (its accounts, refresh tokens and revocations would "
+            "be lost, its issued tokens unverifiable). Restore the database from a backup, or "
+            "start afresh with auth-rpc serve --init"
+        ) from None
+
+
+def _check_key_files(store: KeyStore, data_dir: Path, *, init: bool, now: float) -> None:
+    """Refuse key files the database does not know; with ``init``, move them aside."""
+    unknown = store.unknown_files(grace_s=0 if init else 30)
+    if not unknown:
+        return
+    if not init:
+        names = ", ".join(p.name for p in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+        raise ValueError(
+            f"{store.keys_dir} holds {len(unknown)} signing key file(s) that the database "
+            f"{data_dir / DB_FILENAME} does not know ({names}): the database was emptied, "
+            "deleted or replaced. Restore the matching database, or start afresh with "
+            "auth-rpc serve --init (the unknown key files are moved aside, never loaded)"
+        )
+    aside = data_dir / f"keys-unknown-{int(now)}"
+    private_dir(aside, "directory")
+    for path in unknown:
+        os.replace(path, aside / path.name)
+    log.warning(
+        "--init: moved %d signing key file(s) the database does not know to %s",
+        len(unknown), aside,
+    )
 
 
 def _requested_audience(audience: str | None) -> str | None:
@@ -270,11 +323,20 @@ class AuthService:
         clock: Callable[[], float] = time.time,
         create_key: bool = True,
         hasher: SecretHasher | None = None,
+        init: bool = False,
     ) -> AuthService:
         """Open the service on ``settings.data_dir``, making dir, database and key on first start.
 
         ``create_key=False`` (admin commands) never makes or switches a
-        signing key. Raises ``ValueError`` (bad settings, short HS256 secret,
+        signing key. Refused (``ValueError``, one line saying what to do): a
+        new database beside an existing ``keys/`` directory, or key files the
+        database does not know, unless ``init`` (``auth-rpc serve --init``:
+        start afresh, unknown key files moved to ``keys-unknown-<time>/``).
+        Refused (:class:`~auth_rpc.serving.private_files.UnsafeFile`): a data
+        directory, key directory, key file or database that another user owns
+        or that group or others may write, a key file whose kid is not its
+        thumbprint; a damaged database (DependencyUnavailable naming SQLite's
+        message). Raises ``ValueError`` (bad settings, short HS256 secret,
         newer schema), ``OSError`` (data dir, key or secret file),
         DependencyUnavailable (database).
         """
@@ -283,14 +345,20 @@ class AuthService:
             assert settings.hs256_secret_file is not None  # AuthSettings checks it
             hs256_key = SigningKey.hs256(read_hs256_secret(settings.hs256_secret_file))
         _prepare_data_dir(settings.data_dir)
-        db = Database.open(settings.data_dir / DB_FILENAME)
+        db = _open_database(settings.data_dir, init=init)
         try:
+            store = KeyStore(db, settings.data_dir / "keys")
+            store.ensure_dir()
+            _check_key_files(store, settings.data_dir, init=init, now=clock())
+            if db.created and init:
+                log.warning("--init: starting with a new, empty database")
             keys = KeyManager(
-                KeyStore(db, settings.data_dir / "keys"),
+                store,
                 alg=settings.alg,
                 access_ttl_s=settings.access_ttl_s,
                 clock=clock,
                 hs256_key=hs256_key,
+                activation_delay_s=settings.key_activation_delay_s,
             )
             keys.start(create=create_key)
             service = cls(settings, db=db, keys=keys, hasher=hasher or SecretHasher(), clock=clock)
@@ -769,15 +837,19 @@ class AuthService:
         log.info("client %r registered", client_id)
         return secret
 
-    def rotate_key(self, alg: str | None = None) -> str:
+    def rotate_key(self, alg: str | None = None, *, activate_after_s: float | None = None) -> str:
         """Make a new signing key (``alg`` defaults to the current one's); returns its kid.
 
-        The previous key keeps verifying, and stays in the JWK Set, until its
-        tokens have expired. Raises ``ValueError`` (HS256, unknown alg),
-        ``OSError``, DependencyUnavailable.
+        The key is published (JWK Set) at once and signs from
+        ``activate_after_s`` later (default ``settings.key_activation_delay_s``),
+        seen by every process on the data directory without a restart; ``0``
+        switches at once (emergencies: a compromised key). The previous key
+        keeps verifying, and stays in the JWK Set, until its tokens have
+        expired. Raises ``ValueError`` (HS256 deployment or no key yet, unknown
+        alg), ``OSError``, DependencyUnavailable.
         """
         self._check_open()
-        return self._keys.rotate(alg)
+        return self._keys.rotate(alg, activate_after_s=activate_after_s)
 
     # -- lifecycle ---------------------------------------------------------
 

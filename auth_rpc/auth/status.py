@@ -365,7 +365,9 @@ class StatusListPublisher:
             "iat": now,
             "exp": now + self.lifetime_s,
             "ttl": self.ttl_s,
-            "status_list": status_list.to_json(),
+            # zlib's run-length strategy: ~100x faster than the default on a
+            # sparse list, for a few per cent more bytes (verify.statuslist.encode_lst).
+            "status_list": status_list.to_json(rle=True),
         }
         token = jwt.encode(
             payload,

@@ -115,13 +115,24 @@ _REFUSALS = {
 # -- the codec ------------------------------------------------------------------
 
 
-def encode_lst(byte_array: bytes | bytearray) -> str:
+def encode_lst(byte_array: bytes | bytearray, *, rle: bool = False) -> str:
     """``lst`` of a byte array: DEFLATE in the ZLIB format at level 9, base64url without padding.
 
     The draft recommends "the highest compression level available"; its test
     vectors were made this way, so the output matches them byte for byte.
+    ``rle=True`` uses zlib's run-length strategy (still level 9, any ZLIB
+    decompressor reads it): on a sparse list of revocations it is ~100 times
+    faster (1,000,000 entries at 1 % revoked: 0.5 ms instead of 70 ms here)
+    for a few per cent more bytes (14.9 KB instead of 13.9 KB), smaller above
+    ~5 %. The Auth service encodes with it: the time is added to every
+    verifier's wait for a changed list.
     """
-    return base64.urlsafe_b64encode(zlib.compress(bytes(byte_array), 9)).rstrip(b"=").decode()
+    if rle:
+        deflate = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+        compressed = deflate.compress(bytes(byte_array)) + deflate.flush()
+    else:
+        compressed = zlib.compress(bytes(byte_array), 9)
+    return base64.urlsafe_b64encode(compressed).rstrip(b"=").decode()
 
 
 def decode_lst(lst: str, *, max_bytes: int = DEFAULT_MAX_LIST_BYTES) -> bytes:
@@ -203,9 +214,9 @@ class StatusList:
             raise ValueError("lst is not a string")
         return cls(decode_lst(lst, max_bytes=max_bytes), bits)
 
-    def to_json(self) -> dict[str, object]:
-        """The ``status_list`` claim: ``{"bits": ..., "lst": ...}``."""
-        return {"bits": self.bits, "lst": encode_lst(self.data)}
+    def to_json(self, *, rle: bool = False) -> dict[str, object]:
+        """The ``status_list`` claim, ``{"bits", "lst"}`` (``rle``: see :func:`encode_lst`)."""
+        return {"bits": self.bits, "lst": encode_lst(self.data, rle=rle)}
 
     def get(self, index: int) -> int:
         """The status of entry ``index``. Raises ``IndexError`` outside the list."""

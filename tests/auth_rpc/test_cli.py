@@ -129,17 +129,22 @@ def test_rotate_key_keeps_old_tokens_valid(tmp_path: Path) -> None:
         with contextlib.closing(open_client(auth_thrift.Auth, "127.0.0.1", served.port)) as client:
             old = client.login("bob", "bob's long password").access_token
             old_kid = jwt.get_unverified_header(old)["kid"]
-            rotated = run("rotate-key", "--data-dir", str(data))
+            # Published at once, signing 8 s later (more than the 5 s in which the running
+            # server re-reads its key table): no token may carry a kid its JWKS lacks.
+            rotated = run("rotate-key", "--data-dir", str(data), "--activate-after", "8")
             assert rotated.returncode == 0, rotated.stderr
-            # The running server re-reads its key table at most every 5 s (KeyManager):
-            # poll on the condition, bounded, instead of sleeping a fixed time.
-            deadline = time.monotonic() + 30
+            assert "published now, it signs in 8 s" in rotated.stdout
+            published: set[str] = set()
+            deadline = time.monotonic() + 40
             new_kid = old_kid
             while new_kid == old_kid and time.monotonic() < deadline:
-                threading.Event().wait(0.25)
+                threading.Event().wait(0.25)  # poll on the condition, bounded
+                jwks = requests.get(f"{served.http}/.well-known/jwks.json", timeout=5).json()
+                published |= {k["kid"] for k in jwks["keys"]}
                 new = client.login("bob", "bob's long password").access_token
                 new_kid = jwt.get_unverified_header(new)["kid"]
-            assert old_kid != new_kid, "the running server signs with the rotated key"
+                assert new_kid in published or new_kid == old_kid, "signed before published"
+            assert old_kid != new_kid, "the running server switched to the new key by itself"
             assert client.validate(old).subject == "bob"
             assert client.validate(new).subject == "bob"
         jwks = requests.get(f"{served.http}/.well-known/jwks.json", timeout=5).json()
@@ -211,3 +216,77 @@ def test_sigint_also_stops_cleanly(tmp_path: Path) -> None:
     _, err = served.proc.communicate(timeout=30)
     assert served.proc.returncode == 0, err
     assert os.path.exists(tmp_path / "d")
+
+
+def serve_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """``auth-rpc serve ARGS`` that must refuse to start (exit 1, one line on stderr)."""
+    done = run("serve", "--port", "0", "--http-port", "0", *args)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "ready" not in done.stdout
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("auth-rpc: error: "), done.stderr
+    return done
+
+
+def add_user(data: Path) -> None:
+    added = run("add-user", "dan", "--data-dir", str(data), "--password-stdin",
+                stdin="dan's long password\n")
+    assert added.returncode == 0, added.stderr
+
+
+@pytest.mark.parametrize("how", ["emptied", "deleted"])
+def test_serve_refuses_a_lost_database_unless_init(tmp_path: Path, how: str) -> None:
+    data = tmp_path / "data"
+    add_user(data)
+    code, err = Served("--data-dir", str(data)).stop()  # made its signing key
+    assert code == 0, err
+    db = data / "auth.sqlite3"
+    if how == "emptied":
+        db.write_bytes(b"")  # : > DATA/auth.sqlite3
+    else:
+        db.unlink()
+    refused = serve_refused("--data-dir", str(data))
+    assert "missing or empty" in refused.stderr and "--init" in refused.stderr
+    served = Served("--data-dir", str(data), "--init")  # afresh, on purpose
+    code, err = served.stop()
+    assert code == 0, err
+    assert "--init" in err  # logged: what was moved aside
+
+
+def test_serve_refuses_a_damaged_database(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    add_user(data)
+    db = data / "auth.sqlite3"
+    content = bytearray(db.read_bytes())
+    content[4096 : 4096 + 16] = b"\xff" * 16  # a corrupt page
+    db.write_bytes(bytes(content))
+    refused = serve_refused("--data-dir", str(data))
+    assert "disk image is malformed" in refused.stderr and str(db) in refused.stderr
+
+
+def test_serve_refuses_a_data_dir_others_may_write(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    data.chmod(0o777)
+    refused = serve_refused("--data-dir", str(data))
+    assert f"data directory {data} is writable by group or others" in refused.stderr
+
+
+def test_rotate_key_is_refused_on_an_hs256_deployment(tmp_path: Path) -> None:
+    data, secret = tmp_path / "data", tmp_path / "secret"
+    secret.write_bytes(b"k" * 32)
+    hs256 = ("--data-dir", str(data), "--alg", "HS256", "--hs256-secret-file", str(secret))
+    code, err = Served(*hs256).stop()
+    assert code == 0, err
+    rotated = run("rotate-key", "--data-dir", str(data))
+    assert rotated.returncode == 1 and rotated.stdout == ""
+    assert "HS256 secret" in rotated.stderr and "--hs256-secret-file" in rotated.stderr
+    assert len(rotated.stderr.strip().splitlines()) == 1
+    assert list((data / "keys").iterdir()) == []  # no key made
+    served = Served(*hs256)
+    try:
+        jwks = requests.get(f"{served.http}/.well-known/jwks.json", timeout=5).json()
+        assert jwks == {"keys": []}
+    finally:
+        code, err = served.stop()
+    assert code == 0, err

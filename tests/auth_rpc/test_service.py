@@ -13,7 +13,7 @@ from typing import Any
 import jwt
 import pytest
 
-from auth_rpc.auth.keys import RETIRE_SLACK_S, SigningKey
+from auth_rpc.auth.keys import KEY_ACTIVATION_DELAY_S, RETIRE_SLACK_S, SigningKey
 from auth_rpc.auth.service import USER_CLIENT_ID, AuthService, IssuedTokens
 from auth_rpc.auth.tokens import mint_access_token
 from auth_rpc.errors import (
@@ -556,6 +556,10 @@ def test_key_rotation(service: AuthService, alice: str, clock: Any, data_dir: Pa
     clock.advance(10)
     new_kid = service.rotate_key()
     assert new_kid != old_kid
+    # Published at once, signing only once verifiers have had time to fetch it.
+    assert [k["kid"] for k in jwk_list(service.jwks())] == [new_kid, old_kid]
+    assert header(service.login(alice, PASSWORD).access_token)["kid"] == old_kid
+    clock.advance(KEY_ACTIVATION_DELAY_S)
     new = service.login(alice, PASSWORD)
     assert header(new.access_token)["kid"] == new_kid
     service.validate(old.access_token)
@@ -574,7 +578,7 @@ def test_rotation_by_another_process_is_seen(
     open_service: Callable[..., AuthService], alice: str, service: AuthService
 ) -> None:
     admin = open_service(create_key=False)
-    new_kid = admin.rotate_key()
+    new_kid = admin.rotate_key(activate_after_s=0)  # an emergency rotation: signs at once
     token = mint_access_token(
         admin.signing_key(),
         issuer=ISSUER,
@@ -589,9 +593,10 @@ def test_rotation_by_another_process_is_seen(
     assert service.signing_key().kid == new_kid
 
 
-def test_rotation_to_another_algorithm(service: AuthService, alice: str) -> None:
+def test_rotation_to_another_algorithm(service: AuthService, alice: str, clock: Any) -> None:
     old = service.login(alice, PASSWORD).access_token
     service.rotate_key("ES256")
+    clock.advance(KEY_ACTIVATION_DELAY_S)
     new = service.login(alice, PASSWORD).access_token
     assert header(new)["alg"] == "ES256"
     service.validate(old)
@@ -619,13 +624,17 @@ def test_each_asymmetric_algorithm(open_service: Callable[..., AuthService], alg
 
 
 def test_switching_algorithm_on_restart_keeps_old_tokens_valid(
-    open_service: Callable[..., AuthService],
+    open_service: Callable[..., AuthService], clock: Any
 ) -> None:
     first = open_service()
     first.add_user("alice", PASSWORD, "posts:read")
     token = first.login("alice", PASSWORD).access_token
     first.close()
     second = open_service(alg="RS256")
+    # The RS256 key is published first; the EdDSA key signs until verifiers can know it.
+    assert {k["alg"] for k in jwk_list(second.jwks())} == {"EdDSA", "RS256"}
+    assert header(second.login("alice", PASSWORD).access_token)["alg"] == "EdDSA"
+    clock.advance(KEY_ACTIVATION_DELAY_S)
     assert header(second.login("alice", PASSWORD).access_token)["alg"] == "RS256"
     second.validate(token)
 

@@ -233,9 +233,13 @@ def test_jwks_mode_picks_up_a_key_rotation(
     with posts_client(server) as posts:
         before = users("alice")
         posts.list_posts(before, 0, 0)
-        auth_server.service.rotate_key()
+        # An emergency rotation (the new key signs at once, unpublished until now): within
+        # the refetch cooldown a token under it is Unavailable (retryable), never refused.
+        auth_server.service.rotate_key(activate_after_s=0)
         after = users("alice")
         assert TokenFactory.kid_of(after) != TokenFactory.kid_of(before)
+        with pytest.raises(common_thrift.Unavailable):
+            posts.list_posts(after, 0, 0)
         clock.advance(31)  # past the refetch cooldown
         posts.list_posts(after, 0, 0)
         posts.list_posts(before, 0, 0)  # the old key still verifies

@@ -57,6 +57,20 @@ def test_decoding_matches_the_drafts_test_vectors(vector: dict[str, Any]) -> Non
     assert sum(1 for byte in status_list.data if byte) <= len(statuses)
 
 
+@pytest.mark.parametrize("vector", VECTORS, ids=_name)
+def test_the_run_length_encoding_the_service_uses_decodes_the_same(
+    vector: dict[str, Any],
+) -> None:
+    status_list = StatusList.from_json({"bits": vector["bits"], "lst": vector["lst"]})
+    fast = status_list.to_json(rle=True)
+    assert StatusList.from_json(fast).data == status_list.data
+    # Still DEFLATE in the ZLIB format: any zlib reads it.
+    lst = str(fast["lst"])
+    assert zlib.decompress(base64.urlsafe_b64decode(lst + "=" * (-len(lst) % 4))) == (
+        status_list.data
+    )
+
+
 def test_the_drafts_first_example_bit_by_bit() -> None:
     # Section 4.1: status[0..15] = 1 0 0 1 1 1 0 1 | 1 1 0 0 0 1 0 1 -> 0xB9 0xA3.
     bits = [1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 0, 0, 0, 1, 0, 1]
