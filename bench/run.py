@@ -244,6 +244,7 @@ def _posts_cli_workers(n: int) -> Callable[[Env], list[str]]:
         return [PY, "-c", "import sys; from posts_rpc.cli import main; sys.exit(main())",
                 "serve", "--data-dir", str(data_dir), "--port", "0", "--verify", "local",
                 "--hs256-secret-file", str(env.hs256_file), "--issuer", ISSUER,
+                "--status-list", "off",  # bench-made tokens, without a Status List entry
                 "--audience", AUDIENCE, "--workers", str(n), "--log-level", "WARNING"]
     return argv
 

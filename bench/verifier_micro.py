@@ -6,6 +6,10 @@ Usage: ``python -m bench.verifier_micro [--window 1.0] [--rounds 3] [--no-pin]``
 - ``jwks``, ``introspect``, ``thrift``: against a real ``auth-rpc serve`` started
   here as a separate process (EdDSA keys) on 127.0.0.1, with a registered
   client; the token is a client-credentials token from ``Auth.client_token``.
+  ``jwks EdDSA`` checks the signature only (``status_list="off"``, as before
+  Token Status Lists); ``jwks +status`` also reads the token's bit in its
+  Status List (the default), fetched once and refreshed in the background.
+  The local cases' tokens are made here, without a Status List entry.
 
 "cold" is ``cache_ttl_s=0``: every call does the full check (signature, or one
 round trip to the Auth service; the JWKS keys themselves stay cached). "cached"
@@ -66,7 +70,9 @@ def _local_cases() -> Iterator[tuple[str, Callable[[float], TokenVerifier], str]
     secret = os.urandom(32)
     yield (
         "local HS256",
-        lambda ttl: LocalVerifier(issuer=ISS, audience=AUD, hs256_secret=secret, cache_ttl_s=ttl),
+        lambda ttl: LocalVerifier(
+            issuer=ISS, audience=AUD, hs256_secret=secret, cache_ttl_s=ttl, status_list="off"
+        ),
         jwt.encode(claims, secret, algorithm="HS256", headers=headers),
     )
     keys: dict[str, Any] = {
@@ -84,7 +90,9 @@ def _local_cases() -> Iterator[tuple[str, Callable[[float], TokenVerifier], str]
 
 
 def _local_pem(pem: bytes, ttl: float) -> TokenVerifier:
-    return LocalVerifier(issuer=ISS, audience=AUD, public_key_pem=pem, cache_ttl_s=ttl)
+    return LocalVerifier(
+        issuer=ISS, audience=AUD, public_key_pem=pem, cache_ttl_s=ttl, status_list="off"
+    )
 
 
 class AuthProcess:
@@ -136,6 +144,14 @@ def _remote_cases(auth: AuthProcess) -> Iterator[tuple[str, Callable[[float], To
     token = auth.client_token()
     yield (
         "jwks EdDSA",
+        lambda ttl: JwksVerifier(
+            jwks_url=f"{auth.http}/.well-known/jwks.json", issuer=auth.issuer, audience=AUD,
+            cache_ttl_s=ttl, status_list="off",
+        ),
+        token,
+    )
+    yield (
+        "jwks +status",
         lambda ttl: JwksVerifier(
             jwks_url=f"{auth.http}/.well-known/jwks.json", issuer=auth.issuer, audience=AUD,
             cache_ttl_s=ttl,
