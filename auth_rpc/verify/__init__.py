@@ -6,6 +6,9 @@
   or a public key), jwks (keys fetched from a JWKS URL), introspect (RFC 7662
   over HTTP) and thrift (``Auth.validate``);
 - :mod:`~auth_rpc.verify.cache`: the bounded cache of verified tokens;
+- :mod:`~auth_rpc.verify.statuslist`: Token Status Lists (draft-ietf-oauth-status-list),
+  read by the local and jwks modes on every call: a revoked token is refused
+  within about a second;
 - :mod:`~auth_rpc.verify.guard`: the token guard for the handler of any
   Thrift service (:class:`GuardedHandler`, :func:`requires`, :func:`public`):
   every method checked at class definition, every call's token verified,

@@ -13,9 +13,12 @@ never accepts it), and ``close()``.
 
 All of them share the verified-token cache of :mod:`auth_rpc.verify.cache`. For the
 remote modes its TTL (``cache_ttl_s``, 30 s by default) is how long a revoked
-token may still be accepted; ``cache_ttl_s=0`` turns it off. Local modes hold
-no revocation list unless given a :class:`~auth_rpc.verify.principal.RevocationCheck`,
-consulted on every call, cached or not.
+token may still be accepted; ``cache_ttl_s=0`` turns it off. The local modes
+read each token's bit in the Token Status List its ``status`` claim names
+(:mod:`auth_rpc.verify.statuslist`; on by default, ``status_list="if-present"``
+or ``"off"`` for tokens of an issuer without status lists), and consult a
+:class:`~auth_rpc.verify.principal.RevocationCheck` if given: both on every
+call, cached or not.
 
 Misconfiguration (a short HS256 secret, an algorithm the key cannot verify,
 ``none``) raises ``ValueError`` at construction: it is never a token rejection.
