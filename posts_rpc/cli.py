@@ -211,6 +211,16 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--status-refresh must be between 0 and 3600 seconds")
     if not refresh < max_age <= 86400:
         parser.error("--status-max-age must be longer than --status-refresh (at most 86400)")
+    if (
+        mode in ("local", "jwks")
+        and args.status_list != "off"
+        and not args.status_list_prefix
+        and not args.issuer.startswith(("http://", "https://"))
+    ):
+        parser.error(
+            "--issuer is not an http(s) URL, so its status lists are not under it: give "
+            "--status-list-prefix URL, or --status-list off (an issuer without status lists)"
+        )
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:

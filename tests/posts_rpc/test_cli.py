@@ -235,6 +235,55 @@ def test_jwks_mode_over_https_with_auth_tls_ca(
     assert proc.returncode == 0
 
 
+def test_status_list_flags_reach_the_verifier(tmp_path: Path, secret_file: Path) -> None:
+    parser = cli._parser()
+
+    def verifier(*flags: str) -> Any:
+        args = parser.parse_args([
+            "serve", "--data-dir", str(tmp_path), "--verify", "local",
+            "--hs256-secret-file", str(secret_file), "--issuer", "https://issuer.test", *flags,
+        ])
+        cli._check_args(parser, args)
+        built, session = cli._verifier(args)
+        assert session is None
+        built.close()
+        return built
+
+    default = verifier()
+    assert default.status_list == "required"
+    checker = default.status_checker
+    assert (checker.uri_prefix, checker.max_age_s, checker.refresh_max_s) == (
+        "https://issuer.test/statuslists/", 60.0, 1.0
+    )
+    chosen = verifier(
+        "--status-list", "if-present", "--status-list-prefix", "https://lists.test/sl/",
+        "--status-max-age", "30", "--status-refresh", "2",
+    )
+    assert chosen.status_list == "if-present"
+    checker = chosen.status_checker
+    assert (checker.uri_prefix, checker.max_age_s, checker.refresh_max_s) == (
+        "https://lists.test/sl/", 30.0, 2.0
+    )
+    assert verifier("--status-list", "off").status_checker is None
+
+
+def test_an_issuer_without_status_lists_needs_the_opt_out(
+    tmp_path: Path, secret_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "serve", "--data-dir", str(tmp_path / "d"), "--port", "0", "--verify", "local",
+        "--hs256-secret-file", str(secret_file), "--issuer", "urn:example:issuer",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(base)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--status-list-prefix URL, or --status-list off" in err
+    parser = cli._parser()
+    for extra in (["--status-list", "off"], ["--status-list-prefix", "https://lists.test/"]):
+        cli._check_args(parser, parser.parse_args(base + extra))  # accepted
+
+
 def test_short_hs256_secret_refuses_to_start(
     tmp_path: Path, issuer_audience: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
