@@ -29,8 +29,9 @@ Fixtures:
     Auth servers.
 ``make_user`` / ``make_client``
     Create a user (``make_user(name, password, scopes=...)``) or a service
-    client (``make_client(client_id, scopes=...) -> secret``) in
-    ``auth_server`` (or ``service=``).
+    client (``make_client(client_id, scopes=..., introspect=False) -> secret``;
+    ``introspect=True``: it may introspect tokens) in ``auth_server`` (or
+    ``service=``).
 ``auth_client``
     A thriftpy2 client of ``auth_server``.
 ``token_factory``
@@ -315,16 +316,22 @@ def make_user(auth_server: AuthServer) -> Callable[..., None]:
 
 @pytest.fixture
 def make_client(auth_server: AuthServer) -> Callable[..., str]:
-    """``make_client(client_id, scopes="posts:read", service=None) -> secret``."""
+    """``make_client(client_id, scopes="posts:read", service=None, introspect=False) -> secret``.
+
+    ``introspect=True`` gives the client the permission to introspect tokens.
+    """
 
     def make(
         client_id: str,
         scopes: Iterable[str] | str = ("posts:read",),
         *,
         service: AuthService | None = None,
+        introspect: bool = False,
     ) -> str:
         scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
-        secret: str = (service or auth_server.service).add_client(client_id, scope_list)
+        secret: str = (service or auth_server.service).add_client(
+            client_id, scope_list, introspect=introspect
+        )
         return secret
 
     return make
@@ -409,8 +416,8 @@ def make_verifier(auth_server: AuthServer) -> Iterator[Callable[..., TokenVerifi
     - ``mode`` is one of :data:`VERIFIER_MODES`: ``local`` (the Auth server's
       current public key, or its HS256 secret), ``jwks`` (its JWK Set URL),
       ``introspect`` (its RFC 7662 endpoint, as the service client
-      ``client_id``, registered for you with the ``introspect`` scope unless
-      ``client_secret`` is given; registered once per Auth server) or
+      ``client_id``, registered for you with the permission to introspect
+      unless ``client_secret`` is given; registered once per Auth server) or
       ``thrift`` (``Auth.validate`` on its Thrift port);
     - ``audience`` is your service's (the Auth server's audience by default),
       the issuer the Auth server's; ``auth`` is another Auth server;
@@ -444,7 +451,7 @@ def make_verifier(auth_server: AuthServer) -> Iterator[Callable[..., TokenVerifi
                 return client_id, client_secret
             slot = (server.service, client_id)
             if slot not in registered:
-                registered[slot] = server.service.add_client(client_id, ["introspect"])
+                registered[slot] = server.service.add_client(client_id, (), introspect=True)
             return client_id, registered[slot]
 
         options = _verifier_settings(mode, server, audience, introspect_client)

@@ -351,7 +351,7 @@ def _ensure_auth(env: Env) -> AuthInfo:
     client_id = "bench-posts"
     out = subprocess.run(
         [*_auth_cli(), "add-client", client_id, "--data-dir", str(data_dir),
-         "--scope", "posts:read"],
+         "--scope", "posts:read", "--introspect"],
         check=True, capture_output=True, text=True, timeout=60,
     ).stdout
     secret_file = _secret_file(env, "introspect-secret", out.strip().splitlines()[-1].encode())

@@ -102,7 +102,8 @@ class AuthProcess:
         exe = [sys.executable, "-m", "auth_rpc.auth.cli"]
         scope = "posts:read posts:write"
         out = subprocess.run(
-            [*exe, "add-client", "bench", "--data-dir", str(data_dir), "--scope", scope],
+            [*exe, "add-client", "bench", "--data-dir", str(data_dir), "--scope", scope,
+             "--introspect"],
             check=True, capture_output=True, text=True,
         ).stdout
         self.client_secret = out.strip().splitlines()[-1]

@@ -4,10 +4,13 @@ It runs the real commands (``auth-rpc``, ``posts-rpc``) as separate processes
 on free ports with a temporary data directory, then drives them with the
 client library (``client.Session``) the way an application would:
 
-1. make two users and a service client (``auth-rpc add-user`` / ``add-client``);
-2. start the Auth service and two Posts instances sharing one store: one
+1. make two users and two service clients (``auth-rpc add-user`` /
+   ``add-client``): ``reporting`` and the Posts service's own client, given the
+   permission to introspect tokens (``--introspect``);
+2. start the Auth service and three Posts instances sharing one store: one
    checks tokens locally with the Auth service's JWKS, one asks ``Auth.validate``
-   over Thrift on every call (cache off);
+   over Thrift on every call (cache off), one asks the RFC 7662 introspection
+   endpoint on every call (cache off) as the Posts service's client;
 3. log in, create and list posts; show what is refused and why;
 4. log out, and see the thrift-mode instance refuse the old token at once, and
    the jwks-mode instance (which checks tokens locally) within about a second:
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -32,6 +36,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+import requests
 
 from auth_rpc.idl import common_thrift
 from client import Session, connect_posts
@@ -134,7 +140,7 @@ def main() -> int:
 def demo(work: Path, procs: Processes) -> bool:
     auth_data, posts_data = work / "auth", work / "posts"
 
-    say("Users and a service client, made with the auth-rpc command")
+    say("Users and service clients, made with the auth-rpc command")
     for name, password in (ALICE, BOB):
         show(
             procs.run(
@@ -158,8 +164,25 @@ def demo(work: Path, procs: Processes) -> bool:
     )
     reporting_secret = out.strip().splitlines()[-1]
     show("client 'reporting' registered with scope 'posts:read' (its secret is kept in memory)")
+    # The Posts service's own client: it only introspects, so it needs no scope,
+    # but the permission (without it, /introspect answers 403).
+    out = procs.run(
+        "auth_rpc.auth.cli",
+        "add-client",
+        "posts-service",
+        "--data-dir",
+        str(auth_data),
+        "--scope",
+        "",
+        "--introspect",
+    )
+    secret_file = work / "posts-service-secret.txt"
+    fd = os.open(secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(out.strip().splitlines()[-1] + "\n")
+    show("client 'posts-service' registered, may introspect tokens (its secret in a 0600 file)")
 
-    say("Starting the Auth service and two Posts instances on free ports")
+    say("Starting the Auth service and three Posts instances on free ports")
     auth = procs.start(
         "auth-rpc",
         "auth_rpc.auth.cli",
@@ -204,7 +227,24 @@ def demo(work: Path, procs: Processes) -> bool:
         "--cache-ttl",
         "0",
     )
+    introspect_posts = procs.start(
+        "posts-rpc (introspect)",
+        "posts_rpc.cli",
+        "serve",
+        *common,
+        "--verify",
+        "introspect",
+        "--introspect-url",
+        f"{http}/introspect",
+        "--client-id",
+        "posts-service",
+        "--client-secret-file",
+        str(secret_file),
+        "--cache-ttl",
+        "0",
+    )
     auth_addr, jwks_addr, thrift_addr = auth["thrift"], jwks_posts["thrift"], thrift_posts["thrift"]
+    introspect_addr = introspect_posts["thrift"]
 
     say("alice logs in; the session attaches her token to every call by itself")
     alice = Session.login(auth_addr, *ALICE)
@@ -246,12 +286,13 @@ def demo(work: Path, procs: Processes) -> bool:
     old_token = alice.access_token()
     alice.logout()
     logged_out = time.monotonic()
-    with connect_posts(*_hostport(thrift_addr)) as raw:
-        expect_refusal(
-            "the old access token at the thrift-mode instance",
-            common_thrift.Unauthenticated,
-            lambda: raw.list_posts(old_token, 10, 0),
-        )
+    for mode, addr in (("thrift", thrift_addr), ("introspect", introspect_addr)):
+        with connect_posts(*_hostport(addr)) as raw:
+            expect_refusal(
+                f"the old access token at the {mode}-mode instance",
+                common_thrift.Unauthenticated,
+                lambda raw=raw: raw.list_posts(old_token, 10, 0),
+            )
     with connect_posts(*_hostport(jwks_addr)) as raw:
         # It verifies locally, cached answer and all, but reads the token's bit in the
         # Auth service's status list on every call, and fetches the list every second.
@@ -277,6 +318,20 @@ def demo(work: Path, procs: Processes) -> bool:
         "'reporting' creating a post (it has posts:read only)",
         common_thrift.PermissionDenied,
         lambda: service.posts(thrift_addr).create_post(title="nope", body=""),
+    )
+    # Introspection tells a token's subject and scopes: only a client given the
+    # permission may ask (the Posts service's own client above), not 'reporting'.
+    answer = requests.post(
+        f"{http}/introspect",
+        data={"token": service.access_token()},
+        auth=("reporting", reporting_secret),
+        timeout=10,
+    )
+    if answer.status_code != 403:
+        raise SystemExit(f"demo failed: 'reporting' introspected (HTTP {answer.status_code})")
+    show(
+        f"'reporting' introspecting a token: refused with HTTP 403 {answer.json()['error']}: "
+        f"{answer.json()['error_description']}"
     )
     bob.logout()
     service.logout()

@@ -188,6 +188,9 @@ class Client:
     secret_digest: bytes | None = None
     #: The audiences the client may ask tokens for; ``None``: the service's default only.
     audiences: tuple[str, ...] | None = None
+    #: Whether the client may introspect tokens (``POST /introspect``): a
+    #: permission given at registration (``add-client --introspect``), not a scope.
+    may_introspect: bool = False
 
 
 def client_secret_digest(secret: str) -> bytes:
@@ -247,14 +250,17 @@ class AccountStore:
     def get_client(self, client_id: str) -> Client | None:
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT client_id, secret_hash, scopes, secret_digest, audiences FROM clients "
-                "WHERE client_id = ?",
+                "SELECT client_id, secret_hash, scopes, secret_digest, audiences, "
+                "may_introspect FROM clients WHERE client_id = ?",
                 (client_id,),
             ).fetchone()
         if row is None:
             return None
         digest = bytes(row[3]) if row[3] is not None else None
-        return Client(row[0], row[1], tuple(row[2].split()), digest, _audiences_of(row[4]))
+        return Client(
+            row[0], row[1], tuple(row[2].split()), digest, _audiences_of(row[4]),
+            may_introspect=row[5] == 1,  # fail closed: anything but 1 is no
+        )
 
     def add_client(
         self,
@@ -265,13 +271,14 @@ class AccountStore:
         now: int,
         secret_digest: bytes | None = None,
         audiences: tuple[str, ...] | None = None,
+        may_introspect: bool = False,
     ) -> None:
         """Register a client. Raises InvalidInput("client_id", ...) if it exists."""
         with self._db.transaction() as conn:
             try:
                 conn.execute(
                     "INSERT INTO clients (client_id, secret_hash, scopes, created_at, "
-                    "secret_digest, audiences) VALUES (?, ?, ?, ?, ?, ?)",
+                    "secret_digest, audiences, may_introspect) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         client_id,
                         secret_hash,
@@ -279,6 +286,7 @@ class AccountStore:
                         now,
                         secret_digest,
                         _audiences_column(audiences),
+                        1 if may_introspect else 0,
                     ),
                 )
             except sqlite3.IntegrityError as exc:

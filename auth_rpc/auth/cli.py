@@ -7,7 +7,11 @@
                    [--http-connection-limit N] [--http-per-peer-limit N]
                    [--http-header-timeout S] [--http-idle-timeout S]
     auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--audience AUD ...] [--password-stdin]
-    auth-rpc add-client ID --data-dir DIR [--scope "..."] [--audience AUD ...]
+    auth-rpc add-client ID --data-dir DIR [--scope "..."] [--audience AUD ...] [--introspect]
+
+``--introspect`` gives the client the permission to introspect tokens
+(``POST /introspect``: a resource server in introspect mode); without it a
+client's introspection is refused (HTTP 403).
 
 ``--audience`` (repeatable) lists the audiences the account may ask tokens for
 (RFC 8707 ``resource``; Thrift ``audience``); without it, only the default
@@ -187,6 +191,11 @@ def _parser() -> argparse.ArgumentParser:
     add_client.add_argument(
         "--audience", action="append", dest="audiences", metavar="AUDIENCE", help=audience_help
     )
+    add_client.add_argument(
+        "--introspect",
+        action="store_true",
+        help="may introspect tokens (POST /introspect; a resource server in introspect mode)",
+    )
 
     rotate = sub.add_parser("rotate-key", help="make a new signing key")
     data_dir(rotate)
@@ -343,13 +352,15 @@ def main(argv: list[str] | None = None) -> int:
             service = _admin_service(args)
             try:
                 secret = service.add_client(
-                    args.client_id, args.scope.split(), audiences=args.audiences
+                    args.client_id, args.scope.split(), audiences=args.audiences,
+                    introspect=args.introspect,
                 )
             finally:
                 service.close()
             print(
                 f"client {args.client_id!r} registered with scope {args.scope!r}"
-                f"{_audiences_text(args.audiences)}; its secret:"
+                f"{_audiences_text(args.audiences)}"
+                f"{', may introspect tokens' if args.introspect else ''}; its secret:"
             )
             print(secret)
             return 0

@@ -167,6 +167,15 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE signing_keys ADD COLUMN activates_at INTEGER;
     """,
+    # 7: introspection is a permission a client is given (add-client
+    # --introspect), no longer open to every registered client. Clients
+    # registered before, with `introspect` among their scopes (how the
+    # documentation registered a resource server's client), keep it.
+    """
+    ALTER TABLE clients ADD COLUMN may_introspect INTEGER NOT NULL DEFAULT 0;
+    UPDATE clients SET may_introspect = 1
+        WHERE instr(' ' || scopes || ' ', ' introspect ') > 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -8,7 +8,8 @@ Endpoints (the contract's "HTTP endpoints of the Auth service"):
   ``client_credentials`` grants, errors as section 5.2; each takes an RFC 8707
   ``resource`` (one, naming an audience the account may use, as registered,
   e.g. ``notes``: the access token's ``aud``; else 400 ``invalid_target``);
-- ``POST /introspect`` -- RFC 7662, for registered clients only;
+- ``POST /introspect`` -- RFC 7662, for clients given the permission only
+  (``add-client --introspect``; another client gets 403 ``unauthorized_client``);
 - ``POST /revoke`` -- RFC 7009, for registered clients only;
 - ``GET /statuslists/<k>`` -- a Token Status List (draft-ietf-oauth-status-list):
   ``application/statuslist+jwt``, with ``ETag`` (``If-None-Match`` gives 304) and
@@ -517,7 +518,9 @@ class AuthHttpApp:
         form = self._read_form(environ)
         # RFC 7662 2.1: "To prevent token scanning attacks, the endpoint MUST
         # also require some form of authorization to access this endpoint".
-        self._authenticate(environ, form)
+        # Authorization, not only authentication: a client registered with
+        # the permission (add-client --introspect); any other gets 403.
+        self._authenticate(environ, form, introspect=True)
         # RFC 7662 2.1: "token REQUIRED."; "token_type_hint OPTIONAL" (ignored:
         # the service finds either kind).
         token = _required(form, "token")
@@ -558,16 +561,27 @@ class AuthHttpApp:
 
     # -- helpers -----------------------------------------------------------
 
-    def _authenticate(self, environ: WSGIEnvironment, form: dict[str, str]) -> str:
+    def _authenticate(
+        self, environ: WSGIEnvironment, form: dict[str, str], *, introspect: bool = False
+    ) -> str:
         creds = _client_credentials(environ, form)
         if creds is None:
             raise _invalid_client("client authentication required")
-        client_id: str = self._call(
-            self._service.authenticate_client,
-            creds.client_id,
-            creds.client_secret,
-            client_auth=True,
+        check = (
+            self._service.authorize_introspection
+            if introspect
+            else self._service.authenticate_client
         )
+        try:
+            client_id: str = check(creds.client_id, creds.client_secret)
+        except errors.Forbidden as exc:
+            # Authenticated, not authorized: RFC 9110 15.5.4 "403 (Forbidden)
+            # ... the server understood the request but refuses to fulfill it".
+            raise OAuthError(403, "unauthorized_client", exc.message) from exc
+        except errors.AuthError as exc:
+            if isinstance(exc, errors.DependencyUnavailable):
+                log.warning("refused a request: %s", exc.message)
+            raise oauth_error_for(exc, client_auth=True) from exc
         _note(environ).client = _log_value(client_id)
         return client_id
 

@@ -88,6 +88,7 @@ from auth_rpc.auth.tokens import (
 )
 from auth_rpc.errors import (
     DependencyUnavailable,
+    Forbidden,
     InvalidCredentials,
     InvalidInput,
     TokenRejected,
@@ -104,6 +105,7 @@ USER_CLIENT_ID = "auth-rpc"
 DB_FILENAME = "auth.sqlite3"
 LOGIN_FAILED = "invalid username or password"
 CLIENT_FAILED = "invalid client credentials"
+INTROSPECT_FORBIDDEN = "this client is not allowed to introspect tokens"
 _PURGE_INTERVAL_S = 600
 #: How long a successful client authentication is remembered, and how many are.
 CLIENT_AUTH_CACHE_TTL_S = 300.0
@@ -177,6 +179,7 @@ class _ClientGrant:
 
     scopes: tuple[str, ...]
     audiences: tuple[str, ...] | None
+    may_introspect: bool = False
 
 
 @dataclass(frozen=True)
@@ -505,7 +508,7 @@ class AuthService:
         return IssuedTokens(access, "", self.settings.access_ttl_s, " ".join(scopes))
 
     def authenticate_client(self, client_id: str, client_secret: str) -> str:
-        """Check a client's credentials (HTTP Basic on /introspect and /revoke).
+        """Check a client's credentials (/token, /revoke; see :meth:`authorize_introspection`).
 
         Returns the client id. Raises InvalidCredentials (also for malformed
         input), Throttled, DependencyUnavailable.
@@ -516,6 +519,26 @@ class AuthService:
         except InvalidInput as exc:
             raise InvalidCredentials(CLIENT_FAILED) from exc
         self._authenticate_client(client_id, client_secret)
+        return client_id
+
+    def authorize_introspection(self, client_id: str, client_secret: str) -> str:
+        """Check a client's credentials and its permission to introspect (``/introspect``).
+
+        Introspection tells whoever asks a token's ``sub``, ``username`` and
+        ``scope``: only a client registered with the permission
+        (:meth:`add_client` ``introspect=True``, ``add-client --introspect``)
+        may. Returns the client id. Raises InvalidCredentials, Forbidden (the
+        credentials are right but the client lacks the permission), Throttled,
+        DependencyUnavailable.
+        """
+        try:
+            client_id = check_client_id(client_id)
+            check_password(client_secret, "client_secret")
+        except InvalidInput as exc:
+            raise InvalidCredentials(CLIENT_FAILED) from exc
+        if not self._authenticate_client(client_id, client_secret).may_introspect:
+            log.info("introspection refused to client %r: not permitted", client_id)
+            raise Forbidden(INTROSPECT_FORBIDDEN)
         return client_id
 
     def _authenticate_client(self, client_id: str, client_secret: str) -> _ClientGrant:
@@ -554,7 +577,7 @@ class AuthService:
             expected = _NO_CLIENT_DIGEST if client is None else client.secret_digest
             ok = hmac.compare_digest(client_secret_digest(client_secret), expected or b"")
             if ok and client is not None:
-                return _ClientGrant(client.scopes, client.audiences)
+                return _ClientGrant(client.scopes, client.audiences, client.may_introspect)
             with self._client_throttle.attempt(client_id) as attempt:  # may raise Throttled
                 attempt.failed()
             log.info("client authentication failed")
@@ -571,7 +594,7 @@ class AuthService:
         self._accounts.set_client_digest(
             client_id, client.secret_hash, client_secret_digest(client_secret)
         )
-        return _ClientGrant(client.scopes, client.audiences)
+        return _ClientGrant(client.scopes, client.audiences, client.may_introspect)
 
     def _allowed_audience(self, allowed: tuple[str, ...] | None, wanted: str | None) -> str:
         """The audience of a grant: ``wanted`` (``None``: the default) if the account may use it.
@@ -813,11 +836,14 @@ class AuthService:
         scopes: Iterable[str] | str = (),
         *,
         audiences: Iterable[str] | None = None,
+        introspect: bool = False,
     ) -> str:
         """Register a service client; returns its secret (shown once, stored hashed).
 
-        ``audiences`` as for :meth:`add_user`. Raises InvalidInput (bad or
-        taken id, bad scopes or audience names), DependencyUnavailable.
+        ``audiences`` as for :meth:`add_user`. ``introspect``: the client may
+        introspect tokens (a resource server in introspect mode); no other
+        client may. Raises InvalidInput (bad or taken id, bad scopes or
+        audience names), DependencyUnavailable.
         """
         client_id = check_client_id(client_id)
         granted = check_scopes(scopes)
@@ -833,8 +859,9 @@ class AuthService:
             now=int(self._clock()),
             secret_digest=client_secret_digest(secret),
             audiences=allowed,
+            may_introspect=introspect,
         )
-        log.info("client %r registered", client_id)
+        log.info("client %r registered%s", client_id, " (may introspect)" if introspect else "")
         return secret
 
     def rotate_key(self, alg: str | None = None, *, activate_after_s: float | None = None) -> str:

@@ -52,7 +52,8 @@ class IntrospectionVerifier(CachingVerifier):
     refused.
 
     ``verify`` raises ``DependencyUnavailable`` on connection errors, timeouts,
-    any status but 200 (401/403: "introspection client credentials rejected")
+    any status but 200 (401: "introspection client credentials rejected"; 403:
+    "introspection not permitted for this client", one not given the permission)
     and malformed answers. Construction raises ``ValueError`` when misconfigured.
     """
 
@@ -170,14 +171,25 @@ class IntrospectionVerifier(CachingVerifier):
         except _FetchError as exc:
             raise DependencyUnavailable(f"introspection endpoint {exc}") from None
         if status in (401, 403):
+            # 403: the credentials are right, but the client was not given the
+            # permission to introspect (auth-rpc add-client --introspect).
+            reason = (
+                "introspection not permitted for this client"
+                if status == 403
+                else "introspection client credentials rejected"
+            )
             if not self._credentials_rejected:
                 self._credentials_rejected = True
                 log.error(
-                    "introspection client credentials rejected by %s (client id %s)",
+                    "%s by %s (client id %s)%s",
+                    reason,
                     self.introspect_url,
                     self.client_id,
+                    "; register it with: auth-rpc add-client ID --introspect"
+                    if status == 403
+                    else "",
                 )
-            raise DependencyUnavailable("introspection client credentials rejected")
+            raise DependencyUnavailable(reason)
         if status != 200:
             raise DependencyUnavailable(f"introspection endpoint answered HTTP {status}")
         self._credentials_rejected = False

@@ -76,7 +76,7 @@ def test_session_logs_no_secret_and_one_access_line_per_call(
     caplog.set_level(logging.DEBUG, logger="auth_rpc.access")
     make_user("alice", PASSWORD)
     service_secret = make_client("reporter", ["posts:read"])
-    intro_secret = make_client("posts-intro", ["introspect"])
+    intro_secret = make_client("posts-intro", (), introspect=True)
     secrets_: list[str] = [PASSWORD, WRONG_PASSWORD, service_secret, intro_secret]
     tokens: list[str] = []
     thrift_calls: dict[str, int] = {}
@@ -263,7 +263,7 @@ def test_http_access_log_one_line_per_request_and_no_secret(
     caplog.set_level(logging.DEBUG)
     make_user("alice", PASSWORD)
     service_secret = make_client("reporter", ["posts:read"])
-    intro_secret = make_client("posts-intro", ["introspect"])
+    intro_secret = make_client("posts-intro", (), introspect=True)
     base = auth_server.http_url.rstrip("/")
     expected: list[tuple[str, str, int, str, str]] = []  # method, path, status, client, subject
 

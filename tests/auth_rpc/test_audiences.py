@@ -451,7 +451,7 @@ def test_http_client_credentials_with_a_resource(auth: Any) -> None:
         token_request(auth, {**grant, "resource": AUDIENCE}, auth=("notes-svc", secret))
     )
     # RFC 7662: the introspection answer names the audience.
-    introspector = auth.service.add_client("introspector", "introspect")
+    introspector = auth.service.add_client("introspector", (), introspect=True)
     r = requests.post(
         auth.introspect_url,
         data={"token": token},
@@ -464,7 +464,7 @@ def test_http_client_credentials_with_a_resource(auth: Any) -> None:
 
 def test_resource_is_ignored_outside_the_token_endpoint(auth: Any) -> None:
     """/introspect takes no resource: one there neither helps nor breaks it."""
-    secret = auth.service.add_client("introspector", "introspect")
+    secret = auth.service.add_client("introspector", (), introspect=True)
     token = token_request(auth, password_grant(resource=NOTES)).json()["access_token"]
     r = requests.post(
         auth.introspect_url,

@@ -15,7 +15,15 @@ from auth_rpc.errors import DependencyUnavailable
 
 EXPECTED_SCHEMA = {
     "users": ["username", "password_hash", "scopes", "created_at", "audiences"],
-    "clients": ["client_id", "secret_hash", "scopes", "created_at", "secret_digest", "audiences"],
+    "clients": [
+        "client_id",
+        "secret_hash",
+        "scopes",
+        "created_at",
+        "secret_digest",
+        "audiences",
+        "may_introspect",
+    ],
     "signing_keys": ["kid", "alg", "created_at", "superseded_at", "max_ttl_s", "activates_at"],
     "refresh_families": [
         "family_id",

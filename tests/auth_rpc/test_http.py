@@ -52,7 +52,7 @@ def service(tmp_path: Path) -> Iterator[AuthService]:
 
 @pytest.fixture
 def client_secret(service: AuthService) -> str:
-    return service.add_client(CLIENT_ID, "posts:read")
+    return service.add_client(CLIENT_ID, "posts:read", introspect=True)
 
 
 class Served:

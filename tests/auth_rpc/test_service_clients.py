@@ -36,7 +36,7 @@ def test_client_secrets_are_checked_without_argon2(
     service = open_service()
     hasher = CountingHasher()
     service._hasher = hasher  # the service's own hasher, counting
-    secret = service.add_client("posts-svc", ["introspect"])
+    secret = service.add_client("posts-svc", (), introspect=True)
     for _ in range(5):
         assert service.authenticate_client("posts-svc", secret) == "posts-svc"
     for _ in range(3):
@@ -60,7 +60,7 @@ def test_a_correct_client_secret_gets_through_whatever_guesses_were_made(
     Throttling now applies to the failures, never to the id.
     """
     service = open_service()
-    secret = service.add_client("posts-svc", ["introspect"])
+    secret = service.add_client("posts-svc", (), introspect=True)
     for _ in range(5):
         with pytest.raises(InvalidCredentials):
             service.authenticate_client("posts-svc", "a wrong guess")
@@ -87,7 +87,7 @@ def test_a_client_registered_before_digests_is_upgraded_on_success(
     service = open_service()
     hasher = CountingHasher()
     service._hasher = hasher
-    secret = service.add_client("old-svc", ["introspect"])
+    secret = service.add_client("old-svc", (), introspect=True)
     with service._db.transaction() as conn:  # as written by a version before schema 3
         conn.execute("UPDATE clients SET secret_digest = NULL")
     with pytest.raises(InvalidCredentials):
@@ -109,7 +109,7 @@ def test_a_client_in_use_stays_remembered(
     now = [1000.0]
     monkeypatch.setattr(service_module.time, "monotonic", lambda: now[0])
     service = open_service()
-    secret = service.add_client("posts-svc", ["introspect"])
+    secret = service.add_client("posts-svc", (), introspect=True)
     service.authenticate_client("posts-svc", secret)
     reads = []
     real_get = service._accounts.get_client

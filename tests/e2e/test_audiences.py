@@ -36,7 +36,7 @@ def auth(auth_server: Any) -> Any:
     service = auth_server.service
     service.add_user("nina", PASSWORD, "posts:read notes:read", audiences=[POSTS, NOTES])
     auth_server.notes_secret = service.add_client("notes-svc", "notes:read", audiences=[NOTES])
-    auth_server.introspect_secret = service.add_client("rs", "introspect", audiences=[POSTS])
+    auth_server.introspect_secret = service.add_client("rs", (), audiences=[POSTS], introspect=True)
     return auth_server
 
 

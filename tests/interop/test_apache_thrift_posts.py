@@ -39,7 +39,7 @@ def posts_process(auth_server: Any, tmp_path: Path) -> Iterator[Any]:
             args += ["--status-list-prefix", service.status_list_prefix]
         elif mode == "introspect":
             secret = tmp_path / "client-secret"
-            secret.write_text(service.add_client("posts-interop", ["introspect"]))
+            secret.write_text(service.add_client("posts-interop", (), introspect=True))
             args += [
                 "--introspect-url",
                 auth_server.introspect_url,
