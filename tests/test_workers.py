@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import requests
 from thriftpy2.transport import TTransportException
@@ -314,3 +315,99 @@ def _state(pid: int) -> str:
     except OSError:
         return "gone"
     return next((line for line in status.splitlines() if line.startswith("State:")), "").lower()
+
+
+def _auth_from(source: str, port: int) -> Any:
+    """A Thrift client of Auth whose connection comes from ``source`` (any 127.x.y.z)."""
+    from thriftpy2.protocol import TCyBinaryProtocolFactory
+    from thriftpy2.thrift import TClient
+    from thriftpy2.transport import TCyBufferedTransportFactory, TSocket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    trans = TCyBufferedTransportFactory().get_transport(TSocket(sock=sock))
+    return TClient(auth_thrift.Auth, TCyBinaryProtocolFactory().get_protocol(trans))
+
+
+def _try_login(source: str, port: int, username: str, password: str) -> str:
+    """``ok``, ``checked`` (Unauthenticated: the password was checked) or ``refused: MESSAGE``."""
+    from auth_rpc.idl import common_thrift
+
+    client = _auth_from(source, port)
+    try:
+        client.login(username, password)
+        return "ok"
+    except common_thrift.Unauthenticated:
+        return "checked"
+    except common_thrift.RateLimited as exc:
+        return f"refused: {exc.message}"
+    finally:
+        client.close()
+
+
+def test_auth_workers_check_at_most_five_passwords_of_a_user_in_all(tmp_path: Path) -> None:
+    """Regression: with --workers N the throttle admitted 5 x N guesses.
+
+    The in-flight limit was per process and each process wrote its count over
+    the shared one. A parallel burst of wrong passwords for one user (20
+    connections from 20 addresses, spread over both workers) now gets at most
+    5 passwords checked in all - counted by the answers (``Unauthenticated``
+    only once a password was checked), by the workers' "login failed" log
+    lines and by the shared streak - and every later attempt is ``RateLimited``.
+    """
+    data = tmp_path / "auth"
+    subprocess.run(
+        [sys.executable, "-m", "auth_rpc.auth.cli", "add-user", "alice", "--data-dir", str(data),
+         "--password-stdin"],
+        input="a long password\n", text=True, check=True, capture_output=True,
+    )
+    log = tmp_path / "auth.log"
+    with serve(
+        "auth_rpc.auth.cli", "serve", "--data-dir", str(data), "--port", "0", "--http-port", "0",
+        "--workers", "2", log=log,
+    ) as (proc, ready):
+        port = int(re.search(r"thrift=[\d.]+:(\d+)", ready)[1])  # type: ignore[index]
+        _wait_for(lambda: len(_children(proc.pid)) == 2, "two workers")
+        burst = 20
+        barrier = threading.Barrier(burst)
+        answers: list[str] = []
+
+        def guess(i: int) -> None:
+            barrier.wait(timeout=60)
+            answers.append(_try_login(f"127.0.0.{10 + i}", port, "alice", f"wrong guess {i}"))
+
+        threads = [threading.Thread(target=guess, args=(i,)) for i in range(burst)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        in_burst = answers.count("checked")
+        assert len(answers) == burst and "ok" not in answers, answers
+        # Then one guess at a time until the throttle says so (at most 5 in all).
+        checked = in_burst
+        deadline = time.monotonic() + 60
+        while True:
+            answer = _try_login("127.0.0.99", port, "alice", "one more wrong guess")
+            if answer == "checked":
+                checked += 1
+            elif "too many failed" in answer:
+                break
+            assert time.monotonic() < deadline, answer
+            assert checked <= 5, (checked, answers)
+        later = [_try_login("127.0.0.98", port, "alice", "a long password") for _ in range(3)]
+        proc.send_signal(signal.SIGTERM)
+        _, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0
+    logged = sum("login failed" in line for line in log.read_text().splitlines())
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(data / "auth.sqlite3")) as conn:
+        streak = conn.execute(
+            "SELECT failures FROM throttle_streaks WHERE kind = 'logins' AND key = 'alice'"
+        ).fetchone()
+    print(f"\n[--workers 2] burst of {burst}: {in_burst} passwords checked "
+          f"({len(answers) - in_burst} refused at once: "
+          f"{sorted(set(a for a in answers if a != 'checked'))}); {checked} checked in all, "
+          f"{logged} 'login failed' lines, shared streak {streak}")
+    assert in_burst <= 5 and checked == 5 == logged, (in_burst, checked, logged)
+    assert streak == (5,)
+    assert all(a.startswith("refused: too many failed logins") for a in later), later

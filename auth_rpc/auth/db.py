@@ -176,6 +176,20 @@ MIGRATIONS: tuple[str, ...] = (
     UPDATE clients SET may_introspect = 1
         WHERE instr(' ' || scopes || ' ', ' introspect ') > 0;
     """,
+    # 8: throttled attempts in flight, shared by every process (--workers): an
+    # attempt is reserved (one row) in the transaction that checks its key's
+    # streak, before its password is checked, and its row is deleted with its
+    # outcome. expires_at: when a reservation of a crashed process stops counting.
+    """
+    CREATE TABLE throttle_reservations (
+        kind        TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        reservation TEXT NOT NULL,
+        expires_at  REAL NOT NULL,
+        PRIMARY KEY (kind, key, reservation)
+    ) WITHOUT ROWID;
+    CREATE INDEX throttle_reservations_expires ON throttle_reservations (expires_at);
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

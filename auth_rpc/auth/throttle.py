@@ -18,18 +18,30 @@ failures remain before the limit (at least one), so that parallel guesses
 cannot overshoot it: a fresh key allows 5 concurrent attempts, a key with 4
 failures one.
 
-State is in memory and bounded: at most ``max_keys`` names are tracked; when
-full, the names whose last failure is oldest are dropped first (their
-streaks end first). With a :class:`StreakStore` (the Auth service passes
-one on its database) every streak is also written there and read back
-before each attempt, so that the processes of ``--workers N`` share one
-count and a restart forgets nothing. ``clock`` is injected for tests.
+With a :class:`StreakStore` (the Auth service passes one on its database,
+:class:`SqliteStreakStore`) the store alone holds the count, shared by every
+process on it (``--workers N``) and kept across restarts. Each attempt is
+*reserved* before its password is checked, in one transaction that reads the
+streak and the reservations in flight, refuses if the key must wait or if one
+more attempt in flight could overshoot the limit (the rule above, counted over
+all processes), and records the reservation. Its outcome then updates the
+streak in another transaction (``failures = failures + 1``, never an
+overwrite: a failure in one process cannot erase another's) and drops the
+reservation. A reservation expires ``reservation_ttl_s`` (60 s) after it was
+made, so that a process that crashed mid-attempt holds nothing for long. If
+the store cannot be read or written, the attempt is refused
+(DependencyUnavailable): fail closed.
+
+Without a store, state is in memory and bounded: at most ``max_keys`` names
+are tracked; when full, the names whose last failure is oldest are dropped
+first (their streaks end first). ``clock`` is injected for tests.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -54,14 +66,42 @@ class _Entry:
 
 
 class StreakStore(Protocol):
-    """Where failure streaks are shared between processes."""
+    """Where failure streaks and the attempts in flight are shared between processes.
+
+    Every method may raise DependencyUnavailable.
+    """
 
     def load(self, kind: str, key: str) -> tuple[int, float] | None:
         """``(failures, time of the last)`` of ``key``'s streak, or ``None``."""
         ...
 
-    def save(self, kind: str, key: str, failures: int, last: float) -> None:
-        """Record the streak (``failures=0`` forgets it)."""
+    def reserve(
+        self,
+        kind: str,
+        key: str,
+        *,
+        now: float,
+        expires_at: float,
+        admit: Callable[[int, float, int], None],
+    ) -> str:
+        """Atomically: call ``admit(failures, last, in_flight)`` (it raises Throttled to
+        refuse; reservations expired by ``now`` do not count) and record a
+        reservation until ``expires_at``; return its id."""
+        ...
+
+    def finish(
+        self,
+        kind: str,
+        key: str,
+        reservation: str,
+        *,
+        outcome: bool | None,
+        now: float,
+        ended: Callable[[int, float], bool],
+    ) -> int:
+        """Atomically: drop the reservation and apply the outcome - a failure adds
+        one to the streak (a new streak of one if ``ended(failures, last)``), a
+        success ends it, ``None`` leaves it. Returns the streak's failures."""
         ...
 
 
@@ -94,9 +134,13 @@ class Throttle:
         clock: Callable[[], float] = time.time,
         what: str = "attempts",
         store: StreakStore | None = None,
+        reservation_ttl_s: float = 60.0,
     ) -> None:
         if limit < 1 or window_s <= 0 or base_delay_s <= 0 or max_delay_s < base_delay_s:
             raise ValueError("invalid throttle settings")
+        if reservation_ttl_s <= 0:
+            raise ValueError("invalid throttle settings")
+        self.reservation_ttl_s = reservation_ttl_s
         self.limit = limit
         self.window_s = window_s
         self.base_delay_s = base_delay_s
@@ -122,7 +166,15 @@ class Throttle:
             entry.failures = 0
 
     def check(self, key: str) -> None:
-        """Raise Throttled if an attempt for ``key`` must wait now."""
+        """Raise Throttled if an attempt for ``key`` must wait now (reserves nothing).
+
+        A cheap refusal before anything costly (waiting for a hashing slot).
+        """
+        if self._store is not None:
+            shared = self._store.load(self._what, key)
+            if shared is not None:
+                self._refuse_if_waiting(*shared, self._clock())
+            return
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -130,13 +182,27 @@ class Throttle:
 
     def _refuse_if_needed(self, entry: _Entry, now: float) -> None:
         self._prune(entry, now)
-        count = entry.failures
-        if count >= self.limit:
-            wait = entry.last + self.delay_s(count) - now
+        self._admit(entry.failures, entry.last, entry.in_flight, now)
+
+    def _ended(self, failures: int, last: float, now: float) -> bool:
+        """Whether a streak of ``failures`` whose last was at ``last`` is over at ``now``."""
+        return bool(failures) and now - last > self.window_s + self.delay_s(failures)
+
+    def _refuse_if_waiting(self, failures: int, last: float, now: float) -> None:
+        if self._ended(failures, last, now):
+            return
+        if failures >= self.limit:
+            wait = last + self.delay_s(failures) - now
             if wait > 0:
                 raise Throttled(f"too many failed {self._what}; retry later",
                                 max(1, math.ceil(wait * 1000)))
-        if entry.in_flight >= max(1, self.limit - count):
+
+    def _admit(self, failures: int, last: float, in_flight: int, now: float) -> None:
+        """Raise Throttled unless one more attempt may start (the module docstring's rule)."""
+        if self._ended(failures, last, now):
+            failures = 0
+        self._refuse_if_waiting(failures, last, now)
+        if in_flight >= max(1, self.limit - failures):
             raise Throttled(f"too many concurrent {self._what}; retry later", 1000)
 
     @contextmanager
@@ -144,20 +210,20 @@ class Throttle:
         """Guard one guess: raises Throttled first if it must wait.
 
         The body reports the outcome on the yielded :class:`Attempt`; an
-        unreported outcome (an exception) counts as neither.
+        unreported outcome (an exception) counts as neither. With a store, the
+        attempt is reserved there first (module docstring); DependencyUnavailable
+        when the store fails.
         """
-        shared = self._load(key)
+        if self._store is not None:
+            with self._shared_attempt(self._store, key) as attempt:
+                yield attempt
+            return
         now = self._clock()
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 entry = _Entry()
                 self._entries[key] = entry
-            if shared is not None and shared[1] >= entry.last:
-                # Another process (or a previous run) saw the latest failures.
-                entry.failures, entry.last = shared
-            elif shared is None and self._store is not None and not entry.in_flight:
-                entry.failures = 0  # ended elsewhere (a success in another worker)
             try:
                 self._refuse_if_needed(entry, now)
             except Throttled:
@@ -182,29 +248,41 @@ class Throttle:
                         log.info("throttling %s after %d failures", self._what, entry.failures)
                 elif attempt.outcome is True:
                     entry.failures = 0
-                streak = (entry.failures, entry.last)
                 if not entry.failures and entry.in_flight == 0:
                     self._entries.pop(key, None)
                 self._evict()
-            if attempt.outcome is not None:
-                self._save(key, *streak)
 
-    def _load(self, key: str) -> tuple[int, float] | None:
-        if self._store is None:
-            return None
+    @contextmanager
+    def _shared_attempt(self, store: StreakStore, key: str) -> Iterator[Attempt]:
+        now = self._clock()
+        reservation = store.reserve(
+            self._what,
+            key,
+            now=now,
+            expires_at=now + self.reservation_ttl_s,
+            admit=lambda failures, last, in_flight: self._admit(failures, last, in_flight, now),
+        )
+        attempt = Attempt()
         try:
-            return self._store.load(self._what, key)
-        except DependencyUnavailable:
-            log.warning("throttle state unreadable; using this process's count")
-            return None
-
-    def _save(self, key: str, failures: int, last: float) -> None:
-        if self._store is None:
-            return
-        try:
-            self._store.save(self._what, key, failures, last)
-        except DependencyUnavailable:
-            log.warning("throttle state not saved; this process still counts it")
+            yield attempt
+        finally:
+            done = self._clock()
+            try:
+                failures = store.finish(
+                    self._what,
+                    key,
+                    reservation,
+                    outcome=attempt.outcome,
+                    now=done,
+                    ended=lambda failures, last: self._ended(failures, last, done),
+                )
+            except DependencyUnavailable:
+                # The reservation expires by itself; the failure is lost (the
+                # store is down, so every attempt is refused meanwhile).
+                log.error("throttle state not written; the attempt's reservation will expire")
+            else:
+                if attempt.outcome is False and failures >= self.limit:
+                    log.info("throttling %s after %d failures", self._what, failures)
 
     def _evict(self) -> None:
         # Entries are kept in order of their last failure (move_to_end), so the
@@ -231,7 +309,81 @@ class SqliteStreakStore:
             ).fetchone()
         return (int(row[0]), float(row[1])) if row else None
 
+    def reserve(
+        self,
+        kind: str,
+        key: str,
+        *,
+        now: float,
+        expires_at: float,
+        admit: Callable[[int, float, int], None],
+    ) -> str:
+        reservation = secrets.token_hex(8)
+        # BEGIN IMMEDIATE: no other process writes between the reads and the insert.
+        with self._db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM throttle_reservations WHERE kind = ? AND key = ? AND expires_at <= ?",
+                (kind, key, now),
+            )
+            row = conn.execute(
+                "SELECT failures, last FROM throttle_streaks WHERE kind = ? AND key = ?",
+                (kind, key),
+            ).fetchone()
+            (in_flight,) = conn.execute(
+                "SELECT COUNT(*) FROM throttle_reservations WHERE kind = ? AND key = ?",
+                (kind, key),
+            ).fetchone()
+            failures, last = (int(row[0]), float(row[1])) if row else (0, 0.0)
+            admit(failures, last, int(in_flight))  # Throttled rolls the transaction back
+            conn.execute(
+                "INSERT INTO throttle_reservations (kind, key, reservation, expires_at) "
+                "VALUES (?, ?, ?, ?)",
+                (kind, key, reservation, expires_at),
+            )
+        return reservation
+
+    def finish(
+        self,
+        kind: str,
+        key: str,
+        reservation: str,
+        *,
+        outcome: bool | None,
+        now: float,
+        ended: Callable[[int, float], bool],
+    ) -> int:
+        with self._db.transaction() as conn:
+            conn.execute(
+                "DELETE FROM throttle_reservations WHERE kind = ? AND key = ? AND reservation = ?",
+                (kind, key, reservation),
+            )
+            if outcome is True:
+                conn.execute(
+                    "DELETE FROM throttle_streaks WHERE kind = ? AND key = ?", (kind, key)
+                )
+                return 0
+            row = conn.execute(
+                "SELECT failures, last FROM throttle_streaks WHERE kind = ? AND key = ?",
+                (kind, key),
+            ).fetchone()
+            if outcome is None:
+                return int(row[0]) if row else 0
+            if row is None or ended(int(row[0]), float(row[1])):
+                conn.execute(
+                    "INSERT INTO throttle_streaks (kind, key, failures, last) VALUES (?, ?, 1, ?) "
+                    "ON CONFLICT (kind, key) DO UPDATE SET failures = 1, last = excluded.last",
+                    (kind, key, now),
+                )
+                return 1
+            conn.execute(
+                "UPDATE throttle_streaks SET failures = failures + 1, last = max(last, ?) "
+                "WHERE kind = ? AND key = ?",
+                (now, kind, key),
+            )
+            return int(row[0]) + 1
+
     def save(self, kind: str, key: str, failures: int, last: float) -> None:
+        """Overwrite a streak (tests, tools; attempts use :meth:`reserve` and :meth:`finish`)."""
         with self._db.transaction() as conn:
             if failures:
                 conn.execute(
@@ -251,4 +403,5 @@ class SqliteStreakStore:
             removed: int = conn.execute(
                 "DELETE FROM throttle_streaks WHERE last < ?", (before,)
             ).rowcount
+            conn.execute("DELETE FROM throttle_reservations WHERE expires_at < ?", (before,))
         return removed

@@ -39,6 +39,7 @@ EXPECTED_SCHEMA = {
     "family_access_tokens": ["jti", "family_id", "expires_at", "status_list", "status_idx"],
     "revoked_tokens": ["jti", "expires_at"],
     "throttle_streaks": ["kind", "key", "failures", "last"],
+    "throttle_reservations": ["kind", "key", "reservation", "expires_at"],
     "status_lists": [
         "list_id",
         "capacity",

@@ -176,3 +176,83 @@ def test_at_the_cap_waiting_out_the_delay_does_not_reset_the_streak(
     failures(throttle, "alice", 4)
     with throttle.attempt("alice") as attempt:
         attempt.succeeded()  # and the owner gets in
+
+
+# -- shared through the database (--workers N) ------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Any) -> Any:
+    from auth_rpc.auth.db import Database
+    from auth_rpc.auth.throttle import SqliteStreakStore
+
+    db = Database.open(tmp_path / "t.sqlite3")
+    yield SqliteStreakStore(db)
+    db.close()
+
+
+def workers(store: Any, clock: Clock, n: int = 2) -> list[Throttle]:
+    """``n`` throttles on one store: the processes of ``--workers n``."""
+    return [Throttle(clock=clock, store=store, what="logins") for _ in range(n)]
+
+
+def test_workers_add_failures_up_not_over_each_other(store: Any, clock: Clock) -> None:
+    """Regression: each process wrote its own count over the shared one (last writer
+    wins), so two workers failing at once counted one failure."""
+    a, b = workers(store, clock)
+    with a.attempt("alice") as first, b.attempt("alice") as second:
+        first.failed()
+        second.failed()
+    assert store.load("logins", "alice")[0] == 2
+    for _ in range(3):
+        with (a if _ % 2 else b).attempt("alice") as attempt:
+            attempt.failed()
+    for throttle in (a, b):
+        assert retry_after(throttle, "alice") == 60_000
+
+
+def test_attempts_in_flight_are_counted_over_all_workers(store: Any, clock: Clock) -> None:
+    """Regression: the in-flight limit was per process, so N workers let 5 x N guesses
+    be checked at once."""
+    a, b = workers(store, clock)
+    with contextlib.ExitStack() as stack:
+        for i in range(5):
+            stack.enter_context((a, b)[i % 2].attempt("alice"))
+        for throttle in (a, b):
+            with pytest.raises(Throttled, match="too many concurrent"):
+                stack.enter_context(throttle.attempt("alice"))
+    with a.attempt("alice"):  # all released
+        pass
+    failures(b, "alice", 3)
+    with a.attempt("alice"), b.attempt("alice"):  # two left before the limit...
+        with pytest.raises(Throttled, match="too many concurrent"), a.attempt("alice"):
+            pass  # ...so a third in flight must wait
+
+
+def test_reservations_of_a_crashed_worker_expire(store: Any, clock: Clock) -> None:
+    a, b = workers(store, clock)
+    attempts = [a.attempt("alice") for _ in range(5)]
+    for attempt in attempts:
+        attempt.__enter__()  # a worker that dies mid-attempt never finishes them
+    with pytest.raises(Throttled, match="too many concurrent"), b.attempt("alice"):
+        pass
+    clock.now += a.reservation_ttl_s
+    with b.attempt("alice") as attempt:
+        attempt.failed()
+    assert store.load("logins", "alice")[0] == 1
+
+
+def test_a_success_in_one_worker_ends_the_streak_for_all(store: Any, clock: Clock) -> None:
+    a, b = workers(store, clock)
+    failures(a, "alice", 4)
+    with b.attempt("alice") as attempt:
+        attempt.succeeded()
+    assert store.load("logins", "alice") is None
+    failures(a, "alice", 4)
+    b.check("alice")
+    failures(b, "alice", 1)
+    with pytest.raises(Throttled):
+        a.check("alice")
+    clock.now += 60 + 15 * 60 + 1  # delay and window over: a fresh streak
+    failures(a, "alice", 1)
+    assert store.load("logins", "alice")[0] == 1
