@@ -32,6 +32,7 @@ from auth_rpc.errors import (
     TokenRejected,
 )
 from auth_rpc.idl import auth_thrift
+from auth_rpc.serving.rpc import current_call
 from auth_rpc.verify.principal import Principal
 from auth_rpc.verify.rpc_errors import map_errors
 
@@ -48,6 +49,12 @@ def _audience(value: object) -> str | None:
     # The added `audience` argument: omitted (an older client) or empty (a
     # generated client that must pass something) asks for the default.
     return value if isinstance(value, str) and value else None
+
+
+def _peer_address() -> str | None:
+    """The address of the client of the call being served (hashing is admitted per source)."""
+    call = current_call()
+    return str(call.peer[0]) if call is not None and call.peer else None
 
 
 def tokens_to_thrift(tokens: IssuedTokens) -> Any:
@@ -118,7 +125,10 @@ class AuthHandler:
         self, username: str | None, password: str | None, audience: str | None = None
     ) -> Any:
         return tokens_to_thrift(
-            self._service.login(_text(username), _text(password), audience=_audience(audience))
+            self._service.login(
+                _text(username), _text(password), audience=_audience(audience),
+                source=_peer_address(),
+            )
         )
 
     @map_errors

@@ -491,7 +491,12 @@ class AuthHttpApp:
             if grant_type == "password":
                 username = _required(form, "username")
                 password = _required(form, "password")
-                tokens = self._call(self._service.login, username, password, scope, **named_client)
+                # The peer's address (behind the TLS front, the TLS client's):
+                # password hashing is admitted per source.
+                tokens = self._call(
+                    self._service.login, username, password, scope,
+                    source=str(environ.get("REMOTE_ADDR") or "") or None, **named_client,
+                )
                 _note(environ).subject = _log_value(username)
             else:
                 refresh_token = _required(form, "refresh_token")

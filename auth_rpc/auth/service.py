@@ -381,33 +381,45 @@ class AuthService:
         *,
         client_id: str = USER_CLIENT_ID,
         audience: str | None = None,
+        source: str | None = None,
     ) -> IssuedTokens:
         """Password grant: an access token and a refresh token (a new family).
 
         ``scope`` narrows the user's scopes (``""`` = all of them).
         ``audience`` is the token's ``aud`` (``None``: the service's default),
-        one the user may use. Raises InvalidCredentials (one message for an
-        unknown user and a wrong password), Throttled, InvalidInput
-        (``audience`` refused: nothing issued), DependencyUnavailable.
+        one the user may use. ``source`` is the caller's address (the Thrift
+        peer, the HTTP ``REMOTE_ADDR``): password hashing is admitted per
+        source (:mod:`auth_rpc.auth.passwords`). Raises InvalidCredentials
+        (one message for an unknown user and a wrong password), Throttled
+        (the name's failures, or hashing saturated for the source or in
+        all), InvalidInput (``audience`` refused: nothing issued),
+        DependencyUnavailable.
         """
         username = check_username(username)
         check_password(password)
         requested = parse_scope(scope)
         client_id = check_client_id(client_id)
         wanted = _requested_audience(audience)
-        with self._login_throttle.attempt(username) as attempt:
-            user = self._accounts.get_user(username)
-            ok = self._hasher.verify(user.password_hash if user else None, password)
-            if not ok or user is None:
-                attempt.failed()
-                log.info("login failed")
-                raise InvalidCredentials(LOGIN_FAILED)
-            attempt.succeeded()
+        self._login_throttle.check(username)  # a throttled name waits for nothing
+        # The hashing slot first, then the reservation of the attempt: a login
+        # that waits for a slot, or is refused one, holds none of the name's
+        # attempts in flight (which a flood could otherwise fill).
+        with self._hasher.admit(source):
+            with self._login_throttle.attempt(username) as attempt:
+                user = self._accounts.get_user(username)
+                ok = self._hasher.verify(user.password_hash if user else None, password)
+                if not ok or user is None:
+                    attempt.failed()
+                    log.info("login failed")
+                    raise InvalidCredentials(LOGIN_FAILED)
+                attempt.succeeded()
+            rehashed = None
+            if self._hasher.needs_rehash(user.password_hash):
+                rehashed = self._hasher.hash(password)  # in the same slot
         scopes = _narrow(user.scopes, requested)
         aud = self._allowed_audience(user.audiences, wanted)
-        if self._hasher.needs_rehash(user.password_hash):
-            new_hash = self._hasher.hash(password)
-            self._accounts.set_password_hash(username, user.password_hash, new_hash)
+        if rehashed is not None:
+            self._accounts.set_password_hash(username, user.password_hash, rehashed)
         now = int(self._clock())
         self._maybe_purge(now)
         family = Family(
@@ -891,9 +903,11 @@ class AuthService:
         return True
 
     def close(self) -> None:
-        """Close the database. Idempotent; later calls raise DependencyUnavailable."""
+        """Close the database and the hashing threads. Idempotent; later calls raise
+        DependencyUnavailable."""
         self._closed = True
         self._db.close()
+        self._hasher.close()
 
     def __enter__(self) -> AuthService:
         return self

@@ -54,7 +54,7 @@ def test_refuses_weak_parameters(kwargs: dict[str, int]) -> None:
 
 def test_saturated_hasher_throttles() -> None:
     hasher = SecretHasher(max_concurrent=1, acquire_timeout_s=0.01)
-    hasher._slots.acquire()  # another call holds the only slot
+    held = hasher.admission.acquire("192.0.2.1")  # another call holds the only slot
     try:
         with pytest.raises(Throttled) as info:
             hasher.verify(None, "x")
@@ -62,8 +62,9 @@ def test_saturated_hasher_throttles() -> None:
         with pytest.raises(Throttled):
             hasher.hash("x")
     finally:
-        hasher._slots.release()
+        hasher.admission.release(held)
     assert not hasher.verify(None, "x")
+    hasher.close()
 
 
 def test_constant_time_equals() -> None:
