@@ -224,9 +224,14 @@ def test_attempts_in_flight_are_counted_over_all_workers(store: Any, clock: Cloc
     with a.attempt("alice"):  # all released
         pass
     failures(b, "alice", 3)
-    with a.attempt("alice"), b.attempt("alice"):  # two left before the limit...
-        with pytest.raises(Throttled, match="too many concurrent"), a.attempt("alice"):
-            pass  # ...so a third in flight must wait
+    # Two left before the limit, so a third in flight must wait.
+    with (
+        a.attempt("alice"),
+        b.attempt("alice"),
+        pytest.raises(Throttled, match="too many concurrent"),
+        a.attempt("alice"),
+    ):
+        pass
 
 
 def test_reservations_of_a_crashed_worker_expire(store: Any, clock: Clock) -> None:
