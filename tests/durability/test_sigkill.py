@@ -23,6 +23,8 @@ and then:
 from __future__ import annotations
 
 import contextlib
+import itertools
+import socket
 import sqlite3
 import threading
 import time
@@ -30,6 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from thriftpy2.protocol import TCyBinaryProtocolFactory
+from thriftpy2.thrift import TClient
+from thriftpy2.transport import TCyBufferedTransportFactory, TSocket
 
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
 from auth_rpc.serving.transport import open_client
@@ -70,9 +76,31 @@ class Ledger:
                 self.enough.set()
 
 
+_SOURCES = itertools.count(1)
+
+
+def _auth_from_own_address(port: int) -> Any:
+    """An Auth client connecting from an address of its own (127.0.2.N): each thread is
+    a client of its own, and the Auth service admits few password checks per address."""
+    sock = socket.create_connection(
+        ("127.0.0.1", port), timeout=30, source_address=(f"127.0.2.{next(_SOURCES)}", 0)
+    )
+    trans = TCyBufferedTransportFactory().get_transport(TSocket(sock=sock))
+    return TClient(auth_thrift.Auth, TCyBinaryProtocolFactory().get_protocol(trans))
+
+
 def _login(port: int, user: str) -> Any:
-    with contextlib.closing(open_client(auth_thrift.Auth, "127.0.0.1", port)) as auth:
-        return auth.login(user, PASSWORD)
+    # Should the service still be saturated: like any client, wait as told
+    # (retry_after_ms) and ask again.
+    deadline = time.monotonic() + 60
+    with contextlib.closing(_auth_from_own_address(port)) as auth:
+        while True:
+            try:
+                return auth.login(user, PASSWORD)
+            except common_thrift.RateLimited as exc:
+                if time.monotonic() > deadline:
+                    raise
+                threading.Event().wait(exc.retry_after_ms / 1000)
 
 
 def poster(ledger: Ledger, auth_port: int, posts_port: int, n: int) -> None:
@@ -131,7 +159,7 @@ def rotator(ledger: Ledger, auth_port: int, n: int) -> None:
 
 
 def revoker(ledger: Ledger, auth_port: int) -> None:
-    auth = open_client(auth_thrift.Auth, "127.0.0.1", auth_port)
+    auth = _auth_from_own_address(auth_port)
     i = 0
     try:
         while not ledger.stop.is_set():
