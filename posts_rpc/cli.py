@@ -3,6 +3,8 @@
     posts-rpc serve --data-dir DIR [--host H] [--port P] --verify MODE --issuer ISS
                     [--audience AUD] [--cache-ttl SECONDS] [--framed]
                     [--tls-cert F --tls-key F [--tls-client-ca F]]
+                    [--max-connections N] [--max-connections-per-peer N]
+                    [--idle-timeout SECONDS]
       MODE local:      --public-key FILE | --hs256-secret-file FILE [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
       local and jwks:  [--status-list required|if-present|off] [--status-list-prefix URL]
@@ -168,6 +170,23 @@ def _parser() -> argparse.ArgumentParser:
         "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
     )
     serve.add_argument("--max-connections", type=int, default=2048)
+    limits = ServerSettings()
+    serve.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        default=limits.max_connections_per_peer,
+        metavar="N",
+        help="connections of one client IP address; more are answered 'server busy' "
+        f"(default {limits.max_connections_per_peer})",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=limits.idle_timeout_s,
+        metavar="SECONDS",
+        help="how long a connection may wait for its next call "
+        f"(default {limits.idle_timeout_s:g})",
+    )
     serve.add_argument(
         "--workers",
         type=int,
@@ -233,6 +252,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--port must be 0..65535")
     if args.max_connections < 1:
         parser.error("--max-connections must be at least 1")
+    if args.max_connections_per_peer < 1:
+        parser.error("--max-connections-per-peer must be at least 1")
+    if not args.idle_timeout > 0:  # also refuses NaN
+        parser.error("--idle-timeout must be more than 0 seconds")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
 
@@ -304,7 +327,13 @@ def _serve(args: argparse.Namespace) -> int:
     tls = (
         TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     )
-    settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
+    settings = ServerSettings(
+        framed=args.framed,
+        tls=tls,
+        max_connections=args.max_connections,
+        max_connections_per_peer=args.max_connections_per_peer,
+        idle_timeout_s=args.idle_timeout,
+    )
     if args.workers > 1:
         # Open and migrate the store once, before any worker exists (as
         # auth-rpc does): a store that cannot be opened is one error line and

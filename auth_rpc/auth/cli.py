@@ -6,6 +6,7 @@
                    [--status-list-ttl S] [--status-list-size N] [--status-list-base-url URL]
                    [--http-connection-limit N] [--http-per-peer-limit N]
                    [--http-header-timeout S] [--http-idle-timeout S]
+                   [--max-connections N] [--max-connections-per-peer N] [--idle-timeout S]
     auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--audience AUD ...] [--password-stdin]
     auth-rpc add-client ID --data-dir DIR [--scope "..."] [--audience AUD ...] [--introspect]
 
@@ -116,6 +117,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
     serve.add_argument("--max-connections", type=int, default=2048)
+    thrift_limits = ServerSettings()
+    serve.add_argument(
+        "--max-connections-per-peer",
+        type=_positive_int,
+        default=thrift_limits.max_connections_per_peer,
+        metavar="N",
+        help="Thrift connections of one client IP address; more are answered 'server busy' "
+        f"(default {thrift_limits.max_connections_per_peer})",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=thrift_limits.idle_timeout_s,
+        metavar="S",
+        help="seconds a Thrift connection may wait for its next call "
+        f"(default {thrift_limits.idle_timeout_s:g})",
+    )
     limits = HttpLimits()
     serve.add_argument(
         "--http-connection-limit",
@@ -264,7 +282,13 @@ def _serve(args: argparse.Namespace) -> int:
     issuer = args.issuer or http_url
     if args.status_list_base_url is None and not issuer.startswith(("http://", "https://")):
         args.status_list_base_url = http_url  # a non-URL issuer: publish the lists here
-    settings = ServerSettings(framed=args.framed, tls=tls, max_connections=args.max_connections)
+    settings = ServerSettings(
+        framed=args.framed,
+        tls=tls,
+        max_connections=args.max_connections,
+        max_connections_per_peer=args.max_connections_per_peer,
+        idle_timeout_s=args.idle_timeout,
+    )
     http_limits = HttpLimits(
         connection_limit=args.http_connection_limit,
         per_peer_limit=args.http_per_peer_limit,

@@ -6,7 +6,14 @@ leaves Nagle's algorithm on for accepted sockets, does the TLS handshake inside
 IDL does not declare. :class:`RpcServer` replaces it:
 
 - one accept thread; each connection is served by its own thread, up to
-  ``max_connections`` at once (further connections are closed at once);
+  ``max_connections`` at once and ``max_connections_per_peer`` from one
+  source address. When the listener is full, a newcomer closes the
+  connection that has been idle longest (waiting for its next message, never
+  one in a call); when none is idle, or the peer is over its own cap, the
+  newcomer is refused. A refused or evicted connection is answered, before
+  any request of it is read, with a ``TApplicationException`` whose message
+  starts with :data:`SERVER_BUSY_PREFIX` (:func:`is_server_busy`): the request
+  was not run and may be sent again;
 - ``TCP_NODELAY`` on every accepted socket (a reply over 4 KiB otherwise waits
   for the peer's delayed ACK);
 - the TLS handshake runs in the connection's thread, bounded by
@@ -16,8 +23,10 @@ IDL does not declare. :class:`RpcServer` replaces it:
   types, nesting) before thriftpy2's Cython codec decodes it; a refused
   message is answered with ``TApplicationException(PROTOCOL_ERROR)`` when its
   header could be read, and its connection closed;
-- an idle connection is closed after ``idle_timeout_s``, and a message must
-  arrive whole within ``message_read_timeout_s`` (slow-drip clients are cut);
+- a new connection must begin its first message within
+  ``first_message_timeout_s``, an idle one is closed after ``idle_timeout_s``,
+  and a message must arrive whole within ``message_read_timeout_s``
+  (slow-drip clients are cut);
 - with mutual TLS the verified client certificate is available to handlers
   as ``current_call().peer_cert`` and ``current_call().peer_identity``;
 - an undeclared handler exception becomes ``TApplicationException
@@ -31,11 +40,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import heapq
 import itertools
 import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -52,19 +63,48 @@ from thriftpy2.transport import (
     TTransportException,
 )
 
-from auth_rpc.serving.wire import Message, MessageReader, MessageTimeout, WireError, WireLimits
+from auth_rpc.serving.wire import (
+    Message,
+    MessageReader,
+    MessageTimeout,
+    WireError,
+    WireLimits,
+    peek_call_header,
+)
 
 __all__ = [
+    "SERVER_BUSY_PREFIX",
+    "SERVER_BUSY_TYPE",
     "CallContext",
     "Preencoded",
     "RpcServer",
     "ServerSettings",
     "TLSServerConfig",
     "current_call",
+    "is_server_busy",
 ]
 
 log = logging.getLogger("auth_rpc.serving.rpc")
 access_log = logging.getLogger("auth_rpc.access")
+
+#: The "server busy" answer: a ``TApplicationException`` of this type (UNKNOWN)
+#: whose message starts with :data:`SERVER_BUSY_PREFIX`. A listener sends it,
+#: as an EXCEPTION message, when it refuses a connection (connection caps) or
+#: closes an idle one to make room. The request was not run: it may be sent
+#: again (on a new connection; the server closes this one). Its method name and
+#: seqid are the request's when the server has them, else ``""`` and 0.
+SERVER_BUSY_TYPE = TApplicationException.UNKNOWN
+SERVER_BUSY_PREFIX = "server busy"
+
+
+def is_server_busy(exc: BaseException) -> bool:
+    """True when ``exc`` is a listener's "server busy" answer (the request was not run)."""
+    return (
+        isinstance(exc, TApplicationException)
+        and exc.type == SERVER_BUSY_TYPE
+        and isinstance(exc.message, str)
+        and exc.message.startswith(SERVER_BUSY_PREFIX)
+    )
 
 
 @dataclass(frozen=True)
@@ -106,6 +146,13 @@ class ServerSettings:
     take to arrive once it has begun. A reply is sent under the idle timeout:
     a client that stops reading holds its connection no longer than an idle
     one (and switching timeouts per call would cost two system calls).
+    ``first_message_timeout_s`` bounds, from the moment a connection is
+    accepted, the wait for its first message to begin (a connection that
+    never speaks is cut sooner than an idle one between calls).
+
+    ``max_connections_per_peer`` caps the connections from one source address
+    (a newcomer over it is refused); at ``max_connections`` a newcomer closes
+    the connection idle longest, or is refused when every one is in a call.
     ``thread_stack_bytes`` sets the stack size of connection threads
     (``None``: the interpreter's default; measured with 1,000 idle
     connections, 256 KiB cuts virtual memory from 8.9 GiB to 1.2 GiB but not
@@ -113,7 +160,9 @@ class ServerSettings:
     """
 
     max_connections: int = 2048
+    max_connections_per_peer: int = 64
     idle_timeout_s: float = 300.0
+    first_message_timeout_s: float = 10.0
     handshake_timeout_s: float = 5.0
     shutdown_grace_s: float = 10.0
     framed: bool = False
@@ -131,13 +180,15 @@ class ServerSettings:
         self.wire_limits()  # raises ValueError on a non-positive limit
         for name in (
             "idle_timeout_s",
+            "first_message_timeout_s",
             "handshake_timeout_s",
             "message_read_timeout_s",
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        if self.max_connections < 1:
-            raise ValueError("max_connections must be at least 1")
+        for name in ("max_connections", "max_connections_per_peer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     def wire_limits(self) -> WireLimits:
         """The wire limits as :class:`auth_rpc.serving.wire.WireLimits`."""
@@ -240,23 +291,50 @@ def _new_request_id() -> str:
 
 
 class _Connection:
-    __slots__ = ("busy", "closing", "lock", "peer", "sock", "thread")
+    __slots__ = (
+        "busy",
+        "closing",
+        "evicted",
+        "host",
+        "idle_since",
+        "linger_s",
+        "lock",
+        "notice",
+        "peer",
+        "sock",
+        "thread",
+    )
 
-    def __init__(self, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, sock: socket.socket, peer: Any, host: str) -> None:
         self.sock = sock
         self.peer = peer
+        self.host = host
         self.lock = threading.Lock()
         self.busy = False  # a call is being served
-        self.closing = False  # stop() began: serve no further call
+        self.closing = False  # stop() began, or evicted: serve no further call
+        self.evicted = False  # closed to make room for a newcomer
+        self.idle_since = time.monotonic()  # accepted, or its last call ended
+        self.notice: bytes | None = None  # "server busy" answer to send before closing
+        self.linger_s = 0.0  # how long to drain what the peer still sends after it
         self.thread: threading.Thread | None = None
 
     def shutdown(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
 
+    def interrupt(self) -> None:
+        """Wake the connection's thread from its wait for the next message.
+
+        Shuts down reading only (the thread still answers "server busy"), on
+        the file descriptor itself: ``SSLSocket.shutdown`` would also drop the
+        TLS state under the thread's feet.
+        """
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RD)
+
 
 def _host(conn: _Connection) -> str:
-    return str(conn.peer[0]) if isinstance(conn.peer, tuple) else "?"
+    return conn.host
 
 
 class Preencoded:
@@ -399,6 +477,13 @@ class RpcServer:
         self._port: int | None = None
         self._accept_thread: threading.Thread | None = None
         self._connections: set[_Connection] = set()
+        self._per_peer: dict[str, int] = {}  # connections (evicted ones included) per address
+        self._evicting = 0  # evicted connections not yet gone
+        # Idle connections, oldest first, as of the last look (entries whose
+        # connection was used since are skipped): see _evict_oldest_idle_locked.
+        self._idle_order: list[tuple[float, int, _Connection]] = []
+        self._idle_tiebreak = itertools.count()
+        self._reports: dict[str, list[Any]] = {}  # rate-limited log lines: kind -> [count, due]
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._stopped = threading.Event()
@@ -501,20 +586,39 @@ class RpcServer:
         accept_until(self._listener, self._closing, self._admit)
 
     def _admit(self, sock: socket.socket, peer: Any) -> None:
-        """Serve an accepted connection in its own thread, or close it (cap, stopping)."""
+        """Serve an accepted connection in its own thread, or refuse it (caps, stopping).
+
+        At ``max_connections`` the connection idle longest is closed to make
+        room; a newcomer is refused when its address is at
+        ``max_connections_per_peer`` or when no connection is idle.
+        """
+        host = str(peer[0]) if isinstance(peer, tuple) else "?"
+        settings = self.settings
+        victim: _Connection | None = None
+        refusal: str | None = None
         with self._lock:
             if self._closing.is_set():
-                refused = True
-            elif len(self._connections) >= self.settings.max_connections:
-                refused = True
-                log.warning("connection limit reached; refusing %s", peer[0])
-            else:
-                refused = False
-                conn = _Connection(sock, peer)
+                refusal = ""  # stopping: closed without an answer
+            elif self._per_peer.get(host, 0) >= settings.max_connections_per_peer:
+                refusal = "too many connections from this address"
+            elif len(self._connections) - self._evicting >= settings.max_connections:
+                victim = self._evict_oldest_idle_locked()
+                if victim is None:
+                    refusal = "connection limit reached, every connection in a call"
+            if refusal is None:
+                conn = _Connection(sock, peer, host)
                 self._connections.add(conn)
-        if refused:
-            sock.close()
+                self._per_peer[host] = self._per_peer.get(host, 0) + 1
+        if refusal is not None:
+            if refusal:
+                self._report("refused", f"refusing connections ({refusal})", host)
+                self._refuse(sock, refusal)
+            else:
+                sock.close()
             return
+        if victim is not None:
+            self._report("evicted", "closing idle connections to make room", victim.host)
+            victim.interrupt()
         stack_bytes = self.settings.thread_stack_bytes
         thread = threading.Thread(
             target=self._serve_connection, args=(conn,), name=f"{self.name}-conn", daemon=True
@@ -531,10 +635,92 @@ class RpcServer:
                     finally:
                         threading.stack_size(previous)
         except RuntimeError:  # cannot start a thread: out of resources
-            log.warning("cannot start a connection thread; refusing %s", peer[0])
+            log.warning("cannot start a connection thread; refusing %s", host)
             with self._lock:
-                self._connections.discard(conn)
+                self._forget_locked(conn)
+            self._refuse(sock, "cannot start a connection thread")
+
+    def _evict_oldest_idle_locked(self) -> _Connection | None:
+        """Mark the connection idle longest as evicted and return it; ``None`` if none is idle.
+
+        Idle: waiting for its next message (or its first), not in a call. The
+        order is a heap made from every connection when the previous one runs
+        out; entries whose connection has been used since (its ``idle_since``
+        changed) are skipped, so a burst of newcomers costs O(log n) each.
+        Called with ``self._lock`` held.
+        """
+        for fresh in (False, True):
+            if fresh:
+                self._idle_order = [
+                    (c.idle_since, next(self._idle_tiebreak), c)
+                    for c in self._connections
+                    if not c.busy and not c.closing
+                ]
+                heapq.heapify(self._idle_order)
+            order = self._idle_order
+            while order:
+                since, _, conn = heapq.heappop(order)
+                if conn.idle_since != since or conn not in self._connections:
+                    continue
+                with conn.lock:
+                    if conn.busy or conn.closing or conn.idle_since != since:
+                        continue
+                    conn.closing = conn.evicted = True
+                self._evicting += 1
+                return conn
+        return None
+
+    def _forget_locked(self, conn: _Connection) -> None:
+        """Remove ``conn`` from the books (``self._lock`` held)."""
+        if conn not in self._connections:
+            return
+        self._connections.discard(conn)
+        left = self._per_peer[conn.host] - 1
+        if left:
+            self._per_peer[conn.host] = left
+        else:
+            del self._per_peer[conn.host]
+        if conn.evicted:
+            self._evicting -= 1
+
+    def _refuse(self, sock: socket.socket, reason: str) -> None:
+        """Answer "server busy" on a connection that gets no thread, and close it.
+
+        Runs in the accept thread, so nothing here may block: the request, if
+        it has already arrived, is read without waiting (its method name and
+        seqid go into the answer; it is not run), the answer fits in an empty
+        socket buffer, and the socket is closed at once. On a TLS listener the
+        connection is closed without an answer (no handshake in this thread):
+        the client sees its connection fail before sending anything.
+        """
+        try:
+            if self._ssl_context is None:
+                sock.setblocking(False)
+                try:
+                    head = sock.recv(_PEEK_BYTES)
+                except (BlockingIOError, InterruptedError):
+                    head = b""
+                framed = self.settings.framed
+                method, seqid = peek_call_header(memoryview(head)[4:] if framed else head)
+                answer = f"{reason}; the request was not read"
+                sock.send(_busy_notice(method, seqid, answer, framed))
+                sock.shutdown(socket.SHUT_WR)
+                _drain(sock, 0.0)
+        except OSError:
+            pass
+        finally:
             sock.close()
+
+    def _report(self, kind: str, what: str, host: str) -> None:
+        """Log ``what`` at most once a second per ``kind``, with a count (an attack floods)."""
+        now = time.monotonic()
+        entry = self._reports.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        if now >= entry[1]:
+            log.warning("%s: %d connection(s) since the last report, latest from %s",
+                        what, entry[0], host)
+            entry[0] = 0
+            entry[1] = now + 1.0
 
     def _serve_connection(self, conn: _Connection) -> None:
         sock = conn.sock
@@ -561,22 +747,36 @@ class RpcServer:
         except Exception:
             log.exception("connection from %s failed", host)
         finally:
-            with contextlib.suppress(OSError):
-                sock.close()
-            with self._lock:
-                self._connections.discard(conn)
+            notice = conn.notice
+            if notice is None and conn.evicted:
+                notice = _busy_notice(
+                    None, None, "idle connection closed to make room", self.settings.framed
+                )
+            if notice is not None:
+                _send_notice(sock, notice, conn.linger_s)
+            # One connection at a time closes and leaves: thousands of threads
+            # ending at once (their peers all gone) otherwise convoy on the GIL
+            # and starve the calls being served for seconds.
+            with _TEARDOWN_GATE:
+                with contextlib.suppress(OSError):
+                    sock.close()
+                with self._lock:
+                    self._forget_locked(conn)
 
     def _serve_calls(
         self, conn: _Connection, sock: socket.socket, peer_cert: dict[str, Any] | None
     ) -> None:
         settings = self.settings
+        # The first message must begin within first_message_timeout_s of the accept.
+        first_wait = conn.idle_since + settings.first_message_timeout_s - time.monotonic()
         reader = MessageReader(
             sock,
             self._limits,
             framed=settings.framed,
-            idle_timeout_s=settings.idle_timeout_s,
+            idle_timeout_s=max(0.001, min(first_wait, settings.idle_timeout_s)),
             message_timeout_s=settings.message_read_timeout_s,
         )
+        first = True
         otrans = self._trans_factory.get_transport(TSocket(sock=sock))
         oprot = self._proto_factory.get_protocol(otrans)
         mem = TCyMemoryBuffer()
@@ -594,15 +794,28 @@ class RpcServer:
                     raise
                 if message is None:
                     return  # the peer closed between calls
+                if first:
+                    first = False
+                    reader.set_idle_timeout(settings.idle_timeout_s)
                 with conn.lock:
                     if conn.closing:
-                        return  # stop() began while this call was arriving
+                        # stop() began, or a newcomer evicted this connection,
+                        # while this call was arriving: it is not run.
+                        if conn.evicted:
+                            conn.notice = _busy_notice(
+                                message.method,
+                                message.seqid,
+                                "idle connection closed to make room; the request was not run",
+                                settings.framed,
+                            )
+                        return
                     conn.busy = True
                 try:
                     self._handle(message, mem, iprot, oprot, peer, peer_cert, host=_host(conn))
                 finally:
                     with conn.lock:
                         conn.busy = False
+                        conn.idle_since = time.monotonic()
         finally:
             reader.close()
 
@@ -659,6 +872,48 @@ class _BufferedTransportFactory:
         return TCyBufferedTransport(trans, buf_size=_WRITE_BUFFER_BYTES)
 _REFUSAL_WRITE_TIMEOUT_S = 1.0
 _STACK_SIZE_LOCK = threading.Lock()
+_TEARDOWN_GATE = threading.Lock()
+#: What a refused connection may already have sent that is read for its header.
+_PEEK_BYTES = 64 * 1024
+
+
+def _busy_notice(method: str | None, seqid: int | None, reason: str, framed: bool) -> bytes:
+    """The bytes of a "server busy" EXCEPTION message (see :data:`SERVER_BUSY_PREFIX`)."""
+    buf = TCyMemoryBuffer()
+    proto = TCyBinaryProtocol(buf)
+    proto.write_message_begin(method or "", TMessageType.EXCEPTION, seqid or 0)
+    TApplicationException(SERVER_BUSY_TYPE, f"{SERVER_BUSY_PREFIX}: {reason}").write(proto)
+    proto.write_message_end()
+    data: bytes = buf.getvalue()
+    return struct.pack("!i", len(data)) + data if framed else data
+
+
+def _send_notice(sock: socket.socket, notice: bytes, linger_s: float) -> None:
+    """Send ``notice``, half-close, and read what the peer still sends for ``linger_s``.
+
+    Closing a socket with unread bytes resets the connection, which may
+    destroy the notice before the peer reads it; draining first avoids that.
+    """
+    with contextlib.suppress(OSError, ValueError):
+        sock.settimeout(_REFUSAL_WRITE_TIMEOUT_S)
+        sock.sendall(notice)
+        sock.shutdown(socket.SHUT_WR)
+        _drain(sock, linger_s)
+
+
+def _drain(sock: socket.socket, linger_s: float) -> None:
+    """Read and discard until the peer closes, for at most ``linger_s`` (0: what is there)."""
+    scratch = bytearray(65536)
+    deadline = time.monotonic() + linger_s
+    with contextlib.suppress(OSError, ValueError):
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining > 0:
+                sock.settimeout(remaining)
+            else:
+                sock.setblocking(False)
+            if sock.recv_into(scratch) == 0:
+                return
 
 
 def _answer_refusal(processor: Any, oprot: Any, method: str, seqid: int, reason: str) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "MessageTimeout",
     "WireError",
     "WireLimits",
+    "peek_call_header",
 ]
 
 #: Longest method name accepted in a message header.
@@ -395,6 +396,27 @@ class MessageScanner:
         return True
 
 
+def peek_call_header(data: bytes | bytearray | memoryview) -> tuple[str | None, int | None]:
+    """The method name and seqid at the start of ``data``, a strict call header.
+
+    ``(None, None)`` when ``data`` does not begin with a whole, valid one.
+    """
+    if len(data) < 8:
+        return None, None
+    version, name_len = _I32_I32_AT(data, 0)
+    mtype = version & 0xFF
+    if (version & _VERSION_MASK) != _VERSION_1 or mtype not in (_CALL, _ONEWAY):
+        return None, None
+    if not 0 <= name_len <= MAX_METHOD_NAME_BYTES or len(data) < 12 + name_len:
+        return None, None
+    try:
+        method = str(data[8 : 8 + name_len], "utf-8")
+    except UnicodeDecodeError:
+        return None, None
+    (seqid,) = _I32_AT(data, 8 + name_len)
+    return method, seqid
+
+
 class Message:
     """One complete, validated call: the bytes for thriftpy2 and its header.
 
@@ -452,6 +474,10 @@ class MessageReader:
         if timeout_s != self._timeout:
             self._sock.settimeout(timeout_s)
             self._timeout = timeout_s
+
+    def set_idle_timeout(self, timeout_s: float) -> None:
+        """How long to wait for the first byte of each following message."""
+        self._idle_timeout_s = timeout_s
 
     def close(self) -> None:
         """Release the buffer (the socket belongs to the caller)."""

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import thriftpy2
 from thriftpy2.protocol import TCyBinaryProtocolFactory
-from thriftpy2.thrift import TMessageType
+from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import TCyMemoryBuffer
 
 from auth_rpc.serving.rpc import RpcServer, ServerSettings, current_call
@@ -33,11 +33,13 @@ class EchoHandler:
         self.entered = threading.Event()
         self.release = threading.Event()
         self.identities: list[str | None] = []
+        self.adds = 0  # calls of add() run
 
     def echo(self, text: str) -> str:
         return text
 
     def add(self, a: int | None, b: int | None) -> int:
+        self.adds += 1
         return (a or 0) + (b or 0)  # a call may omit its arguments (the fuzz does)
 
     def hold(self, text: str) -> str:
@@ -129,6 +131,34 @@ def raw_connect(server: RpcServer, timeout_s: float = 5.0) -> socket.socket:
     return sock
 
 
+def connect_from(server: RpcServer, source: str, timeout_s: float = 5.0) -> socket.socket:
+    """A connection to ``server`` from the loopback address ``source`` (127.0.0.0/8)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.bind((source, 0))
+        sock.connect(("127.0.0.1", server.port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def decode_reply(data: bytes, *, framed: bool = False) -> tuple[str, int, int, Any]:
+    """``(method, message type, seqid, value)`` of the first message in ``data``.
+
+    ``value`` is the ``TApplicationException`` of an EXCEPTION message, else ``None``.
+    """
+    buf = TCyMemoryBuffer(data[4:] if framed else data)
+    proto = TCyBinaryProtocolFactory().get_protocol(buf)
+    method, mtype, seqid = proto.read_message_begin()
+    value = None
+    if mtype == TMessageType.EXCEPTION:
+        value = TApplicationException()
+        proto.read_struct(value)
+    return method, mtype, seqid, value
+
+
 def read_until_closed(sock: socket.socket, limit: int = 1 << 20) -> bytes:
     """Everything the server sends until it closes (``ConnectionResetError`` ends it too)."""
     data = b""
@@ -162,6 +192,8 @@ class Helpers:
     call_header = staticmethod(call_header)
     frame = staticmethod(frame)
     raw_connect = staticmethod(raw_connect)
+    connect_from = staticmethod(connect_from)
+    decode_reply = staticmethod(decode_reply)
     read_until_closed = staticmethod(read_until_closed)
     wait_for = staticmethod(wait_for)
 
