@@ -21,8 +21,12 @@ Two layers:
 Retry rule for a dropped connection (at most once, and only when harmless):
 
 - the connection could not be opened: :class:`TransportError`, nothing was sent;
-- the request could not be sent in full: the server cannot have acted on it,
-  so the call is retried once on a new connection, whatever the method;
+- the request could not be sent in full, or the server answered "server
+  busy" (:func:`auth_rpc.serving.rpc.is_server_busy`: a connection cap or its
+  memory budget made it refuse the request unread or unrun, and close the
+  connection): the server cannot have acted on it, so the call is retried
+  once on a new connection, whatever the method, then raises
+  :class:`TransportError` (never :class:`ConnectionLost`);
 - the request was sent but no reply came (connection reset or closed): a
   method declared *safe to repeat* (``safe_to_repeat=`` of
   :meth:`Session.client`; for Posts ``get_post`` and ``list_posts``) is
@@ -61,6 +65,7 @@ from thriftpy2.thrift import TApplicationException, TDecodeException, TException
 from thriftpy2.transport import TTransportException
 
 from auth_rpc.idl import auth_thrift, posts_thrift
+from auth_rpc.serving.rpc import is_server_busy
 from auth_rpc.serving.transport import TLSClientConfig, open_client, parse_hostport
 
 __all__ = [
@@ -99,8 +104,9 @@ class TransportError(ClientError):
     """The service could not be reached or the connection broke.
 
     Connection refused, timeout, TLS failure (including a certificate or
-    hostname that does not verify), or a connection closed mid-call. The
-    underlying exception is the ``__cause__``.
+    hostname that does not verify), a connection closed mid-call, or a
+    server too busy to take the request (it was not run). The underlying
+    exception is the ``__cause__``.
     """
 
 
@@ -269,7 +275,8 @@ class _Connection:
         """Send one call and read its reply.
 
         IDL exceptions and ``TApplicationException`` propagate (the connection
-        stays usable); a transport failure raises :class:`_CallFailed`.
+        stays usable); a transport failure raises :class:`_CallFailed`, and so
+        does a "server busy" answer (not sent: the server did not run it).
         """
         # TClient._req is _send then _recv; calling them apart tells a
         # failure before the request left from one after it did.
@@ -281,6 +288,10 @@ class _Connection:
             return self._client._recv(method)
         except _TRANSPORT_FAILURES as exc:
             raise _CallFailed(exc, sent=True) from exc
+        except TApplicationException as exc:
+            if is_server_busy(exc):  # refused unrun; the server closes the connection
+                raise _CallFailed(exc, sent=False) from exc
+            raise
 
     def peer_closed(self) -> bool:
         """True when the idle connection has been closed by the server.

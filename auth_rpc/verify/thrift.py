@@ -13,6 +13,7 @@ from thriftpy2.thrift import TApplicationException
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.idl import auth_thrift, common_thrift
+from auth_rpc.serving.rpc import is_server_busy
 from auth_rpc.serving.transport import TLSClientConfig, open_client
 from auth_rpc.verify._common import (
     DEFAULT_MAX_TOKEN_BYTES,
@@ -201,7 +202,11 @@ class ThriftVerifier(CachingVerifier):
             except common_thrift.Unavailable:
                 broken = False
                 raise DependencyUnavailable("auth service unavailable") from None
-            except TApplicationException:
+            except TApplicationException as exc:
+                # "server busy": not run, and the connection is closed. A pooled one
+                # may have been closed while idle to make room: retry on a fresh one.
+                if is_server_busy(exc) and reused and attempt == 1:
+                    continue
                 raise DependencyUnavailable("auth service failed") from None
             except TimeoutError:
                 raise DependencyUnavailable("auth service timed out") from None
