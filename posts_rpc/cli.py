@@ -4,7 +4,7 @@
                     [--audience AUD] [--cache-ttl SECONDS] [--framed]
                     [--tls-cert F --tls-key F [--tls-client-ca F]]
                     [--max-connections N] [--max-connections-per-peer N]
-                    [--idle-timeout SECONDS]
+                    [--idle-timeout SECONDS] [--max-message-bytes N]
       MODE local:      --public-key FILE | --hs256-secret-file FILE [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
       local and jwks:  [--status-list required|if-present|off] [--status-list-prefix URL]
@@ -71,6 +71,12 @@ __all__ = ["main"]
 log = logging.getLogger("posts_rpc.cli")
 
 MODES = ("local", "jwks", "introspect", "thrift")
+
+#: The largest message ``posts-rpc serve`` accepts by default (``--max-message-bytes``):
+#: its largest legitimate call, ``create_post`` with a 64 KiB body, a 200-character title
+#: and an 8 KiB token, is about 70 KiB.
+#: The Auth service keeps the serving layer's default, 4 MiB.
+MAX_MESSAGE_BYTES = 256 * 1024
 
 #: Flags that belong to one mode only: flag -> (argparse dest, modes allowing it).
 _MODE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -188,6 +194,14 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {limits.idle_timeout_s:g})",
     )
     serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=MAX_MESSAGE_BYTES,
+        metavar="N",
+        help=f"largest message accepted (default {MAX_MESSAGE_BYTES}: the largest call, a "
+        "create_post with a 64 KiB body, is about 70 KiB)",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -256,6 +270,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--max-connections-per-peer must be at least 1")
     if not args.idle_timeout > 0:  # also refuses NaN
         parser.error("--idle-timeout must be more than 0 seconds")
+    if not 1 <= args.max_message_bytes <= 0x7FFFFFFF:
+        parser.error("--max-message-bytes must be 1..2147483647")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
 
@@ -333,6 +349,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_connections_per_peer=args.max_connections_per_peer,
         idle_timeout_s=args.idle_timeout,
+        max_message_bytes=args.max_message_bytes,
     )
     if args.workers > 1:
         # Open and migrate the store once, before any worker exists (as

@@ -7,6 +7,7 @@
                    [--http-connection-limit N] [--http-per-peer-limit N]
                    [--http-header-timeout S] [--http-idle-timeout S]
                    [--max-connections N] [--max-connections-per-peer N] [--idle-timeout S]
+                   [--max-message-bytes N]
     auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--audience AUD ...] [--password-stdin]
     auth-rpc add-client ID --data-dir DIR [--scope "..."] [--audience AUD ...] [--introspect]
 
@@ -133,6 +134,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="seconds a Thrift connection may wait for its next call "
         f"(default {thrift_limits.idle_timeout_s:g})",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=thrift_limits.max_message_bytes,
+        metavar="N",
+        help=f"largest Thrift message accepted (default {thrift_limits.max_message_bytes})",
     )
     limits = HttpLimits()
     serve.add_argument(
@@ -288,6 +296,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_connections=args.max_connections,
         max_connections_per_peer=args.max_connections_per_peer,
         idle_timeout_s=args.idle_timeout,
+        max_message_bytes=args.max_message_bytes,
     )
     http_limits = HttpLimits(
         connection_limit=args.http_connection_limit,

@@ -27,6 +27,10 @@ IDL does not declare. :class:`RpcServer` replaces it:
   ``first_message_timeout_s``, an idle one is closed after ``idle_timeout_s``,
   and a message must arrive whole within ``message_read_timeout_s``
   (slow-drip clients are cut);
+- receive buffers grow with the bytes received and shrink back once their
+  message is handled; their growth is bounded by a budget shared by the
+  listener's connections (``max_buffered_bytes``): a message that does not
+  fit is answered "server busy" and its connection closed;
 - with mutual TLS the verified client certificate is available to handlers
   as ``current_call().peer_cert`` and ``current_call().peer_identity``;
 - an undeclared handler exception becomes ``TApplicationException
@@ -40,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import heapq
 import itertools
 import logging
@@ -64,6 +69,8 @@ from thriftpy2.transport import (
 )
 
 from auth_rpc.serving.wire import (
+    BufferBudget,
+    BufferBudgetExceeded,
     Message,
     MessageReader,
     MessageTimeout,
@@ -90,7 +97,8 @@ access_log = logging.getLogger("auth_rpc.access")
 #: The "server busy" answer: a ``TApplicationException`` of this type (UNKNOWN)
 #: whose message starts with :data:`SERVER_BUSY_PREFIX`. A listener sends it,
 #: as an EXCEPTION message, when it refuses a connection (connection caps) or
-#: closes an idle one to make room. The request was not run: it may be sent
+#: closes an idle one to make room, and instead of running a message that does
+#: not fit its receive-buffer budget. The request was not run: it may be sent
 #: again (on a new connection; the server closes this one). Its method name and
 #: seqid are the request's when the server has them, else ``""`` and 0.
 SERVER_BUSY_TYPE = TApplicationException.UNKNOWN
@@ -153,6 +161,10 @@ class ServerSettings:
     ``max_connections_per_peer`` caps the connections from one source address
     (a newcomer over it is refused); at ``max_connections`` a newcomer closes
     the connection idle longest, or is refused when every one is in a call.
+    ``max_buffered_bytes`` is the listener's receive-buffer budget: what
+    buffers hold beyond 16 KiB each, summed over its connections (a message
+    of ``max_message_bytes`` takes about as much; decoding it takes as much
+    again for a moment, outside the budget).
     ``thread_stack_bytes`` sets the stack size of connection threads
     (``None``: the interpreter's default; measured with 1,000 idle
     connections, 256 KiB cuts virtual memory from 8.9 GiB to 1.2 GiB but not
@@ -175,6 +187,7 @@ class ServerSettings:
     max_message_values: int = 100_000
     message_read_timeout_s: float = 10.0
     thread_stack_bytes: int | None = None
+    max_buffered_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         self.wire_limits()  # raises ValueError on a non-positive limit
@@ -186,7 +199,7 @@ class ServerSettings:
         ):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive")
-        for name in ("max_connections", "max_connections_per_peer"):
+        for name in ("max_connections", "max_connections_per_peer", "max_buffered_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
@@ -439,6 +452,9 @@ class RpcServer:
     ``start()`` binds and listens (``port=0`` picks a free port, readable from
     :attr:`port` afterwards), then serves from background threads;
     ``stop()`` shuts down gracefully. Usable as a context manager.
+
+    ``buffer_budget`` shares one receive-buffer budget between listeners of a
+    process (default: a budget of ``settings.max_buffered_bytes`` of its own).
     """
 
     def __init__(
@@ -451,6 +467,7 @@ class RpcServer:
         settings: ServerSettings | None = None,
         name: str = "thrift",
         sock: socket.socket | None = None,
+        buffer_budget: BufferBudget | None = None,
     ) -> None:
         self.service = service
         self.handler = handler
@@ -483,6 +500,7 @@ class RpcServer:
         # connection was used since are skipped): see _evict_oldest_idle_locked.
         self._idle_order: list[tuple[float, int, _Connection]] = []
         self._idle_tiebreak = itertools.count()
+        self._budget = buffer_budget or BufferBudget(self.settings.max_buffered_bytes)
         self._reports: dict[str, list[Any]] = {}  # rate-limited log lines: kind -> [count, due]
         self._lock = threading.Lock()
         self._closing = threading.Event()
@@ -499,6 +517,7 @@ class RpcServer:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> RpcServer:
+        _tune_malloc()
         if self._listener is None:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -528,6 +547,11 @@ class RpcServer:
     def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of the receive-buffer budget in use (buffers' growth beyond 16 KiB)."""
+        return self._budget.used_bytes
 
     def __enter__(self) -> RpcServer:
         return self.start() if self._accept_thread is None else self
@@ -734,6 +758,8 @@ class RpcServer:
                 conn.sock = sock
                 peer_cert = sock.getpeercert() or None
             self._serve_calls(conn, sock, peer_cert)
+        except BufferBudgetExceeded as exc:
+            self._report("budget", f"refusing messages ({exc.reason})", host)
         except WireError as exc:
             log.info("refused message from %s: %s", host, exc.reason)
         except MessageTimeout:
@@ -775,6 +801,7 @@ class RpcServer:
             framed=settings.framed,
             idle_timeout_s=max(0.001, min(first_wait, settings.idle_timeout_s)),
             message_timeout_s=settings.message_read_timeout_s,
+            budget=self._budget,
         )
         first = True
         otrans = self._trans_factory.get_transport(TSocket(sock=sock))
@@ -787,6 +814,14 @@ class RpcServer:
             while not self._closing.is_set():
                 try:
                     message = reader.read_message()
+                except BufferBudgetExceeded as exc:
+                    # Busy, not malformed: the client may send it again later.
+                    conn.notice = _busy_notice(
+                        exc.method, exc.seqid, f"{exc.reason}; the request was not run",
+                        settings.framed,
+                    )
+                    conn.linger_s = _LINGER_S  # let it finish sending, then read the answer
+                    raise
                 except WireError as exc:
                     if exc.method is not None and exc.seqid is not None:
                         reader.set_timeout(_REFUSAL_WRITE_TIMEOUT_S)
@@ -849,6 +884,10 @@ class RpcServer:
             return
         finally:
             mem.clean()
+        # Drop the decode buffer (a large one is this call's own) now: an
+        # exception the handler raises holds this frame in a reference cycle
+        # until the cyclic GC runs, and a 4 MiB buffer with it.
+        mem = iprot = None
         if isinstance(result, TApplicationException) or call is None:
             processor.send_exception(oprot, api, result, seqid)
             return
@@ -873,8 +912,40 @@ class _BufferedTransportFactory:
 _REFUSAL_WRITE_TIMEOUT_S = 1.0
 _STACK_SIZE_LOCK = threading.Lock()
 _TEARDOWN_GATE = threading.Lock()
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+_MMAP_THRESHOLD_BYTES = 1024 * 1024
+_malloc_tuned: bool | None = None
+
+
+def _tune_malloc() -> bool:
+    """Fix glibc's mmap threshold at 1 MiB, once per process; whether it is in effect.
+
+    glibc raises its threshold to the size of the first mmapped block freed
+    (a 4 MiB receive or decode buffer), so later large buffers come from the
+    thread's malloc arena and stay resident once freed: after one 4 MiB call
+    on each of 48 connections, posts-rpc kept ~100 MiB that way even with
+    every buffer released. A fixed threshold also stops the adaptation, so
+    blocks of 1 MiB or more are unmapped when freed. A no-op elsewhere than
+    glibc. (``auth_rpc.auth.passwords`` sets the same value for its argon2
+    buffers: the first call wins, the second changes nothing.)
+    """
+    global _malloc_tuned
+    with _STACK_SIZE_LOCK:
+        if _malloc_tuned is None:
+            _malloc_tuned = False
+            try:
+                if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
+                    mallopt = ctypes.CDLL(None).mallopt
+                    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+                    mallopt.restype = ctypes.c_int
+                    _malloc_tuned = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
+            except (AttributeError, ValueError, OSError):
+                pass
+        return _malloc_tuned
 #: What a refused connection may already have sent that is read for its header.
 _PEEK_BYTES = 64 * 1024
+#: How long a connection refused mid-message (budget) is drained before closing.
+_LINGER_S = 2.0
 
 
 def _busy_notice(method: str | None, seqid: int | None, reason: str, framed: bool) -> bytes:

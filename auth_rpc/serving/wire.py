@@ -14,17 +14,27 @@ memory transport.
 The scanner walks the message once, resuming where it stopped when more bytes
 arrive, so a client dripping bytes costs no rescanning; lists, sets and maps of
 fixed-size elements are stepped over in one move.
+
+Memory: each reader starts with a 16 KiB receive buffer that grows (twofold) with
+the bytes actually received, and shrinks back to 16 KiB as soon as the message
+that made it grow has been handled. What readers hold beyond their 16 KiB is
+drawn from a :class:`BufferBudget` shared by the connections of a listener: a
+message that would take more than is left is refused with
+:class:`BufferBudgetExceeded`.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 
 __all__ = [
     "MAX_METHOD_NAME_BYTES",
+    "BufferBudget",
+    "BufferBudgetExceeded",
     "Message",
     "MessageReader",
     "MessageScanner",
@@ -119,8 +129,53 @@ class WireError(Exception):
         self.seqid = seqid
 
 
+class BufferBudgetExceeded(WireError):
+    """A message needs more buffer than the listener's :class:`BufferBudget` has left.
+
+    The server is busy, not the message malformed: it was not read whole and
+    not run, and may be sent again later.
+    """
+
+
 class MessageTimeout(TimeoutError):
     """A message did not arrive completely within its read deadline."""
+
+
+class BufferBudget:
+    """Bytes that receive buffers may hold beyond their base size, shared by readers.
+
+    Thread-safe. Readers reserve when their buffer grows past its base size and
+    release when it shrinks back or the reader is closed, so the sum of every
+    buffer's growth never exceeds ``limit_bytes``. Only growth takes the lock:
+    messages that fit the base buffer never touch the budget.
+    """
+
+    __slots__ = ("_lock", "_used", "limit_bytes")
+
+    def __init__(self, limit_bytes: int) -> None:
+        if not isinstance(limit_bytes, int) or limit_bytes < 1:
+            raise ValueError(f"limit_bytes must be a positive integer, got {limit_bytes!r}")
+        self.limit_bytes = limit_bytes
+        self._used = 0
+        self._lock = threading.Lock()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes reserved now."""
+        return self._used
+
+    def reserve(self, nbytes: int) -> bool:
+        """Take ``nbytes``; ``False`` (nothing taken) when that would exceed the limit."""
+        with self._lock:
+            if self._used + nbytes > self.limit_bytes:
+                return False
+            self._used += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back ``nbytes`` taken by :meth:`reserve`."""
+        with self._lock:
+            self._used -= nbytes
 
 
 class MessageScanner:
@@ -434,7 +489,8 @@ class Message:
 
 _INITIAL_BUFFER = 16 * 1024
 _TIMEOUT_SLACK_S = 0.25
-_KEEP_BUFFER = 256 * 1024
+#: How long a buffer grown for a message is kept for the next one before it shrinks.
+_SHRINK_AFTER_S = 0.05
 
 
 class MessageReader:
@@ -442,9 +498,15 @@ class MessageReader:
 
     ``framed`` reads the 4-byte frame length first and checks it against the
     message limit before reading further. Between messages the reader waits at
-    most ``idle_timeout_s`` for the first byte; once a message has begun it
-    must be complete within ``message_timeout_s`` however slowly its bytes
-    arrive.
+    most ``idle_timeout_s`` for the first byte (see :meth:`set_idle_timeout`);
+    once a message has begun it must be complete within ``message_timeout_s``
+    however slowly its bytes arrive.
+
+    The receive buffer starts at 16 KiB and grows with the bytes received; its
+    growth is reserved from ``budget`` (when given) and given back when the
+    buffer shrinks to 16 KiB again: in the next :meth:`read_message` (the
+    previous message has been handled by then) once no message has come for
+    50 ms, or at :meth:`close`.
     """
 
     def __init__(
@@ -455,6 +517,7 @@ class MessageReader:
         framed: bool = False,
         idle_timeout_s: float = 300.0,
         message_timeout_s: float = 10.0,
+        budget: BufferBudget | None = None,
     ) -> None:
         self._sock = sock
         self._limits = limits
@@ -468,6 +531,9 @@ class MessageReader:
         self._end = 0  # end of the bytes received
         self._timeout: float | None = None
         self._deadline = 0.0
+        self._budget = budget
+        self._reserved = 0  # bytes of ``budget`` this reader holds
+        self._grown = False  # the buffer is bigger than _INITIAL_BUFFER
 
     def set_timeout(self, timeout_s: float) -> None:
         """Set the socket's timeout (skipped when it is already set)."""
@@ -479,14 +545,27 @@ class MessageReader:
         """How long to wait for the first byte of each following message."""
         self._idle_timeout_s = timeout_s
 
+    @property
+    def capacity(self) -> int:
+        """The receive buffer's size in bytes."""
+        return len(self._buf)
+
     def close(self) -> None:
-        """Release the buffer (the socket belongs to the caller)."""
+        """Release the buffer and its budget (the socket belongs to the caller)."""
         self._view.release()
+        self._buf = bytearray()
+        self._view = memoryview(self._buf)
+        self._grown = False
+        if self._reserved:
+            assert self._budget is not None
+            self._budget.release(self._reserved)
+            self._reserved = 0
 
     def read_message(self) -> Message | None:
         """The next message, or ``None`` when the peer closed between messages.
 
-        Raises :class:`WireError` when the message is refused,
+        Raises :class:`WireError` when the message is refused
+        (:class:`BufferBudgetExceeded` when the server lacks the memory for it),
         :class:`MessageTimeout` when it is not complete by its deadline,
         ``TimeoutError`` when the connection stays idle past the idle timeout,
         ``ConnectionError`` when the peer closes in the middle of a message,
@@ -495,9 +574,12 @@ class MessageReader:
         if self._start:
             self._compact()
         if self._end == 0:
-            if self._timeout != self._idle_timeout_s:
-                self.set_timeout(self._idle_timeout_s)
-            received: int = self._sock.recv_into(self._view)
+            if self._grown:
+                received = self._wait_shrinking()
+            else:
+                if self._timeout != self._idle_timeout_s:
+                    self.set_timeout(self._idle_timeout_s)
+                received = self._sock.recv_into(self._view)
             if received == 0:
                 return None
             self._end = received
@@ -546,21 +628,72 @@ class MessageReader:
         return Message(payload, method, seqid)
 
     def _compact(self) -> None:
-        """Move the bytes of the next message to the buffer's start."""
+        """Move the bytes of the next message, which came with the last one, to the start.
+
+        A grown buffer stays while messages follow back to back; it shrinks
+        once the connection waits for one (:meth:`_wait_shrinking`).
+        """
         start, end = self._start, self._end
         left = end - start
         if left:
             self._buf[0:left] = self._buf[start:end]
         self._start, self._end = 0, left
-        if len(self._buf) > _KEEP_BUFFER and left <= _INITIAL_BUFFER:
-            self._resize(_INITIAL_BUFFER)
+
+    def _wait_shrinking(self) -> int:
+        """``recv_into`` for the next message with a grown buffer (the last one is handled).
+
+        The grown buffer waits ``_SHRINK_AFTER_S`` (back-to-back large calls
+        reuse it instead of growing a new one each time), then goes back to
+        its base size, and its budget with it, for the rest of the idle wait.
+        """
+        delay = min(_SHRINK_AFTER_S, self._idle_timeout_s / 2)
+        self.set_timeout(delay)
+        try:
+            received: int = self._sock.recv_into(self._view)
+            return received
+        except TimeoutError:
+            pass
+        self._resize(_INITIAL_BUFFER)
+        self.set_timeout(self._idle_timeout_s - delay)
+        received = self._sock.recv_into(self._view)
+        return received
 
     def _resize(self, capacity: int) -> None:
-        self._view.release()
+        """Move the buffered bytes to a buffer of ``capacity`` bytes.
+
+        The growth beyond the base size is taken from (or given back to) the
+        budget; raises :class:`BufferBudgetExceeded` when the budget cannot
+        cover it, the buffer unchanged.
+        """
+        budget = self._budget
+        if budget is not None:
+            change = max(0, capacity - _INITIAL_BUFFER) - self._reserved
+            if change > 0:
+                if not budget.reserve(change):
+                    method, seqid = self._header()
+                    raise BufferBudgetExceeded(
+                        f"receive buffers full ({budget.limit_bytes} bytes in use)",
+                        method=method,
+                        seqid=seqid,
+                    )
+            elif change < 0:
+                budget.release(-change)
+            self._reserved += change
         new = bytearray(capacity)
-        new[: self._end] = self._buf[: self._end]
+        end = self._end
+        if end:
+            new[:end] = self._view[:end]  # one copy (a bytearray slice would make two)
+        self._view.release()
         self._buf = new
         self._view = memoryview(new)
+        self._grown = capacity > _INITIAL_BUFFER
+
+    def _header(self) -> tuple[str | None, int | None]:
+        """The method name and seqid of the message being received, when already known."""
+        if self._framed:  # the frame is scanned once whole: read the header in it
+            head = bytes(self._buf[4 : min(self._end, 16 + MAX_METHOD_NAME_BYTES)])
+            return peek_call_header(head)
+        return self._scanner.method, self._scanner.seqid
 
     def _fill(self, need: int) -> None:
         """Receive until ``need`` bytes of the message are buffered."""
