@@ -54,8 +54,10 @@ from auth_rpc.errors import AuthError, DependencyUnavailable
 from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
+    add_listener_arguments,
     bind_socket,
     configure_logging,
+    listener_limits,
     report_error,
     run_until_signal,
     run_workers,
@@ -175,31 +177,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
     )
-    serve.add_argument("--max-connections", type=int, default=2048)
     limits = ServerSettings()
-    serve.add_argument(
-        "--max-connections-per-peer",
-        type=int,
-        default=limits.max_connections_per_peer,
-        metavar="N",
-        help="connections of one client IP address; more are answered 'server busy' "
-        f"(default {limits.max_connections_per_peer})",
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=limits.idle_timeout_s,
-        metavar="SECONDS",
-        help="how long a connection may wait for its next call "
-        f"(default {limits.idle_timeout_s:g})",
-    )
-    serve.add_argument(
-        "--max-message-bytes",
-        type=int,
-        default=MAX_MESSAGE_BYTES,
-        metavar="N",
-        help=f"largest message accepted (default {MAX_MESSAGE_BYTES}: the largest call, a "
-        "create_post with a 64 KiB body, is about 70 KiB)",
+    add_listener_arguments(
+        serve,
+        max_connections=2048,
+        max_connections_per_peer=limits.max_connections_per_peer,
+        idle_timeout_s=limits.idle_timeout_s,
+        max_message_bytes=MAX_MESSAGE_BYTES,
+        message_help=": the largest call, a create_post with a 64 KiB body, is about 70 KiB",
     )
     serve.add_argument(
         "--workers",
@@ -264,14 +249,6 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--auth-tls-cert needs --auth-tls-ca")
     if not 0 <= args.port < 65536:
         parser.error("--port must be 0..65535")
-    if args.max_connections < 1:
-        parser.error("--max-connections must be at least 1")
-    if args.max_connections_per_peer < 1:
-        parser.error("--max-connections-per-peer must be at least 1")
-    if not args.idle_timeout > 0:  # also refuses NaN
-        parser.error("--idle-timeout must be more than 0 seconds")
-    if not 1 <= args.max_message_bytes <= 0x7FFFFFFF:
-        parser.error("--max-message-bytes must be 1..2147483647")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
 
@@ -346,10 +323,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         framed=args.framed,
         tls=tls,
-        max_connections=args.max_connections,
-        max_connections_per_peer=args.max_connections_per_peer,
-        idle_timeout_s=args.idle_timeout,
-        max_message_bytes=args.max_message_bytes,
+        **listener_limits(args),
     )
     if args.workers > 1:
         # Open and migrate the store once, before any worker exists (as

@@ -47,8 +47,10 @@ from auth_rpc.errors import AuthError
 from auth_rpc.serving.httpd import HttpLimits
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
+    add_listener_arguments,
     bind_socket,
     configure_logging,
+    listener_limits,
     report_error,
     run_until_signal,
     run_workers,
@@ -117,30 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-cert", help="TLS certificate (PEM) for both listeners")
     serve.add_argument("--tls-key", help="TLS private key (PEM)")
     serve.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
-    serve.add_argument("--max-connections", type=int, default=2048)
     thrift_limits = ServerSettings()
-    serve.add_argument(
-        "--max-connections-per-peer",
-        type=_positive_int,
-        default=thrift_limits.max_connections_per_peer,
-        metavar="N",
-        help="Thrift connections of one client IP address; more are answered 'server busy' "
-        f"(default {thrift_limits.max_connections_per_peer})",
-    )
-    serve.add_argument(
-        "--idle-timeout",
-        type=_positive_float,
-        default=thrift_limits.idle_timeout_s,
-        metavar="S",
-        help="seconds a Thrift connection may wait for its next call "
-        f"(default {thrift_limits.idle_timeout_s:g})",
-    )
-    serve.add_argument(
-        "--max-message-bytes",
-        type=_positive_int,
-        default=thrift_limits.max_message_bytes,
-        metavar="N",
-        help=f"largest Thrift message accepted (default {thrift_limits.max_message_bytes})",
+    add_listener_arguments(
+        serve,
+        max_connections=2048,
+        max_connections_per_peer=thrift_limits.max_connections_per_peer,
+        idle_timeout_s=thrift_limits.idle_timeout_s,
+        max_message_bytes=thrift_limits.max_message_bytes,
     )
     limits = HttpLimits()
     serve.add_argument(
@@ -293,10 +278,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         framed=args.framed,
         tls=tls,
-        max_connections=args.max_connections,
-        max_connections_per_peer=args.max_connections_per_peer,
-        idle_timeout_s=args.idle_timeout,
-        max_message_bytes=args.max_message_bytes,
+        **listener_limits(args),
     )
     http_limits = HttpLimits(
         connection_limit=args.http_connection_limit,

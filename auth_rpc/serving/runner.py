@@ -8,6 +8,7 @@ accepting, finish calls in flight), and return 0.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import logging
@@ -19,8 +20,17 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
+from typing import Any
 
-__all__ = ["bind_socket", "configure_logging", "report_error", "run_until_signal", "run_workers"]
+__all__ = [
+    "add_listener_arguments",
+    "bind_socket",
+    "configure_logging",
+    "listener_limits",
+    "report_error",
+    "run_until_signal",
+    "run_workers",
+]
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -210,3 +220,61 @@ def run_workers(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 0x7FFFFFFF:
+        raise argparse.ArgumentTypeError("must be 1..2147483647")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):  # also refuses NaN
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
+
+
+def add_listener_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    max_connections: int,
+    max_connections_per_peer: int,
+    idle_timeout_s: float,
+    max_message_bytes: int,
+    message_help: str = "",
+) -> None:
+    """The Thrift listener's limits as flags, the same on every ``serve`` command.
+
+    Read them back with :func:`listener_limits` (``ServerSettings`` keywords).
+    """
+    parser.add_argument(
+        "--max-connections", type=_at_least_one, default=max_connections, metavar="N",
+        help=f"Thrift connections in all (default {max_connections})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-connections-per-peer", type=_at_least_one, default=max_connections_per_peer,
+        metavar="N",
+        help="Thrift connections of one client IP address; more are answered 'server busy' "
+        f"(default {max_connections_per_peer})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--idle-timeout", type=_seconds, default=idle_timeout_s, metavar="SECONDS",
+        help="how long a Thrift connection may wait for its next call "
+        f"(default {idle_timeout_s:g})",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-message-bytes", type=_at_least_one, default=max_message_bytes, metavar="N",
+        help=f"largest Thrift message accepted (default {max_message_bytes}{message_help})",
+    )  # fmt: skip
+
+
+def listener_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``ServerSettings`` keywords of the flags :func:`add_listener_arguments` added."""
+    return {
+        "max_connections": args.max_connections,
+        "max_connections_per_peer": args.max_connections_per_peer,
+        "idle_timeout_s": args.idle_timeout,
+        "max_message_bytes": args.max_message_bytes,
+    }
