@@ -48,11 +48,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import hmac
 import ipaddress
 import logging
-import os
 import secrets
 import threading
 import time
@@ -65,6 +63,7 @@ import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from auth_rpc.errors import Throttled
+from auth_rpc.serving.rpc import tune_malloc
 
 __all__ = [
     "ARGON2_PARAMETERS",
@@ -87,49 +86,12 @@ ARGON2_PARAMETERS: dict[str, int] = {
 }
 
 
-#: glibc's ``mallopt`` parameter number of ``M_MMAP_THRESHOLD`` (malloc.h).
-M_MMAP_THRESHOLD = -3
-#: Blocks of at least this size are mmapped (and unmapped when freed).
-MMAP_THRESHOLD_BYTES = 1024 * 1024
 #: How long a refused caller is asked to wait before trying again.
 RETRY_AFTER_MS = 1000
 BUSY = "server busy, retry later"
 SOURCE_BUSY = "too many password checks from this address at once; retry later"
 
-_malloc_tuned: bool | None = None
-_malloc_lock = threading.Lock()
 T = TypeVar("T")
-
-
-def tune_malloc() -> bool:
-    """Fix glibc's mmap threshold at 1 MiB, once per process; whether it is in effect.
-
-    See the module docstring. Elsewhere than glibc (musl, macOS, Windows) a
-    no-op returning ``False``.
-    """
-    global _malloc_tuned
-    with _malloc_lock:
-        if _malloc_tuned is None:
-            _malloc_tuned = _set_mmap_threshold(MMAP_THRESHOLD_BYTES)
-            if _malloc_tuned:
-                log.debug("glibc M_MMAP_THRESHOLD set to %d bytes", MMAP_THRESHOLD_BYTES)
-        return _malloc_tuned
-
-
-def _set_mmap_threshold(size: int) -> bool:
-    try:
-        libc_version = os.confstr("CS_GNU_LIBC_VERSION") or ""
-    except (AttributeError, ValueError, OSError):
-        libc_version = ""
-    if not libc_version.startswith("glibc"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, size) == 1)
 
 
 def source_key(source: str | None) -> str:

@@ -517,7 +517,7 @@ class RpcServer:
     # -- lifecycle ---------------------------------------------------------
 
     def start(self) -> RpcServer:
-        _tune_malloc()
+        tune_malloc()
         if self._listener is None:
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -915,33 +915,36 @@ _TEARDOWN_GATE = threading.Lock()
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 _MMAP_THRESHOLD_BYTES = 1024 * 1024
 _malloc_tuned: bool | None = None
+_MALLOC_LOCK = threading.Lock()
 
 
-def _tune_malloc() -> bool:
+def tune_malloc() -> bool:
     """Fix glibc's mmap threshold at 1 MiB, once per process; whether it is in effect.
 
     glibc raises its threshold to the size of the first mmapped block freed
-    (a 4 MiB receive or decode buffer), so later large buffers come from the
-    thread's malloc arena and stay resident once freed: after one 4 MiB call
-    on each of 48 connections, posts-rpc kept ~100 MiB that way even with
-    every buffer released. A fixed threshold also stops the adaptation, so
-    blocks of 1 MiB or more are unmapped when freed. A no-op elsewhere than
-    glibc. (``auth_rpc.auth.passwords`` sets the same value for its argon2
-    buffers: the first call wins, the second changes nothing.)
+    (a 4 MiB receive or decode buffer, a 19 MiB argon2 buffer), so later large
+    buffers come from a thread's malloc arena and stay resident once freed:
+    after one 4 MiB call on each of 48 connections, posts-rpc kept ~100 MiB
+    that way even with every buffer released, and Auth ~500 MiB after 100
+    concurrent failed logins. A fixed threshold also stops the adaptation, so
+    blocks of 1 MiB or more are unmapped when freed. Used by the listeners and
+    by password hashing; a no-op returning ``False`` elsewhere than glibc.
     """
     global _malloc_tuned
-    with _STACK_SIZE_LOCK:
+    with _MALLOC_LOCK:
         if _malloc_tuned is None:
             _malloc_tuned = False
             try:
                 if (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
-                    mallopt = ctypes.CDLL(None).mallopt
+                    mallopt = ctypes.CDLL(None).mallopt  # the C library this process runs on
                     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
                     mallopt.restype = ctypes.c_int
                     _malloc_tuned = mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) == 1
             except (AttributeError, ValueError, OSError):
                 pass
         return _malloc_tuned
+
+
 #: What a refused connection may already have sent that is read for its header.
 _PEEK_BYTES = 64 * 1024
 #: How long a connection refused mid-message (budget) is drained before closing.
