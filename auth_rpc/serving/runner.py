@@ -214,8 +214,12 @@ def run_workers(
                     deadline = float("inf")
                 stopping.wait(0.05)
                 continue
-            children.pop(pid, None)
-            clean &= os.waitstatus_to_exitcode(status) == 0
+            number = children.pop(pid, -1)
+            code = os.waitstatus_to_exitcode(status)
+            if code != 0:
+                how = f"signal {-code}" if code < 0 else f"status {code}"
+                log.error("worker %d stopped with %s", number, how)
+            clean &= code == 0
         return 0 if clean else 1
     finally:
         for sig, handler in previous.items():
