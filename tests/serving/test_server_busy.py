@@ -97,6 +97,10 @@ def test_pooled_connection_evicted_while_idle_is_replaced_without_an_error(
     server = make_server(max_connections=2)
     client = echo_client(session, server, wire)
     assert client.add(1, 1) == 2  # its pooled connection is now the oldest idle one
+    # The reply is sent before the server marks the connection idle again: on a
+    # busy machine the newcomers below could arrive in between, and the one idle
+    # connection then (the first newcomer) would be the one evicted.
+    assert wire.wait_for(lambda: not any(c.busy for c in server._connections))
     others = [wire.client_of(server), wire.client_of(server)]
     try:
         for other in others:
