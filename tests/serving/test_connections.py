@@ -114,7 +114,12 @@ def test_full_listener_closes_the_oldest_idle_connection_for_a_newcomer(
     try:
         oldest.sendall(wire.encode_call("add", wire.echo_thrift.Echo.add_args(a=1, b=1)))
         assert oldest.recv(1000)
+        # A reply is sent before its connection is marked idle: wait for that,
+        # so that the idle order is the order of the calls on a busy machine too.
+        idle = lambda: not any(c.busy for c in server._connections)  # noqa: E731
+        assert wire.wait_for(idle)
         assert newer.add(1, 2) == 3  # used after ``oldest``: idle for less long
+        assert wire.wait_for(idle)
         replies: list[str] = []
         caller = threading.Thread(target=lambda: replies.append(busy.hold("in a call")))
         caller.start()
