@@ -50,6 +50,11 @@ Fixtures:
     ``serve_thrift(service, handler, **settings)`` serves *your* Thrift
     service in-process and returns the started
     :class:`auth_rpc.serving.rpc.RpcServer`.
+``make_haproxy``
+    ``make_haproxy({listener: [(host, port), ...]}, kinds=None, start=True)``:
+    HAProxy (:mod:`auth_rpc.serving.haproxy`, the configuration of
+    ``deploy/haproxy.cfg``) on free ports in front of replicas, with
+    Thrift-level health checks; skipped when HAProxy is not installed.
 """
 
 from __future__ import annotations
@@ -715,3 +720,44 @@ def postgresql_url(postgresql_server: PostgresServer) -> Iterator[str]:
     url = postgresql_server.create_database()
     yield url
     postgresql_server.drop_database(url.rsplit("/", 1)[1].split("?", 1)[0])
+
+
+@pytest.fixture
+def make_haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """``make_haproxy(servers, *, kinds=None, start=True) -> HAProxy``: HAProxy (TCP mode, the
+    configuration of ``deploy/haproxy.cfg``, Thrift-level health checks) on free ports of
+    127.0.0.1 in front of ``servers`` (``{listener: [(host, port), ...]}``), started and
+    polled until every server has passed its health check; stopped at teardown.
+
+    ``kinds`` gives a listener's kind (``thrift``, the default; ``thrift-framed``; ``http``).
+    With ``start=False`` the listening ports are reserved (``.port(name)``, ``.address(name)``)
+    and ``.start(servers)`` is called later: e.g. an Auth issuer URL naming the balancer
+    before the replicas start. Skipped when HAProxy is not installed.
+    """
+    from auth_rpc.serving.haproxy import HAProxy, Listener, find_haproxy
+
+    program = find_haproxy()
+    if program is None:
+        pytest.skip("HAProxy is not installed (not on PATH nor /usr/sbin/haproxy); "
+                    "apt-get install haproxy")
+    started: list[HAProxy] = []
+
+    def make(
+        servers: dict[str, list[Any]],
+        *,
+        kinds: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> HAProxy:
+        kinds = kinds or {}
+        listeners = [Listener(name, len(addrs), kinds.get(name, "thrift"))
+                     for name, addrs in servers.items()]
+        proxy = HAProxy(listeners, program=program,
+                        work_dir=tmp_path_factory.mktemp("haproxy"))
+        started.append(proxy)
+        if start:
+            proxy.start(servers)
+        return proxy
+
+    yield make
+    for proxy in reversed(started):
+        proxy.stop()
