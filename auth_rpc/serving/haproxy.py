@@ -14,7 +14,7 @@ listeners are checked at the Thrift level: :func:`health_check_request` is a
 binary-protocol ``CALL`` of a method no service declares,
 ``HEALTH_CHECK_METHOD``, with no arguments. A live serving loop answers it at
 once with an ``EXCEPTION`` message (``TApplicationException`` UNKNOWN_METHOD,
-or "server busy" when the listener is full: busy is alive), runs nothing and
+or "server busy" when a full listener read the call before refusing it), runs nothing and
 writes no access-log line; the check matches that reply's header
 (:func:`health_check_reply`: message type, method name, sequence id), which any
 Thrift server (thriftpy2, Apache Thrift's C++ or Java) sends for an unknown
