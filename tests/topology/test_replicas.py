@@ -1,7 +1,9 @@
 """End to end: 2 Auth and 2 Posts replicas (real ``serve`` processes) behind HAProxy.
 
-The replicas of each service share one store: a SQLite data directory (both
-services support several processes on one). Posts checks tokens in jwks mode
+The replicas of each service share one store: the Auth replicas one PostgreSQL
+database (the plugin's ``postgresql_url``; their signing keys in one shared
+data directory), the Posts replicas one SQLite data directory (Posts has no
+PostgreSQL store yet; several processes may share one). Posts checks tokens in jwks mode
 with the keys and Token Status Lists the Auth replicas publish through the
 balancer (the issuer URL is the balancer's HTTP listener). HAProxy runs the
 repository's configuration (``deploy/haproxy.cfg``).
@@ -46,17 +48,19 @@ class Topology:
         return str(self.proxy.address("posts"))
 
 
-def _add_user(data_dir: Path, name: str) -> None:
+def _add_user(data_dir: Path, database_url: str, name: str) -> None:
     subprocess.run(
         [sys.executable, "-m", "auth_rpc.auth.cli", "add-user", name, "--data-dir",
-         str(data_dir), "--password-stdin", "--scope", "posts:read posts:write"],
+         str(data_dir), "--database-url", database_url, "--password-stdin",
+         "--scope", "posts:read posts:write"],
         input=PASSWORD, text=True, check=True, capture_output=True, timeout=60,
     )
 
 
 @pytest.fixture
 def topology(
-    spawn: Callable[..., Any], make_haproxy: Callable[..., Any], tmp_path: Path
+    spawn: Callable[..., Any], make_haproxy: Callable[..., Any], tmp_path: Path,
+    postgresql_url: str,
 ) -> Topology:
     kinds = {listener.name: listener.kind for listener in DEPLOY_LISTENERS}
     proxy = make_haproxy({"auth": [None] * 2, "auth_http": [None] * 2, "posts": [None] * 2},
@@ -65,8 +69,9 @@ def topology(
     issuer = f"http://{proxy.address('auth_http')}"
     auth_dir, posts_dir = tmp_path / "auth-data", tmp_path / "posts-data"
     for name in ("alice", "bob"):
-        _add_user(auth_dir, name)
-    auth = [spawn("auth", "--data-dir", str(auth_dir), "--issuer", issuer) for _ in range(2)]
+        _add_user(auth_dir, postgresql_url, name)
+    auth = [spawn("auth", "--data-dir", str(auth_dir), "--database-url", postgresql_url,
+                  "--issuer", issuer) for _ in range(2)]
     posts = [
         spawn("posts", "--data-dir", str(posts_dir), "--verify", "jwks", "--issuer", issuer,
               "--jwks-url", f"{issuer}/.well-known/jwks.json")
@@ -196,7 +201,7 @@ def test_a_token_revoked_at_one_auth_replica_is_refused_by_both_posts_replicas(
                     latency[name] = time.monotonic() - revoked_at
             assert time.monotonic() - revoked_at < 10, f"not refused everywhere: {latency}"
             time.sleep(0.005)
-    # The other Auth replica knows it too (the shared store).
+    # The other Auth replica knows it too (the shared database).
     with _client(auth_thrift.Auth, topology.auth[1].port) as auth_two, pytest.raises(
         common_thrift.Unauthenticated
     ):
