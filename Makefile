@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # For the interoperability tests: Apache Thrift's own compiler, and for the
-# Java compile test its Java library and a JDK (javac). Each missing package is
+# Java compile test its Java library and a JDK (javac); for the storage and
+# topology tests PostgreSQL (its server programs; the fixture runs initdb in a
+# temporary directory) and HAProxy. Each missing package is
 # installed on its own, quietly, where we are root with apt-get; a test whose
 # tool is still missing is skipped, saying why. Never fails the build.
 JAVA_THRIFT_JAR := /usr/share/java/thrift.jar
@@ -24,6 +26,8 @@ tools:
 	command -v thrift >/dev/null 2>&1 || need="$$need thrift-compiler"; \
 	command -v javac >/dev/null 2>&1 || need="$$need default-jdk-headless"; \
 	[ -f $(JAVA_THRIFT_JAR) ] || need="$$need libthrift-java"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || need="$$need haproxy"; \
 	if [ -z "$$need" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  apt-get update -qq >/dev/null 2>&1 || echo "note: apt-get update failed"; \

@@ -50,10 +50,21 @@ Fixtures:
     ``serve_thrift(service, handler, **settings)`` serves *your* Thrift
     service in-process and returns the started
     :class:`auth_rpc.serving.rpc.RpcServer`.
+``make_haproxy``
+    ``make_haproxy({listener: [(host, port), ...]}, kinds=None, start=True)``:
+    HAProxy (:mod:`auth_rpc.serving.haproxy`, the configuration of
+    ``deploy/haproxy.cfg``) on free ports in front of replicas, with
+    Thrift-level health checks; skipped when HAProxy is not installed.
 """
 
 from __future__ import annotations
 
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
@@ -465,3 +476,288 @@ def make_verifier(auth_server: AuthServer) -> Iterator[Callable[..., TokenVerifi
     yield make
     for verifier in reversed(made):
         verifier.close()
+
+
+# ---------------------------------------------------------------------------
+# A real PostgreSQL for tests: one server per session, a fresh database per test.
+
+
+def find_postgresql_bindir() -> Path | None:
+    """The directory of PostgreSQL's server programs (``initdb``, ``postgres``,
+    ``pg_ctl``), or ``None`` when PostgreSQL is not installed.
+
+    ``pg_config --bindir`` first (Debian's ``pg_config`` may point to the
+    client-only ``/usr/bin``), then the newest ``/usr/lib/postgresql/*/bin``.
+    """
+
+    candidates: list[Path] = []
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        try:
+            out = subprocess.run(  # noqa: S603 - PostgreSQL's own pg_config
+                [pg_config, "--bindir"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            out = ""
+        if out:
+            candidates.append(Path(out))
+
+    def version(path: Path) -> tuple[int, ...]:
+        try:
+            return tuple(int(p) for p in path.parent.name.split("."))
+        except ValueError:
+            return (0,)
+
+    candidates.extend(
+        sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
+    )
+    for bindir in candidates:
+        if all((bindir / name).is_file() for name in ("initdb", "postgres", "pg_ctl")):
+            return bindir
+    return None
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL cluster listening only on a unix socket.
+
+    :meth:`start` runs ``initdb`` into a new temporary directory and starts
+    ``postgres`` on a socket in that directory (no TCP listener), as an
+    unprivileged user: PostgreSQL refuses to run as root, so as root it runs as
+    ``postgres`` (the Debian package's user; ``nobody`` if there is none),
+    otherwise as the current user. Authentication is ``trust``: only who can
+    reach the socket directory can connect. Durability is traded for speed
+    (``fsync=off``): a test database need not survive a power cut.
+
+    :attr:`startup_s` is the time from ``initdb`` to the first accepted
+    connection. :meth:`create_database` makes a fresh database and returns its
+    URL (``postgresql://postgres@/NAME?host=SOCKETDIR``); :meth:`stop` stops
+    the server (``pg_ctl stop -m fast``; killed if that fails) and deletes the
+    directory.
+    """
+
+    SUPERUSER = "postgres"
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.root: Path | None = None
+        self.startup_s = 0.0
+        self._proc: Any = None
+        self._user: str | None = None
+        self._counter = 0
+
+    @property
+    def socket_dir(self) -> Path:
+        assert self.root is not None, "not started"
+        return self.root
+
+    @property
+    def data_dir(self) -> Path:
+        return self.socket_dir / "data"
+
+    def url(self, dbname: str = "postgres") -> str:
+        """The URL of database ``dbname`` (no password: the socket is trusted)."""
+        return f"postgresql://{self.SUPERUSER}@/{dbname}?host={self.socket_dir}"
+
+    def _run_as(self) -> dict[str, Any]:
+        return {"user": self._user} if self._user is not None else {}
+
+    def start(self, *, timeout_s: float = 60.0) -> PostgresServer:
+
+        owner: pwd.struct_passwd | None = None
+        if os.geteuid() == 0:
+            for name in ("postgres", "nobody"):
+                try:
+                    owner = pwd.getpwnam(name)
+                except KeyError:
+                    continue
+                self._user = name
+                break
+            else:
+                raise RuntimeError("running as root and no unprivileged user to run PostgreSQL")
+        # A short path: a unix socket's path is limited to about 100 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="pgtest-"))
+        if owner is not None:
+            os.chown(self.root, owner.pw_uid, owner.pw_gid)
+        os.chmod(self.root, 0o700)
+        started = time.monotonic()
+        env = {**os.environ, "LC_ALL": "C", "LANG": "C", "TZ": "UTC"}
+        subprocess.run(  # noqa: S603 - PostgreSQL's programs, fixed arguments
+            [
+                str(self.bindir / "initdb"),
+                "-D", str(self.data_dir),
+                "-U", self.SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ],
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            check=True,
+            timeout=timeout_s,
+            **self._run_as(),
+        )
+        log = open(self.root / "postgres.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._proc = subprocess.Popen(  # noqa: S603 - as above
+            [
+                str(self.bindir / "postgres"),
+                "-D", str(self.data_dir),
+                "-k", str(self.root),
+                "-c", "listen_addresses=",
+                "-c", "fsync=off",
+                "-c", "synchronous_commit=off",
+                "-c", "full_page_writes=off",
+                "-c", "max_connections=200",
+            ],
+            cwd=self.root,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            **self._run_as(),
+        )
+        log.close()
+        self._wait_ready(started + timeout_s)
+        self.startup_s = time.monotonic() - started
+        return self
+
+    def _wait_ready(self, deadline: float) -> None:
+        import psycopg
+
+        delay = 0.005
+        while True:
+            if self._proc.poll() is not None:
+                raise RuntimeError(
+                    f"PostgreSQL exited with status {self._proc.returncode}: {self.log_tail()}"
+                )
+            try:
+                with psycopg.connect(self.url(), connect_timeout=5):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"PostgreSQL not ready: {self.log_tail()}") from None
+            time.sleep(delay)  # polling a condition, with a deadline
+            delay = min(delay * 2, 0.1)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = (self.socket_dir / "postgres.log").read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def create_database(self, name: str | None = None) -> str:
+        """Create a fresh, empty database (from ``template0``); its URL."""
+        import psycopg
+
+        if name is None:
+            self._counter += 1
+            name = f"test_{os.getpid()}_{self._counter}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+        return self.url(name)
+
+    def drop_database(self, name: str) -> None:
+        """Drop database ``name``, closing its remaining connections."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    def stop(self) -> None:
+        """Stop the server (fast shutdown; killed after 30 s) and delete its directory."""
+
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                subprocess.run(  # noqa: S603 - as above
+                    [str(self.bindir / "pg_ctl"), "stop", "-m", "fast", "-w",
+                     "-t", "30", "-D", str(self.data_dir)],
+                    cwd=self.root,
+                    capture_output=True,
+                    timeout=40,
+                    check=False,
+                    **self._run_as(),
+                )
+                proc.wait(timeout=10)
+            except (OSError, subprocess.SubprocessError):
+                pass
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if self.root is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root = None
+
+
+@pytest.fixture(scope="session")
+def postgresql_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server for the whole session (unix socket only); skipped when
+    PostgreSQL is not installed. ``.url(db)``, ``.create_database()``, ``.startup_s``."""
+    bindir = find_postgresql_bindir()
+    if bindir is None:
+        pytest.skip(
+            "PostgreSQL is not installed (no server programs from `pg_config --bindir` "
+            "or in /usr/lib/postgresql/*/bin); apt-get install postgresql"
+        )
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install 'psycopg[binary]')")
+    server = PostgresServer(bindir).start()
+    print(f"\nPostgreSQL {bindir.parent.name}: initdb to ready in {server.startup_s:.2f} s")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgresql_url(postgresql_server: PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database of ``postgresql_server``, dropped after the test."""
+    url = postgresql_server.create_database()
+    yield url
+    postgresql_server.drop_database(url.rsplit("/", 1)[1].split("?", 1)[0])
+
+
+@pytest.fixture
+def make_haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
+    """``make_haproxy(servers, *, kinds=None, start=True) -> HAProxy``: HAProxy (TCP mode, the
+    configuration of ``deploy/haproxy.cfg``, Thrift-level health checks) on free ports of
+    127.0.0.1 in front of ``servers`` (``{listener: [(host, port), ...]}``), started and
+    polled until every server has passed its health check; stopped at teardown.
+
+    ``kinds`` gives a listener's kind (``thrift``, the default; ``thrift-framed``; ``http``).
+    With ``start=False`` the listening ports are reserved (``.port(name)``, ``.address(name)``)
+    and ``.start(servers)`` is called later: e.g. an Auth issuer URL naming the balancer
+    before the replicas start. Skipped when HAProxy is not installed.
+    """
+    from auth_rpc.serving.haproxy import HAProxy, Listener, find_haproxy
+
+    program = find_haproxy()
+    if program is None:
+        pytest.skip("HAProxy is not installed (not on PATH nor /usr/sbin/haproxy); "
+                    "apt-get install haproxy")
+    started: list[HAProxy] = []
+
+    def make(
+        servers: dict[str, list[Any]],
+        *,
+        kinds: dict[str, str] | None = None,
+        start: bool = True,
+    ) -> HAProxy:
+        kinds = kinds or {}
+        listeners = [Listener(name, len(addrs), kinds.get(name, "thrift"))
+                     for name, addrs in servers.items()]
+        proxy = HAProxy(listeners, program=program,
+                        work_dir=tmp_path_factory.mktemp("haproxy"))
+        started.append(proxy)
+        if start:
+            proxy.start(servers)
+        return proxy
+
+    yield make
+    for proxy in reversed(started):
+        proxy.stop()

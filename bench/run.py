@@ -249,6 +249,33 @@ def _posts_cli_workers(n: int) -> Callable[[Env], list[str]]:
     return argv
 
 
+def _seeded_posts_dir(env: Env, name: str) -> Path:
+    from bench.posts_sut import seed
+    from posts_rpc.server import DB_FILE_NAME
+    from posts_rpc.store import SqlitePostStore
+
+    data_dir = env.work / f"{name}-{secrets.token_hex(4)}"
+    data_dir.mkdir(mode=0o700)
+    store = SqlitePostStore.open(data_dir / DB_FILE_NAME)
+    try:
+        seed(store)
+    finally:
+        store.close()
+    return data_dir
+
+
+def _posts_behind_haproxy(replicas: int) -> Callable[[Env], list[str]]:
+    """``replicas`` ``posts-rpc serve`` processes on one seeded data directory behind
+    HAProxy (``bench.haproxied``: the repository's configuration); local HS256."""
+    def argv(env: Env) -> list[str]:
+        data_dir = _seeded_posts_dir(env, f"posts-haproxy-{replicas}r")
+        return [PY, "-m", "bench.haproxied", "--replicas", str(replicas), "--",
+                "--data-dir", str(data_dir), "--verify", "local",
+                "--hs256-secret-file", str(env.hs256_file), "--issuer", ISSUER,
+                "--status-list", "off", "--audience", AUDIENCE, "--log-level", "WARNING"]
+    return argv
+
+
 def _peer_argv(env: Env) -> list[str]:
     return [PY, "-m", "bench.gateway", "gateway", "--auth-url", env.peer_auth_url]
 
@@ -302,6 +329,23 @@ WORKER_CONFIGS: list[Config] = [
            _posts_cli_workers(2), _tokens_hs256(True, 0), warm=True, needs="workers",
            ready_prefix="posts-rpc ready"),
 ]
+
+
+# 2 Posts replicas behind HAProxy against 1 behind it and against the direct
+# connection (posts-rpc --workers 1), all on one SQLite data directory, server
+# side and clients on every CPU: on two cores this measures HAProxy's overhead
+# more than scaling (the replicas and HAProxy share the cores with the clients).
+TOPOLOGY_CONFIGS: list[Config] = [
+    Config("topo-direct", "posts-rpc, direct, HS256 warm", "thrift", "topology",
+           _posts_cli_workers(1), _tokens_hs256(True, 0), warm=True, needs="haproxy",
+           ready_prefix="posts-rpc ready"),
+    Config("topo-haproxy-1r", "HAProxy + 1 posts-rpc, HS256 warm", "thrift", "topology",
+           _posts_behind_haproxy(1), _tokens_hs256(True, 0), warm=True, needs="haproxy"),
+    Config("topo-haproxy-2r", "HAProxy + 2 posts-rpc, HS256 warm", "thrift", "topology",
+           _posts_behind_haproxy(2), _tokens_hs256(True, 0), warm=True, needs="haproxy"),
+]
+#: Families measured with the server and the clients on every CPU, at the most clients only.
+UNPINNED_FAMILIES = ("workers", "topology")
 
 
 # -- helper services ---------------------------------------------------------------
@@ -484,7 +528,7 @@ def _launch_round(
                 _ensure_auth(env)
             if config.family == "peer":
                 _ensure_peer_auth(env)
-            cpus = None if config.family == "workers" else env.server_cpus
+            cpus = None if config.family in UNPINNED_FAMILIES else env.server_cpus
             launched[config.id] = ServerProcess(
                 config.id, config.argv(env), cpus=cpus,
                 log_path=env.logs / f"{config.id}.log", ready_prefix=config.ready_prefix,
@@ -523,7 +567,7 @@ def _round(
                 if config.kind == "http" else Target("thrift", port=port)
             )
             for n in clients:
-                if config.family == "workers" and n != max(clients):
+                if config.family in UNPINNED_FAMILIES and n != max(clients):
                     continue
                 tag = f"{config.id}-{kind}-c{n}"
                 try:
@@ -531,7 +575,9 @@ def _round(
                         pool, server, target, _tokens_for(env, config, n, tag), n,
                         warmup_s=env.warmup_s, window_s=env.window_s,
                         helper_pids=[h.pid for h in env.helpers],
-                        client_cpus=None if config.family == "workers" else env.client_cpus,
+                        client_cpus=(
+                            None if config.family in UNPINNED_FAMILIES else env.client_cpus
+                        ),
                     )
                 except Exception as exc:
                     run.failures.append(f"{label} at {n} clients: {exc}")
@@ -551,7 +597,7 @@ def _round(
         stop_all(list(servers.values()))
     for config_id, by_n in this.items():
         for n, m in by_n.items():
-            for ref in ("limit", "off", "peer", "hs256-warm-1w"):
+            for ref in ("limit", "off", "peer", "hs256-warm-1w", "topo-direct", "topo-haproxy-1r"):
                 base = this.get(ref, {}).get(n)
                 if base is not None and base.calls_per_s > 0:
                     by_config = run.ratios.setdefault(kind, {}).setdefault(config_id, {})
@@ -788,6 +834,12 @@ def _available(need: str) -> str:
         return "flask is not installed (pip install -e '.[bench]')"
     if need == "workers":
         return "" if _posts_has_workers() else "the Posts server has no --workers option"
+    if need == "haproxy":
+        from auth_rpc.serving.haproxy import find_haproxy
+
+        if find_haproxy() is None:
+            return "HAProxy is not installed (apt-get install haproxy)"
+        return "" if _posts_has_workers() else "the Posts server has no --workers option"
     return ""
 
 
@@ -800,8 +852,11 @@ def _posts_has_workers() -> bool:
     return hasattr(auth_rpc.serving.runner, "run_workers")
 
 
-def _select(only: Sequence[str] | None, with_workers: bool) -> list[Config]:
-    configs = [*CONFIGS, *(WORKER_CONFIGS if with_workers else [])]
+def _select(
+    only: Sequence[str] | None, with_workers: bool, with_topology: bool = True
+) -> list[Config]:
+    configs = [*CONFIGS, *(WORKER_CONFIGS if with_workers else []),
+               *(TOPOLOGY_CONFIGS if with_topology else [])]
     if not only:
         return configs
     chosen = [c for c in configs if any(c.id == o or c.id.startswith(o) for o in only)]
@@ -826,6 +881,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-unpinned", action="store_true", help="skip the unpinned round")
     parser.add_argument("--no-rss", action="store_true", help="skip the 100,000-token RSS step")
     parser.add_argument("--no-workers", action="store_true", help="skip 1 vs 2 workers")
+    parser.add_argument("--no-topology", action="store_true",
+                        help="skip 2 Posts replicas behind HAProxy vs 1 vs direct")
     parser.add_argument("--rss-tokens", type=int, default=100_000)
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where results go")
     parser.add_argument("--budget", type=float, default=285.0,
@@ -874,14 +931,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.quick:
         args.rounds, args.window, args.warmup = 1, 0.5, 0.2
-        args.no_unpinned = args.no_rss = args.no_workers = True
+        args.no_unpinned = args.no_rss = args.no_workers = args.no_topology = True
     global _T0
     started = _T0 = time.monotonic()
     cpus = sorted(all_cpus())
     pinned = len(cpus) >= 2
     server_cpus = {cpus[0]} if pinned else None
     client_cpus = {cpus[1]} if pinned else None
-    configs = _select(args.only, with_workers=not args.no_workers)
+    configs = _select(args.only, with_workers=not args.no_workers,
+                      with_topology=not args.no_topology)
     skipped: list[str] = []
     runnable = []
     for config in configs:
@@ -890,8 +948,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             skipped.append(f"{config.id}: {why}")
         else:
             runnable.append(config)
-    main_configs = [c for c in runnable if c.family != "workers"]
+    main_configs = [c for c in runnable if c.family not in UNPINNED_FAMILIES]
     worker_configs = [c for c in runnable if c.family == "workers"]
+    topology_configs = [c for c in runnable if c.family == "topology"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -933,6 +992,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if worker_configs:  # 1 against 2 workers: server and clients on every CPU
                     pool.set_affinity(set(cpus))
                     _round("workers", worker_configs, env, pool, run, args.clients, round_no)
+                    if client_cpus:
+                        pool.set_affinity(client_cpus)
+                if topology_configs:  # the same way: HAProxy and replicas share every CPU
+                    pool.set_affinity(set(cpus))
+                    _round("topology", topology_configs, env, pool, run, args.clients, round_no)
                     if client_cpus:
                         pool.set_affinity(client_cpus)
                 round_s = time.monotonic() - t
@@ -982,6 +1046,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 130 if interrupted else (1 if run.failures else 0)
 
 
+def _topology_lines(run: Run, table_data: dict[str, Any]) -> list[str]:
+    """The HAProxy rows' ratios and per-call overhead, and what they mean on this machine."""
+    lines = []
+    ratios = run.ratios.get("topology", {})
+    for config_id, ref in (("topo-haproxy-1r", "topo-direct"), ("topo-haproxy-2r", "topo-direct"),
+                           ("topo-haproxy-2r", "topo-haproxy-1r")):
+        for n, entry in sorted(ratios.get(config_id, {}).items()):
+            if entry.get(f"x_{ref}"):
+                lines.append(f"{config_id} / {ref} at {n} clients: "
+                             f"{_median(entry[f'x_{ref}']):.2f}x calls/s (median of rounds)")
+    for n_key, direct in table_data.get("topo-direct", {}).items():
+        behind = table_data.get("topo-haproxy-1r", {}).get(n_key, {})
+        if "p50_us" in direct and "p50_us" in behind:
+            lines.append(
+                f"HAProxy's overhead per call at {n_key} clients (1 replica behind it vs direct): "
+                f"{behind['p50_us'] - direct['p50_us']:+,.0f} us p50 latency, "
+                f"{behind['server_cpu_us_per_call'] - direct['server_cpu_us_per_call']:+,.1f} us "
+                "server-side CPU (HAProxy's included)"
+            )
+    cpus = os.cpu_count() or 0
+    lines.append(
+        f"On {cpus} CPU(s) shared by the clients, HAProxy and the replicas, this measures "
+        "HAProxy's overhead more than scaling: a second replica gains only by using the core "
+        "that one replica (one process, one GIL) leaves idle, as --workers 2 does, and every "
+        "replica competes with HAProxy and the clients for the same cores; replicas on their "
+        "own machines are what scales (docs/deploy.md)."
+    )
+    return lines
+
+
 def _report(
     run: Run, args: argparse.Namespace, configs: Sequence[Config], skipped: Sequence[str],
     server_cpus: set[int] | None, client_cpus: set[int] | None, elapsed: float,
@@ -1013,6 +1107,7 @@ def _report(
     for kind, title in (
         ("pinned", "PINNED"),
         ("workers", "1 vs 2 WORKERS (server and clients on every CPU)"),
+        ("topology", "POSTS REPLICAS BEHIND HAPROXY (server side and clients on every CPU)"),
         ("unpinned", "UNPINNED (one round; nothing pinned)"),
     ):
         if kind not in run.samples:
@@ -1028,6 +1123,8 @@ def _report(
                         f"2 workers / 1 worker at {n} clients: "
                         f"{_median(entry['x_hs256-warm-1w']):.2f}x calls/s (median of rounds)"
                     )
+        if kind == "topology":
+            parts.extend(_topology_lines(run, table_data))
     max_clients = max(args.clients)
     cost_lines = check_costs(run, max_clients)
     if cost_lines:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import sqlite3
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from auth_rpc.auth.db import Database
+from auth_rpc.auth.db import AnyDatabase
 from auth_rpc.errors import InvalidInput
+from auth_rpc.serving.sqlstore import POSTGRESQL
 
 __all__ = [
     "AccountStore",
@@ -206,7 +206,7 @@ def client_secret_digest(secret: str) -> bytes:
 class AccountStore:
     """The ``users`` and ``clients`` tables. Every method may raise DependencyUnavailable."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: AnyDatabase) -> None:
         self._db = db
 
     def get_user(self, username: str) -> User | None:
@@ -236,7 +236,7 @@ class AccountStore:
                     "VALUES (?, ?, ?, ?, ?)",
                     (username, password_hash, " ".join(scopes), now, _audiences_column(audiences)),
                 )
-            except sqlite3.IntegrityError as exc:
+            except self._db.IntegrityError as exc:
                 raise InvalidInput("username", "already exists") from exc
 
     def set_password_hash(self, username: str, old_hash: str, new_hash: str) -> None:
@@ -289,7 +289,7 @@ class AccountStore:
                         1 if may_introspect else 0,
                     ),
                 )
-            except sqlite3.IntegrityError as exc:
+            except self._db.IntegrityError as exc:
                 raise InvalidInput("client_id", "already exists") from exc
 
     def set_client_digest(self, client_id: str, secret_hash: str, digest: bytes) -> None:
@@ -307,7 +307,8 @@ class AccountStore:
         A scan of both tables: the Auth service asks only about an audience it
         has not seen yet, of a token signed by its own key.
         """
-        listed = "audiences IS NOT NULL AND instr(' ' || audiences || ' ', ' ' || ? || ' ') > 0"
+        find = "strpos" if self._db.dialect == POSTGRESQL else "instr"
+        listed = f"audiences IS NOT NULL AND {find}(' ' || audiences || ' ', ' ' || ? || ' ') > 0"
         with self._db.read() as conn:
             row = conn.execute(
                 f"SELECT 1 FROM users WHERE {listed} "  # noqa: S608 - a constant, no input

@@ -27,6 +27,12 @@ JWK Set, plus a margin); the running service switches by itself. ``--now``
 switches at once: for a compromised key only. ``serve --init`` starts afresh
 when the database is missing or empty beside existing keys (refused otherwise).
 
+Every command takes ``--database-url postgresql://...`` (or the environment
+variable ``AUTH_RPC_DATABASE_URL``): the Auth database of every replica on
+PostgreSQL; without it, SQLite in the data directory. Prefer the environment
+variable or libpq's password file to a password in the URL on a command line
+(which other local users may see); the password is never logged.
+
 Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage.
 """
 
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,6 +62,7 @@ from auth_rpc.serving.runner import (
     run_until_signal,
     run_workers,
 )
+from auth_rpc.serving.sqlstore import check_database_url
 
 __all__ = ["main"]
 
@@ -62,6 +70,9 @@ DEFAULT_USER_SCOPE = "posts:read posts:write"
 DEFAULT_CLIENT_SCOPE = "posts:read"
 ALGORITHMS = ("EdDSA", "RS256", "ES256", "HS256")
 
+
+#: The environment variable that gives ``--database-url``.
+DATABASE_URL_ENV = "AUTH_RPC_DATABASE_URL"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -74,6 +85,13 @@ def _parser() -> argparse.ArgumentParser:
     def data_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--data-dir", required=True, type=Path, help="where keys and the database live"
+        )
+        p.add_argument(
+            "--database-url",
+            type=_database_url,
+            default=os.environ.get(DATABASE_URL_ENV) or None,
+            help=f"postgresql://... (default: ${DATABASE_URL_ENV}; without either, SQLite "
+            "in the data directory)",
         )
 
     serve = sub.add_parser("serve", help="run the Auth service (Thrift and HTTP)")
@@ -230,6 +248,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _database_url(text: str) -> str:
+    try:
+        return check_database_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -255,6 +280,7 @@ def _settings(args: argparse.Namespace, issuer: str) -> AuthSettings:
         status_list_base_url=getattr(args, "status_list_base_url", None),
         status_list_size=getattr(args, "status_list_size", 1_000_000),
         status_list_ttl_s=getattr(args, "status_list_ttl", 1),
+        database_url=args.database_url,
     )
 
 
@@ -336,7 +362,10 @@ def _read_password(from_stdin: bool) -> str:
 def _admin_service(args: argparse.Namespace) -> AuthService:
     # Admin commands need no issuer: they do not mint tokens.
     return AuthService.open(
-        AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin"), create_key=False
+        AuthSettings(
+            data_dir=args.data_dir, issuer="urn:auth-rpc:admin", database_url=args.database_url
+        ),
+        create_key=False,
     )
 
 

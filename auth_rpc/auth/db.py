@@ -20,8 +20,12 @@ the tuple, never by editing one that shipped.
 
 Only this module and the small store classes (``accounts.AccountStore``,
 ``keys.KeyStore``, ``tokens.RefreshStore``, ``tokens.RevocationStore``,
-``status.StatusListStore``) speak SQL, so that another store (PostgreSQL) can
-replace them later.
+``status.StatusListStore``) speak SQL. The same store classes run on
+PostgreSQL (``--database-url``): :func:`open_database` returns either this
+:class:`Database` or a :class:`~auth_rpc.serving.sqlstore.PostgresDatabase`
+(same interface; its schema in :mod:`auth_rpc.auth.schema_postgresql`, same
+versions), and the stores pick another statement only where the dialects differ
+(``db.dialect``).
 """
 
 from __future__ import annotations
@@ -33,11 +37,22 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from auth_rpc.auth.schema_postgresql import PG_MIGRATIONS
 from auth_rpc.errors import DependencyUnavailable, storage_failure
 from auth_rpc.serving.private_files import check_private_stat
+from auth_rpc.serving.sqlstore import SQLITE, PgConnection, PostgresDatabase
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "Database", "NewDatabaseRefused"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "AnyDatabase",
+    "Connection",
+    "Database",
+    "NewDatabaseRefused",
+    "open_database",
+]
 
 log = logging.getLogger("auth_rpc.auth.db")
 
@@ -193,6 +208,7 @@ MIGRATIONS: tuple[str, ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+assert len(PG_MIGRATIONS) == SCHEMA_VERSION, "one version sequence for both dialects"
 
 
 class NewDatabaseRefused(ValueError):
@@ -208,6 +224,12 @@ class Database:
     becomes :class:`~auth_rpc.errors.DependencyUnavailable` (logged without
     parameters); other exceptions roll the transaction back and pass through.
     """
+
+    dialect = SQLITE
+    #: Appended to a SELECT whose rows the transaction writes back: nothing on
+    #: SQLite (``BEGIN IMMEDIATE`` already excludes every other writer).
+    for_update = ""
+    IntegrityError: type[Exception] = sqlite3.IntegrityError
 
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._conn: sqlite3.Connection | None = conn
@@ -371,6 +393,13 @@ class Database:
         with self._locked() as conn:
             yield conn
 
+    def lock(self, conn: Any, name: str) -> None:
+        """A named lock until the end of the transaction: nothing to do on SQLite,
+        whose ``BEGIN IMMEDIATE`` already excludes every other writer."""
+
+    def notify(self, conn: Any, channel: str, payload: str = "") -> None:
+        """Tell other replicas (PostgreSQL ``NOTIFY``): none on SQLite."""
+
     def ping(self) -> bool:
         """Whether the database answers a trivial query."""
         try:
@@ -389,6 +418,40 @@ class Database:
                 conn.close()
             except sqlite3.Error:  # pragma: no cover - nothing useful to do
                 log.warning("error while closing the database")
+
+
+#: Either dialect's database, and a connection of one (both take ``?`` statements).
+AnyDatabase = Database | PostgresDatabase
+Connection = sqlite3.Connection | PgConnection
+
+
+def on_postgresql(conn: Connection) -> bool:
+    """Whether ``conn`` is a PostgreSQL connection (the statement to use differs)."""
+    return isinstance(conn, PgConnection)
+
+
+def open_database(
+    path: Path, *, database_url: str | None = None, allow_new: bool = True
+) -> AnyDatabase:
+    """The Auth database: PostgreSQL at ``database_url`` if given, else SQLite at ``path``.
+
+    On PostgreSQL a database without the Auth schema counts as new
+    (:class:`NewDatabaseRefused` unless ``allow_new``).
+    """
+    if database_url is None:
+        return Database.open(path, allow_new=allow_new)
+    try:
+        return PostgresDatabase.open(
+            database_url,
+            component="auth",
+            migrations=PG_MIGRATIONS,
+            allow_new=allow_new,
+            application_name="auth-rpc",
+        )
+    except ValueError as exc:
+        if "has no auth schema" in str(exc):
+            raise NewDatabaseRefused(str(exc)) from None
+        raise
 
 
 def _statements(script: str) -> list[str]:

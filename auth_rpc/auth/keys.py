@@ -54,9 +54,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from auth_rpc.auth.db import Database
+from auth_rpc.auth.db import AnyDatabase
 from auth_rpc.errors import DependencyUnavailable
 from auth_rpc.serving.private_files import UnsafeFile, check_private, private_dir
+from auth_rpc.serving.sqlstore import POSTGRESQL
 
 __all__ = [
     "ALGORITHMS",
@@ -276,7 +277,7 @@ class KeyRecord:
 class KeyStore:
     """Key files in ``keys_dir`` (0600) and their rows in ``signing_keys``."""
 
-    def __init__(self, db: Database, keys_dir: Path) -> None:
+    def __init__(self, db: AnyDatabase, keys_dir: Path) -> None:
         self._db = db
         self.keys_dir = keys_dir
 
@@ -393,8 +394,10 @@ class KeyStore:
     def note_ttl(self, kid: str, ttl_s: int) -> None:
         """Record that ``kid`` signs tokens living up to ``ttl_s`` (keeps the maximum)."""
         with self._db.transaction() as conn:
+            larger = "GREATEST" if self._db.dialect == POSTGRESQL else "MAX"
             conn.execute(
-                "UPDATE signing_keys SET max_ttl_s = MAX(max_ttl_s, ?) WHERE kid = ?", (ttl_s, kid)
+                f"UPDATE signing_keys SET max_ttl_s = {larger}(max_ttl_s, ?) WHERE kid = ?",  # noqa: S608 - constant
+                (ttl_s, kid),
             )
 
     def delete(self, kid: str) -> None:

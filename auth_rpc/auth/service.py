@@ -54,7 +54,7 @@ from auth_rpc.auth.accounts import (
     client_secret_digest,
     parse_scope,
 )
-from auth_rpc.auth.db import Database, NewDatabaseRefused
+from auth_rpc.auth.db import AnyDatabase, NewDatabaseRefused, open_database
 from auth_rpc.auth.keys import (
     ALGORITHMS,
     KEY_ACTIVATION_DELAY_S,
@@ -139,6 +139,9 @@ class AuthSettings:
     status_list_size: int = DEFAULT_STATUS_LIST_SIZE
     status_list_ttl_s: int = 1
     status_list_lifetime_s: int = 600
+    #: ``postgresql://...``: the database of every replica (``None``: SQLite in
+    #: ``data_dir``). Left out of ``repr()``: it may hold a password.
+    database_url: str | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -200,7 +203,7 @@ def _prepare_data_dir(path: Path) -> None:
     private_dir(path, "data directory")  # refuses one another user could write
 
 
-def _open_database(data_dir: Path, *, init: bool) -> Database:
+def _open_database(data_dir: Path, *, init: bool, database_url: str | None = None) -> AnyDatabase:
     """The database of ``data_dir``; a new one beside an existing ``keys/`` only with ``init``.
 
     ``keys/`` is made on the first start, with the database: a new (missing or
@@ -211,10 +214,13 @@ def _open_database(data_dir: Path, *, init: bool) -> Database:
     keys_dir = data_dir / "keys"
     had_keys = os.path.lexists(keys_dir)
     try:
-        return Database.open(data_dir / DB_FILENAME, allow_new=init or not had_keys)
+        return open_database(
+            data_dir / DB_FILENAME, database_url=database_url, allow_new=init or not had_keys
+        )
     except NewDatabaseRefused:
+        where = data_dir / DB_FILENAME if database_url is None else "at --database-url"
         raise ValueError(
-            f"the database {data_dir / DB_FILENAME} is missing or empty but {keys_dir} exists: "
+            f"the database {where} is missing or empty but {keys_dir} exists: "
             "this data directory was in use (its accounts, refresh tokens and revocations would "
             "be lost, its issued tokens unverifiable). Restore the database from a backup, or "
             "start afresh with auth-rpc serve --init"
@@ -271,7 +277,7 @@ class AuthService:
         self,
         settings: AuthSettings,
         *,
-        db: Database,
+        db: AnyDatabase,
         keys: KeyManager,
         hasher: SecretHasher,
         clock: Callable[[], float],
@@ -348,7 +354,7 @@ class AuthService:
             assert settings.hs256_secret_file is not None  # AuthSettings checks it
             hs256_key = SigningKey.hs256(read_hs256_secret(settings.hs256_secret_file))
         _prepare_data_dir(settings.data_dir)
-        db = _open_database(settings.data_dir, init=init)
+        db = _open_database(settings.data_dir, init=init, database_url=settings.database_url)
         try:
             store = KeyStore(db, settings.data_dir / "keys")
             store.ensure_dir()

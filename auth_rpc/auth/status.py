@@ -36,7 +36,6 @@ import hmac
 import logging
 import re
 import secrets
-import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ from typing import Any
 
 import jwt
 
-from auth_rpc.auth.db import Database
+from auth_rpc.auth.db import AnyDatabase, Connection, on_postgresql
 from auth_rpc.auth.keys import SigningKey
 from auth_rpc.errors import NotFoundError, TokenRejected
 from auth_rpc.verify.statuslist import (
@@ -103,7 +102,7 @@ def permute(n: int, capacity: int, key: bytes) -> int:
 class StatusListStore:
     """Status lists and their set bits in the database (schema v5)."""
 
-    def __init__(self, db: Database, *, capacity: int = DEFAULT_STATUS_LIST_SIZE) -> None:
+    def __init__(self, db: AnyDatabase, *, capacity: int = DEFAULT_STATUS_LIST_SIZE) -> None:
         if capacity < 8 or capacity % 8:
             raise ValueError("a status list's size must be a positive multiple of 8")
         self._db = db
@@ -116,6 +115,9 @@ class StatusListStore:
         that issues the token), else in its own. Raises DependencyUnavailable.
         """
         with self._db.transaction() as conn:
+            # On PostgreSQL replicas allocate at once: one at a time (on SQLite
+            # BEGIN IMMEDIATE does it), so that a new list is started once.
+            self._db.lock(conn, "status_lists")
             row = conn.execute(
                 "SELECT list_id, capacity, allocated, perm_key FROM status_lists "
                 "WHERE retired_at IS NULL ORDER BY list_id DESC LIMIT 1"
@@ -133,9 +135,10 @@ class StatusListStore:
                 )
                 log.info("status list %d started (%d entries)", list_id, self.capacity)
             list_id, capacity, allocated, key = row
+            larger = "GREATEST" if on_postgresql(conn) else "MAX"
             conn.execute(
-                "UPDATE status_lists SET allocated = allocated + 1, last_exp = MAX(last_exp, ?) "
-                "WHERE list_id = ?",
+                f"UPDATE status_lists SET allocated = allocated + 1, "  # noqa: S608 - constant
+                f"last_exp = {larger}(last_exp, ?) WHERE list_id = ?",
                 (expires_at, list_id),
             )
         return StatusEntry(int(list_id), permute(int(allocated), int(capacity), bytes(key)))
@@ -146,7 +149,7 @@ class StatusListStore:
             return self.set_bits(conn, [entry]) >= 0
 
     @staticmethod
-    def set_bits(conn: sqlite3.Connection, entries: list[StatusEntry]) -> int:
+    def set_bits(conn: Connection, entries: list[StatusEntry]) -> int:
         """Set the bits of ``entries`` inside the caller's transaction; how many were new.
 
         Entries of unknown or retired lists, or outside a list, are skipped
@@ -162,7 +165,7 @@ class StatusListStore:
                 continue
             valid = True
             cur = conn.execute(
-                "INSERT OR IGNORE INTO status_bits (list_id, idx) VALUES (?, ?)",
+                _insert_or_ignore(conn, "INTO status_bits (list_id, idx) VALUES (?, ?)"),
                 (entry.list_id, entry.idx),
             )
             if cur.rowcount:
@@ -174,13 +177,16 @@ class StatusListStore:
         return new if valid else -1
 
     @staticmethod
-    def revoke_family(conn: sqlite3.Connection, family_id: str, *, now: int, leeway_s: int) -> None:
+    def revoke_family(conn: Connection, family_id: str, *, now: int, leeway_s: int) -> None:
         """Set the bits of a family's unexpired access tokens, inside the caller's transaction."""
         conn.execute(
-            "INSERT OR IGNORE INTO status_bits (list_id, idx) "
-            "SELECT f.status_list, f.status_idx FROM family_access_tokens f "
-            "JOIN status_lists l ON l.list_id = f.status_list AND l.retired_at IS NULL "
-            "WHERE f.family_id = ? AND f.status_list IS NOT NULL AND f.expires_at + ? > ?",
+            _insert_or_ignore(
+                conn,
+                "INTO status_bits (list_id, idx) "
+                "SELECT f.status_list, f.status_idx FROM family_access_tokens f "
+                "JOIN status_lists l ON l.list_id = f.status_list AND l.retired_at IS NULL "
+                "WHERE f.family_id = ? AND f.status_list IS NOT NULL AND f.expires_at + ? > ?",
+            ),
             (family_id, leeway_s, now),
         )
         conn.execute(
@@ -249,6 +255,13 @@ class StatusListStore:
         for list_id in ids:
             log.info("status list %d retired: every token in it has expired", list_id)
         return len(ids)
+
+
+def _insert_or_ignore(conn: Connection, rest: str) -> str:
+    """``INSERT OR IGNORE <rest>`` in ``conn``'s dialect."""
+    if on_postgresql(conn):
+        return f"INSERT {rest} ON CONFLICT DO NOTHING"
+    return f"INSERT OR IGNORE {rest}"
 
 
 @dataclass(frozen=True)

@@ -50,8 +50,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
-from auth_rpc.auth.db import Database
+from auth_rpc.auth.db import AnyDatabase
 from auth_rpc.errors import DependencyUnavailable, Throttled
+from auth_rpc.serving.sqlstore import POSTGRESQL
 
 __all__ = ["Attempt", "SqliteStreakStore", "StreakStore", "Throttle"]
 
@@ -298,7 +299,7 @@ class Throttle:
 class SqliteStreakStore:
     """A :class:`StreakStore` in the Auth service's database (table ``throttle_streaks``)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: AnyDatabase) -> None:
         self._db = db
 
     def load(self, kind: str, key: str) -> tuple[int, float] | None:
@@ -319,8 +320,10 @@ class SqliteStreakStore:
         admit: Callable[[int, float, int], None],
     ) -> str:
         reservation = secrets.token_hex(8)
-        # BEGIN IMMEDIATE: no other process writes between the reads and the insert.
+        # BEGIN IMMEDIATE (SQLite) or the key's lock (PostgreSQL): no other
+        # process or replica writes between the reads and the insert.
         with self._db.transaction() as conn:
+            self._db.lock(conn, f"throttle:{kind}:{key}")
             conn.execute(
                 "DELETE FROM throttle_reservations WHERE kind = ? AND key = ? AND expires_at <= ?",
                 (kind, key, now),
@@ -353,6 +356,7 @@ class SqliteStreakStore:
         ended: Callable[[int, float], bool],
     ) -> int:
         with self._db.transaction() as conn:
+            self._db.lock(conn, f"throttle:{kind}:{key}")
             conn.execute(
                 "DELETE FROM throttle_reservations WHERE kind = ? AND key = ? AND reservation = ?",
                 (kind, key, reservation),
@@ -375,8 +379,10 @@ class SqliteStreakStore:
                     (kind, key, now),
                 )
                 return 1
+            larger = "GREATEST" if self._db.dialect == POSTGRESQL else "max"
             conn.execute(
-                "UPDATE throttle_streaks SET failures = failures + 1, last = max(last, ?) "
+                f"UPDATE throttle_streaks SET failures = failures + 1, "  # noqa: S608 - constant
+                f"last = {larger}(last, ?) "
                 "WHERE kind = ? AND key = ?",
                 (now, kind, key),
             )

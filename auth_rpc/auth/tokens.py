@@ -28,17 +28,17 @@ import json
 import logging
 import re
 import secrets
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
 
-from auth_rpc.auth.db import Database
+from auth_rpc.auth.db import AnyDatabase, Connection
 from auth_rpc.auth.keys import SigningKey
 from auth_rpc.auth.status import StatusEntry, StatusListStore
 from auth_rpc.errors import TokenRejected
+from auth_rpc.serving.sqlstore import POSTGRESQL
 from auth_rpc.verify.principal import Principal
 
 __all__ = [
@@ -365,7 +365,7 @@ class Rotation:
 class RefreshStore:
     """Refresh token families, their tokens (hashes) and their access-token ids."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: AnyDatabase) -> None:
         self._db = db
 
     def start_family(
@@ -410,9 +410,14 @@ class RefreshStore:
         rotation: Rotation | None = None
         with self._db.transaction() as conn:
             row = conn.execute(
-                "SELECT t.used_at, f.family_id, f.subject, f.client_id, f.scopes, f.created_at, "
+                "SELECT t.used_at, f.family_id, f.subject, f.client_id, f.scopes, f.created_at, "  # noqa: S608 - constant
                 "f.expires_at, f.revoked_at, f.audience FROM refresh_tokens t "
-                "JOIN refresh_families f ON f.family_id = t.family_id WHERE t.token_hash = ?",
+                "JOIN refresh_families f ON f.family_id = t.family_id WHERE t.token_hash = ?"
+                # PostgreSQL: replicas rotating the same token (or another of
+                # its family) wait here for each other, then read the winner's
+                # used_at (READ COMMITTED re-reads a locked row): one success,
+                # the others see a reuse and revoke the family.
+                + self._db.for_update,
                 (token_hash,),
             ).fetchone()
             if row is None:
@@ -493,7 +498,7 @@ class RefreshStore:
         return len(rows)
 
     @staticmethod
-    def _revoke_family(conn: sqlite3.Connection, family_id: str, now: int) -> None:
+    def _revoke_family(conn: Connection, family_id: str, now: int) -> None:
         conn.execute(
             "UPDATE refresh_families SET revoked_at = ? WHERE family_id = ? AND revoked_at IS NULL",
             (now, family_id),
@@ -503,9 +508,10 @@ class RefreshStore:
         # (tokens issued before schema v5).
         StatusListStore.revoke_family(conn, family_id, now=now, leeway_s=LEEWAY_S)
         conn.execute(
-            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) "
+            "INSERT INTO revoked_tokens (jti, expires_at) "
             "SELECT jti, expires_at FROM family_access_tokens "
-            "WHERE family_id = ? AND status_list IS NULL AND expires_at + ? > ?",
+            "WHERE family_id = ? AND status_list IS NULL AND expires_at + ? > ? "
+            "ON CONFLICT DO NOTHING",
             (family_id, LEEWAY_S, now),
         )
 
@@ -524,7 +530,7 @@ class RefreshStore:
 
 
 def _record_access_token(
-    conn: sqlite3.Connection,
+    conn: Connection,
     jti: str,
     family_id: str,
     expires_at: int,
@@ -546,15 +552,17 @@ def _record_access_token(
 class RevocationStore:
     """Revoked access-token ids, kept until the token would have expired."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: AnyDatabase) -> None:
         self._db = db
 
     def revoke(self, jti: str, *, expires_at: int) -> None:
         """Record ``jti`` as revoked (idempotent)."""
+        larger = "GREATEST" if self._db.dialect == POSTGRESQL else "MAX"
         with self._db.transaction() as conn:
             conn.execute(
-                "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) "
-                "ON CONFLICT (jti) DO UPDATE SET expires_at = MAX(expires_at, excluded.expires_at)",
+                "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?) "  # noqa: S608 - constant
+                "ON CONFLICT (jti) DO UPDATE SET "
+                f"expires_at = {larger}(revoked_tokens.expires_at, excluded.expires_at)",
                 (jti, expires_at),
             )
 

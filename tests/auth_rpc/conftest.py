@@ -40,13 +40,69 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
+#: The modules whose tests run on both backends: the Auth stores' behaviour
+#: (the others test SQLite-specific things, the CLI or the verifiers).
+BOTH_BACKENDS = {
+    "test_service.py",
+    "test_service_clients.py",
+    "test_tokens.py",
+    "test_status_lists.py",
+    "test_accounts.py",
+    "test_audiences.py",
+    "test_introspect_permission.py",
+}
+
+
+#: Tests of SQLite's own matters (its file, its modes, its failures, its
+#: migrations from old versions, processes sharing its file): SQLite only.
+SQLITE_ONLY = {
+    "test_key_file_and_data_dir_modes",
+    "test_database_failure_is_dependency_unavailable",
+    "test_a_database_failure_during_login_is_not_a_guess",
+    "test_loose_file_modes_are_tightened_on_open",
+    "test_processes_sharing_the_database_never_share_an_entry",
+    "test_migration_from_v3_keeps_existing_accounts_on_the_default",
+    "test_clients_registered_before_keep_it_only_with_the_introspect_scope",
+}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if (
+        "backend" in metafunc.fixturenames
+        and metafunc.definition.path.name in BOTH_BACKENDS
+        and metafunc.definition.originalname not in SQLITE_ONLY
+    ):
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
+
+
+
 @pytest.fixture
-def open_service(data_dir: Path, clock: FakeClock) -> Iterator[Callable[..., AuthService]]:
+def backend(request: pytest.FixtureRequest) -> str:
+    """``sqlite`` (the data directory) or ``postgresql`` (a fresh database)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def database_url(backend: str, request: pytest.FixtureRequest) -> str | None:
+    """The ``--database-url`` of the services: ``None`` on SQLite."""
+    if backend == "sqlite":
+        return None
+    url: str = request.getfixturevalue("postgresql_url")
+    return url
+
+
+@pytest.fixture
+def open_service(
+    data_dir: Path, clock: FakeClock, database_url: str | None
+) -> Iterator[Callable[..., AuthService]]:
     """Open AuthServices on ``data_dir`` (settings overridable); all closed at teardown."""
     opened: list[AuthService] = []
 
     def open_(create_key: bool = True, **overrides: Any) -> AuthService:
-        fields: dict[str, Any] = {"data_dir": data_dir, "issuer": ISSUER, "audience": AUDIENCE}
+        fields: dict[str, Any] = {
+            "data_dir": data_dir, "issuer": ISSUER, "audience": AUDIENCE,
+            "database_url": database_url,
+        }
         fields.update(overrides)
         service = AuthService.open(AuthSettings(**fields), clock=clock, create_key=create_key)
         opened.append(service)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -55,9 +56,16 @@ def noah(service: AuthService) -> str:
     return "noah"
 
 
+@contextmanager
+def stored(service: AuthService) -> Iterator[Any]:
+    """A connection to ``service``'s database, SQLite or PostgreSQL (``?`` statements)."""
+    with service._db.read() as conn:
+        yield conn
+
+
 def family_state(service: AuthService, refresh_token: str) -> tuple[Any, ...]:
     """(used_at of the token, revoked_at of its family): what a refusal must not change."""
-    with sqlite3.connect(service.settings.data_dir / DB_FILENAME) as conn:
+    with stored(service) as conn:
         row = conn.execute(
             "SELECT t.used_at, f.revoked_at FROM refresh_tokens t "
             "JOIN refresh_families f ON f.family_id = t.family_id WHERE t.token_hash = ?",
@@ -68,7 +76,7 @@ def family_state(service: AuthService, refresh_token: str) -> tuple[Any, ...]:
 
 
 def row_counts(service: AuthService) -> tuple[int, int, int]:
-    with sqlite3.connect(service.settings.data_dir / DB_FILENAME) as conn:
+    with stored(service) as conn:
         return tuple(  # type: ignore[return-value]
             conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             for table in ("refresh_families", "refresh_tokens", "family_access_tokens")
@@ -220,9 +228,9 @@ def test_admin_accepts_uri_audiences_and_drops_repeats(service: AuthService) -> 
     uri = "https://notes.example.com/api"
     service.add_user("uri", PASSWORD, SCOPES, audiences=[uri, NOTES, uri])
     assert aud(service.login("uri", PASSWORD, audience=uri).access_token) == uri
-    with sqlite3.connect(service.settings.data_dir / DB_FILENAME) as conn:
-        stored = conn.execute("SELECT audiences FROM users WHERE username = 'uri'").fetchone()
-    assert stored == (f"{uri} {NOTES}",)
+    with stored(service) as conn:
+        row = conn.execute("SELECT audiences FROM users WHERE username = 'uri'").fetchone()
+    assert tuple(row) == (f"{uri} {NOTES}",)
 
 
 def test_validate_accepts_the_audiences_accounts_may_use_and_no_other(

@@ -6,7 +6,8 @@ import logging
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ from auth_rpc.errors import (
 ISSUER = "https://auth.test"
 AUDIENCE = "posts"
 PASSWORD = "correct horse battery staple"
+
+
+@contextmanager
+def stored(service: AuthService) -> Iterator[Any]:
+    """A connection to ``service``'s database, SQLite or PostgreSQL (``?`` statements)."""
+    with service._db.read() as conn:
+        yield conn
 
 
 def jwk_list(jwk_set: dict[str, object]) -> list[dict[str, str]]:
@@ -386,11 +394,8 @@ def test_authenticate_client(service: AuthService, svc_secret: str) -> None:
 def test_client_secret_is_stored_hashed(
     service: AuthService, svc_secret: str, data_dir: Path
 ) -> None:
-    conn = sqlite3.connect(data_dir / "auth.sqlite3")
-    try:
+    with stored(service) as conn:
         rows = conn.execute("SELECT * FROM clients").fetchall()
-    finally:
-        conn.close()
     assert svc_secret not in repr(rows)
     assert rows[0][1].startswith("$argon2id$v=19$m=19456,t=2,p=1$")
     for path in data_dir.glob("auth.sqlite3*"):
@@ -524,11 +529,8 @@ def test_revoked_rows_are_purged_after_expiry(
     service.revoke(token)
     clock.advance(3600)
     service.revoke("garbage")  # any write path purges opportunistically
-    conn = sqlite3.connect(data_dir / "auth.sqlite3")
-    try:
+    with stored(service) as conn:
         assert conn.execute("SELECT COUNT(*) FROM revoked_tokens").fetchone()[0] == 0
-    finally:
-        conn.close()
 
 
 # -- keys ----------------------------------------------------------------------

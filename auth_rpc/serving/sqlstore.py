@@ -1,0 +1,416 @@
+"""A thin layer over the DB-API for both stores' dialects: SQLite and PostgreSQL.
+
+No ORM and no query builder on the hot path: the stores write their SQL in
+SQLite's form (``?`` placeholders) and choose another statement only where the
+dialects differ (``MAX(a, b)`` / ``GREATEST``, ``INSERT OR IGNORE`` / ``ON
+CONFLICT DO NOTHING``, ``instr`` / ``strpos``, ``FOR UPDATE``). The way
+Synapse (the Matrix homeserver) supports both engines: one statement text,
+placeholders converted once per statement for PostgreSQL, per-dialect schema
+files under one version sequence.
+
+:class:`PostgresDatabase` is the PostgreSQL side of a store's ``Database``
+(``auth_rpc.auth.db.Database`` is the SQLite side; the Posts store has its
+own): a ``psycopg_pool`` pool of autocommit connections; :meth:`transaction`
+runs ``BEGIN`` ... ``COMMIT`` (READ COMMITTED) on one connection of the pool,
+joined by nested use on the same thread, and :meth:`lock` takes a
+transaction-scoped advisory lock where rows that may not exist yet are
+read-modified-written (where they exist, ``SELECT ... FOR UPDATE``).
+The schema version is a row of ``schema_version`` (one per component, so that
+the Auth and Posts schemas may share a database); migrations run under an
+advisory lock, so that replicas starting together migrate once.
+
+:class:`Listener` is one connection per process ``LISTEN``-ing to channels, on
+a thread of its own: what replicas use to tell each other that something
+changed (a revocation, a key, a post), inside the trust boundary.
+
+Never logged: a database URL's password (:func:`redact_url`), statement
+parameters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from auth_rpc.errors import DependencyUnavailable
+
+__all__ = [
+    "POSTGRESQL",
+    "SQLITE",
+    "Listener",
+    "PostgresDatabase",
+    "check_database_url",
+    "is_postgresql_url",
+    "redact_url",
+    "to_pyformat",
+]
+
+log = logging.getLogger("auth_rpc.serving.sqlstore")
+
+SQLITE = "sqlite"
+POSTGRESQL = "postgresql"
+
+_UNAVAILABLE = "database unavailable"
+
+
+def is_postgresql_url(url: str | None) -> bool:
+    return bool(url) and urlsplit(str(url)).scheme in ("postgresql", "postgres")
+
+
+def check_database_url(url: str) -> str:
+    """``url`` if it is a PostgreSQL URL, else ``ValueError`` (without the URL's password)."""
+    if not is_postgresql_url(url):
+        raise ValueError(
+            f"unsupported database URL {redact_url(url)!r}: expected postgresql://..."
+        )
+    return url
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``: what may be logged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(unparsable URL)"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    query = parts.query
+    return urlunsplit((parts.scheme, f"{user}:***@{netloc}", parts.path, query, ""))
+
+
+_CONVERTED: dict[str, str] = {}
+
+
+def to_pyformat(sql: str) -> str:
+    """SQLite's ``?`` placeholders as psycopg's ``%s`` (``%`` escaped); cached."""
+    converted = _CONVERTED.get(sql)
+    if converted is None:
+        converted = sql.replace("%", "%%").replace("?", "%s")
+        if len(_CONVERTED) < 4096:
+            _CONVERTED[sql] = converted
+    return converted
+
+
+def advisory_key(name: str) -> int:
+    """A stable signed 64-bit advisory-lock key for ``name``."""
+    value = zlib.crc32(name.encode()) | (zlib.crc32(name.encode()[::-1]) << 32)
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+class PgConnection:
+    """A psycopg connection that takes the stores' ``?`` statements."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.raw.execute(to_pyformat(sql), params or None)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        cur = self.raw.cursor()
+        cur.executemany(to_pyformat(sql), rows)
+        return cur
+
+
+class PostgresDatabase:
+    """A pool of PostgreSQL connections with the SQLite store's interface.
+
+    Every ``psycopg.Error`` raised inside :meth:`transaction` or :meth:`read`
+    becomes :class:`~auth_rpc.errors.DependencyUnavailable` (logged without
+    parameters); other exceptions roll the transaction back and pass through.
+    """
+
+    dialect = POSTGRESQL
+    for_update = " FOR UPDATE"
+
+    def __init__(self, pool: Any, url: str, component: str) -> None:
+        import psycopg
+
+        self._pool = pool
+        self.url = url
+        self.component = component
+        self._local = threading.local()
+        self.created = False
+        self.IntegrityError: type[Exception] = psycopg.IntegrityError
+        self._error: type[Exception] = psycopg.Error
+
+    @property
+    def path(self) -> str:
+        """Where the data is, for messages: the URL without its password."""
+        return redact_url(self.url)
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        component: str,
+        migrations: Sequence[str],
+        allow_new: bool = True,
+        min_size: int = 1,
+        max_size: int = 16,
+        timeout_s: float = 10.0,
+        application_name: str | None = None,
+    ) -> PostgresDatabase:
+        """Connect (a pool of up to ``max_size``), check and migrate the schema.
+
+        ``component`` names the schema (``auth``, ``posts``) in
+        ``schema_version``. With ``allow_new=False`` a database without this
+        component's schema raises ``ValueError``. Raises
+        DependencyUnavailable (cannot connect; the message never shows the
+        password), ``ValueError`` (schema newer than ``migrations``).
+        """
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        check_database_url(url)
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if application_name:
+            kwargs["application_name"] = application_name
+        pool = None
+        try:
+            # One connection first: a wrong URL or a server down fails at once,
+            # in one line, rather than after the pool's retries.
+            psycopg.connect(url, connect_timeout=max(1, int(timeout_s)), **kwargs).close()
+            pool = ConnectionPool(
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                kwargs=kwargs,
+                timeout=timeout_s,
+                open=False,
+                name=f"{component}-db",
+            )
+            pool.open(wait=True, timeout=timeout_s)
+        except (psycopg.Error, OSError) as exc:
+            if pool is not None:
+                with _suppress_all():
+                    pool.close()
+            log.error("cannot connect to the database %s: %s", redact_url(url), _failure(exc))
+            raise DependencyUnavailable(f"{_UNAVAILABLE}: cannot connect") from exc
+        db = cls(pool, url, component)
+        try:
+            db._migrate(migrations, allow_new=allow_new)
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    # -- schema ---------------------------------------------------------------
+
+    def _migrate(self, migrations: Sequence[str], *, allow_new: bool) -> None:
+        with self.transaction() as conn:
+            self.lock(conn, "schema_version")
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                "component TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL)"
+            )
+            row = conn.execute(
+                "SELECT version FROM schema_version WHERE component = ?", (self.component,)
+            ).fetchone()
+            version = int(row[0]) if row else 0
+            if version == 0 and not allow_new:
+                raise ValueError(
+                    f"the database {self.path} has no {self.component} schema (new or empty)"
+                )
+            if version > len(migrations):
+                raise ValueError(
+                    f"database schema version {version} is newer than this program "
+                    f"(knows {len(migrations)}); upgrade it"
+                )
+            for number in range(version + 1, len(migrations) + 1):
+                log.info("migrating the %s schema to version %d", self.component, number)
+                conn.raw.execute(migrations[number - 1])
+            if version < len(migrations):
+                conn.execute(
+                    "INSERT INTO schema_version (component, version) VALUES (?, ?) "
+                    "ON CONFLICT (component) DO UPDATE SET version = EXCLUDED.version",
+                    (self.component, len(migrations)),
+                )
+            self.created = version == 0
+
+    @property
+    def schema_version(self) -> int:
+        with self.read() as conn:
+            row = conn.execute(
+                "SELECT version FROM schema_version WHERE component = ?", (self.component,)
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    # -- use --------------------------------------------------------------------
+
+    @contextmanager
+    def _mapped(self) -> Iterator[None]:
+        try:
+            yield
+        except self._error as exc:
+            log.error("database error: %s", _failure(exc))
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[PgConnection]:
+        """``BEGIN`` ... ``COMMIT`` on a pooled connection; rolled back on any exception.
+
+        Nested use on the same thread joins the outer transaction. Raises
+        :class:`DependencyUnavailable` on any database error.
+        """
+        local = self._local
+        current: PgConnection | None = getattr(local, "conn", None)
+        depth: int = getattr(local, "depth", 0)
+        if current is not None and depth:
+            local.depth += 1
+            try:
+                yield current
+            finally:
+                local.depth -= 1
+            return
+        with self._mapped(), self._connection() as raw, raw.transaction():
+            conn = PgConnection(raw)
+            local.conn, local.depth = conn, 1
+            try:
+                yield conn
+            finally:
+                local.conn, local.depth = None, 0
+
+    @contextmanager
+    def read(self) -> Iterator[PgConnection]:
+        """A connection for reads: the thread's transaction's, else a pooled autocommit one."""
+        current: PgConnection | None = getattr(self._local, "conn", None)
+        if current is not None:
+            yield current
+            return
+        with self._mapped(), self._connection() as raw:
+            yield PgConnection(raw)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        from psycopg_pool import PoolClosed, PoolTimeout
+
+        try:
+            cm = self._pool.connection()
+            raw = cm.__enter__()
+        except PoolTimeout as exc:
+            log.error("database error: no connection free in the pool")
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        except PoolClosed as exc:
+            raise DependencyUnavailable("database closed") from exc
+        try:
+            yield raw
+        except BaseException as exc:
+            if not cm.__exit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            cm.__exit__(None, None, None)
+
+    def lock(self, conn: Any, name: str) -> None:
+        """Take the advisory lock ``name`` until the end of the current transaction."""
+        conn.execute("SELECT pg_advisory_xact_lock(?)", (advisory_key(name),))
+
+    def notify(self, conn: Any, channel: str, payload: str = "") -> None:
+        """Send a notification on ``channel`` when the current transaction commits."""
+        conn.execute("SELECT pg_notify(?, ?)", (channel, payload))
+
+    def ping(self) -> bool:
+        try:
+            with self.read() as conn:
+                conn.execute("SELECT 1").fetchone()
+        except DependencyUnavailable:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Close the pool; later calls raise :class:`DependencyUnavailable`. Idempotent."""
+        with _suppress_all():
+            self._pool.close()
+
+
+class Listener:
+    """One connection ``LISTEN``-ing on ``channels``; ``callback(channel, payload)`` per
+    notification, on a daemon thread. Reconnects after a failure (every second),
+    then calls ``callback(channel, None)`` for every channel: what changed while
+    it was away is unknown, so the subscriber must assume everything did.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        channels: Sequence[str],
+        callback: Callable[[str, str | None], None],
+        *,
+        name: str = "listener",
+    ) -> None:
+        for channel in channels:
+            if not channel.replace("_", "").isalnum():
+                raise ValueError(f"bad channel name {channel!r}")
+        self._url = url
+        self._channels = tuple(channels)
+        self._callback = callback
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._conn: Any = None
+        self._thread = threading.Thread(target=self._run, name=f"pg-{name}", daemon=True)
+
+    def start(self, *, timeout_s: float = 10.0) -> Listener:
+        """Start listening; returns once ``LISTEN`` is in force (or ``timeout_s`` passed)."""
+        self._thread.start()
+        self._ready.wait(timeout_s)
+        return self
+
+    @property
+    def listening(self) -> bool:
+        return self._ready.is_set()
+
+    def _run(self) -> None:
+        import psycopg
+
+        first = True
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True) as conn:
+                    self._conn = conn
+                    for channel in self._channels:
+                        conn.execute(f"LISTEN {channel}")  # checked in __init__
+                    if not first:
+                        for channel in self._channels:
+                            self._callback(channel, None)
+                    first = False
+                    self._ready.set()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=1.0):
+                            self._callback(note.channel, note.payload)
+            except psycopg.Error as exc:
+                self._ready.clear()
+                if self._stop.is_set():
+                    break
+                log.warning("database listener lost its connection: %s", _failure(exc))
+                self._stop.wait(1.0)
+            except Exception:  # a callback's bug must not stop the listener
+                log.exception("database listener callback failed")
+                self._ready.clear()
+                self._stop.wait(1.0)
+            finally:
+                self._conn = None
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+
+def _failure(exc: BaseException) -> str:
+    """An error's class and first line, never its statement parameters."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _suppress_all() -> suppress:
+    return suppress(Exception)  # closing is best effort
+
