@@ -33,8 +33,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from auth_rpc.errors import TokenRejected
 from auth_rpc.serving.runner import run_until_signal
-from auth_rpc.verify.principal import TokenVerifier
+from auth_rpc.verify.principal import Principal, TokenVerifier
 from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 from bench.data import AUTHOR, PAGE_SIZE, SCOPE, post_dicts
 from bench.procs import rss_mb
@@ -49,9 +50,44 @@ def seed(store: Any) -> None:
         store.create(author=post["author"], title=post["title"], body=post["body"])
 
 
+class PyJwtDecodeOnly:
+    """Bench only: PyJWT's ``jwt.decode`` alone (signature, exp, iss, aud), no cache.
+
+    The reference the cold local rows are compared with in the same run: the
+    same service, the same tokens, with the check replaced by a bare decode.
+    """
+
+    def __init__(self, key: Any, alg: str, issuer: str, audience: str) -> None:
+        self._key, self._algs, self._iss, self._aud = key, [alg], issuer, audience
+
+    def verify(self, token: str) -> Principal:
+        import jwt
+
+        try:
+            claims = jwt.decode(token, self._key, algorithms=self._algs,
+                                audience=self._aud, issuer=self._iss)
+        except jwt.PyJWTError:
+            raise TokenRejected("invalid token") from None
+        return Principal(subject=claims["sub"], scopes=frozenset(claims["scope"].split()),
+                         expires_at=int(claims["exp"]), token_id=claims["jti"],
+                         client_id=claims.get("client_id", ""), issuer=self._iss,
+                         audience=(self._aud,))
+
+    def close(self) -> None:
+        pass
+
+
 def _verifier(args: argparse.Namespace) -> TokenVerifier | None:
     if args.verify == "off":
         return None
+    if args.verify == "pyjwt":
+        if args.public_key:
+            from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+            return PyJwtDecodeOnly(load_pem_public_key(args.public_key.read_bytes()), "EdDSA",
+                                   args.issuer, args.audience)
+        secret = args.hs256_secret_file.read_bytes().rstrip(b"\r\n")
+        return PyJwtDecodeOnly(secret, "HS256", args.issuer, args.audience)
     settings: dict[str, Any] = {
         "issuer": args.issuer,
         "audience": args.audience,
@@ -68,6 +104,9 @@ def _verifier(args: argparse.Namespace) -> TokenVerifier | None:
             settings["hs256_secret_file"] = args.hs256_secret_file
     elif args.verify == "jwks":
         settings["jwks_url"] = args.jwks_url
+        # The bench mints these tokens itself (with the Auth service's key), without a
+        # Token Status List entry: with the default ("required") every call was refused.
+        settings["status_list"] = "off"
     elif args.verify == "introspect":
         settings["introspect_url"] = args.introspect_url
         settings["client_id"] = args.client_id
@@ -113,7 +152,7 @@ def _fill_cache(verifier: TokenVerifier, secret: bytes, args: argparse.Namespace
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.posts_sut")
     parser.add_argument("--verify", required=True,
-                        choices=("off", "local", "jwks", "introspect", "thrift"))
+                        choices=("off", "local", "jwks", "introspect", "thrift", "pyjwt"))
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--issuer", default="urn:bench")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +47,23 @@ from auth_rpc.verify.statuslist import (
 STATUS_REQUIRED, STATUS_IF_PRESENT, STATUS_OFF = "required", "if-present", "off"
 STATUS_MODES = (STATUS_REQUIRED, STATUS_IF_PRESENT, STATUS_OFF)
 _STATUS_LIST_TYPES = frozenset({STATUS_LIST_TYP, "application/" + STATUS_LIST_TYP})
+
+# The compact JWS form the fast path takes (RFC 7515 §7.1: three base64url segments
+# without padding); anything else -- padding, other characters, empty segments -- goes
+# through PyJWS, whose answer is the reference.
+_COMPACT_JWS = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
+# The last character of a canonical base64url segment of length 4n+2 (4n+3) leaves its low
+# 4 (2) bits zero; PyJWS refuses any other (it re-encodes and compares).
+_CANONICAL_LAST = (None, None, frozenset("AQgw"), frozenset("AEIMQUYcgkosw048"))
+_b64decode = base64.urlsafe_b64decode
+
+
+def _canonical_b64url(segment: str) -> bool:
+    rest = len(segment) & 3
+    if rest == 0:
+        return True
+    last = _CANONICAL_LAST[rest]
+    return last is not None and segment[-1] in last
 
 # -- shared JWT policy --------------------------------------------------------
 
@@ -119,6 +138,9 @@ class _JwtVerifier(CachingVerifier):
         self._max_lifetime_s = float(max_lifetime_s)
         self._revocations = revocations
         self._jws = jwt.PyJWS(options={"enforce_minimum_key_length": True})
+        #: id(key) -> (key, {alg: (algorithm, prepared key)}) for the fast path; the entry
+        #: holds the key itself, so its id cannot be reused while the entry exists.
+        self._prepared: dict[int, tuple[Any, dict[str, tuple[Any, Any]]]] = {}
         if status_list not in STATUS_MODES:
             raise ValueError(f"status_list must be one of {STATUS_MODES}")
         self.status_list = status_list
@@ -205,7 +227,9 @@ class _JwtVerifier(CachingVerifier):
             raise TokenRejected("not a status list token")
         if "crit" in header:
             raise TokenRejected("unsupported critical header")
-        payload = self._verify_signature(token, self._status_list_key(header, alg, now), alg)
+        payload = self._verify_signature(
+            token, self._status_list_key(header, alg, now), alg, header
+        )
         try:
             claims = json.loads(payload)
         except (ValueError, RecursionError):
@@ -255,7 +279,22 @@ class _JwtVerifier(CachingVerifier):
         # jku, x5u, jwk and x5c are ignored: keys come only from configuration.
         return header, alg
 
-    def _verify_signature(self, token: str, key: Any, alg: str) -> bytes:
+    def _verify_signature(
+        self, token: str, key: Any, alg: str, header: dict[str, Any] | None = None
+    ) -> bytes:
+        """The verified payload of ``token`` (``TokenRejected`` otherwise).
+
+        ``header`` is the token's header as :meth:`_header` parsed it; with it, a
+        token in the plain compact form is checked here: the same decoding,
+        header checks and ``Algorithm.verify`` as PyJWS, without its per-call
+        costs (a Python loop over every character, preparing the key on every
+        call). Any other token goes to PyJWS, which stays the reference for
+        what is accepted (tests compare the two on mutated tokens).
+        """
+        if header is not None:
+            payload = self._verify_compact(token, key, alg, header)
+            if payload is not None:
+                return payload
         try:
             decoded = self._jws.decode_complete(token, key=key, algorithms=[alg])
         except jwt.InvalidSignatureError:
@@ -266,8 +305,59 @@ class _JwtVerifier(CachingVerifier):
             raise TokenRejected("invalid token signature") from None
         except jwt.PyJWTError:
             raise TokenRejected("malformed token") from None
-        payload: bytes = decoded["payload"]
+        payload_bytes: bytes = decoded["payload"]
+        return payload_bytes
+
+    def _verify_compact(
+        self, token: str, key: Any, alg: str, header: dict[str, Any]
+    ) -> bytes | None:
+        """The fast path of :meth:`_verify_signature`; ``None``: not taken, ask PyJWS."""
+        match = _COMPACT_JWS.fullmatch(token)
+        if match is None or "b64" in header:
+            return None
+        if "kid" in header and not isinstance(header["kid"], str):
+            return None  # PyJWS: "Key ID header parameter must be a string"
+        head, body, crypto = match.groups()
+        if not (_canonical_b64url(head) and _canonical_b64url(body) and _canonical_b64url(crypto)):
+            return None
+        if alg not in self.algorithms:  # _header checked it; never trust a caller for it
+            raise TokenRejected("algorithm not allowed")
+        prepared = self._prepared_key(key, alg)
+        if prepared is None:
+            return None
+        algorithm, verify_key = prepared
+        # _COMPACT_JWS matched ASCII only, so the text's bytes are the signing input.
+        signing_input = token[: match.end(2)].encode()
+        try:
+            signature = _b64decode(crypto + "=" * (-len(crypto) & 3))
+            payload: bytes = _b64decode(body + "=" * (-len(body) & 3))
+        except ValueError:  # binascii.Error; not expected after the pattern matched
+            return None
+        if not algorithm.verify(signing_input, verify_key, signature):
+            raise TokenRejected("invalid token signature")
         return payload
+
+    def _prepared_key(self, key: Any, alg: str) -> tuple[Any, Any] | None:
+        """PyJWT's algorithm object for ``alg`` and ``key`` prepared for it, once per key."""
+        entry = self._prepared.get(id(key))
+        if entry is not None and entry[0] is key:
+            found = entry[1].get(alg)
+            if found is not None:
+                return found
+        try:
+            algorithm = self._jws.get_algorithm_by_name(alg)
+            prepared = algorithm.prepare_key(key)
+            if algorithm.check_key_length(prepared):
+                return None  # a short key: PyJWS refuses it (enforce_minimum_key_length)
+        except (jwt.PyJWTError, NotImplementedError, ValueError, TypeError):
+            return None
+        if entry is None or entry[0] is not key:
+            if len(self._prepared) >= 64:  # keys come and go with JWKS refreshes
+                self._prepared.clear()
+            entry = (key, {})
+            self._prepared[id(key)] = entry
+        entry[1][alg] = (algorithm, prepared)
+        return algorithm, prepared
 
     def _principal(self, payload: bytes, now: float) -> Principal:
         try:

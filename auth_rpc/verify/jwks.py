@@ -194,7 +194,7 @@ class JwksVerifier(_JwtVerifier):
             raise
         if alg not in entry.algorithms:
             raise TokenRejected("algorithm not allowed")
-        payload = self._verify_signature(token, entry.key, alg)
+        payload = self._verify_signature(token, entry.key, alg, header)
         return self._principal(payload, now)
 
     def _could_be_valid(self, token: str, now: float) -> bool:

@@ -139,7 +139,7 @@ class LocalVerifier(_JwtVerifier):
         header, alg = self._header(token)
         if self._kid is not None and header.get("kid") != self._kid:
             raise TokenRejected("unknown signing key")
-        payload = self._verify_signature(token, self._key, alg)
+        payload = self._verify_signature(token, self._key, alg, header)
         return self._principal(payload, now)
 
     def _status_list_key(self, header: dict[str, Any], alg: str, now: float) -> Any:
