@@ -63,6 +63,7 @@ from auth_rpc.serving.runner import (
     run_workers,
 )
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
+from auth_rpc.verify.introspect import IntrospectionVerifier
 from auth_rpc.verify.principal import TokenVerifier
 from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 from posts_rpc.server import DB_FILE_NAME, PostsServer
@@ -333,17 +334,40 @@ def _serve(args: argparse.Namespace) -> int:
         private_dir(directory, "data directory")
         SqlitePostStore.open(directory / DB_FILE_NAME).close()
     sock = bind_socket(args.host, args.port)
+    if args.workers == 1:
+        try:
+            checked = _verifier(args)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            _startup_check(checked[0])
+        except BaseException:
+            _close(*checked)
+            sock.close()
+            raise
+    else:
+        # The check runs in the parent, with a verifier of its own closed
+        # before any worker exists (fork copies no thread, nor should it copy
+        # a pooled connection).
+        try:
+            probe, probe_session = _verifier(args)
+            try:
+                _startup_check(probe)
+            finally:
+                _close(probe, probe_session)
+        except BaseException:
+            sock.close()
+            raise
 
     def start() -> Callable[[], None]:
-        verifier, session = _verifier(args)
+        if args.workers == 1:
+            verifier, session = checked
+        else:
+            verifier, session = _verifier(args)
         try:
-            if isinstance(verifier, JwksVerifier):
-                try:
-                    count = verifier.prefetch()
-                    log.info("fetched %d signing keys from the JWK Set", count)
-                except DependencyUnavailable:
-                    # Serve anyway: calls are refused (Unavailable) until the keys arrive.
-                    log.warning("JWK Set unreachable at start; calls fail until it answers")
+            if isinstance(verifier, JwksVerifier) and args.workers > 1:
+                _check_jwks(verifier)  # each worker its own keys (checked once before forking)
             server = PostsServer(
                 data_dir=args.data_dir, verifier=verifier, host=args.host, sock=sock,
                 settings=settings,
@@ -368,6 +392,44 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers == 1:
             return run_until_signal(ready, start())
         return run_workers(args.workers, ready, start)
+
+
+def _startup_check(verifier: TokenVerifier) -> None:
+    """Check at start what a verifier depends on (issue: a wrong secret reported ready).
+
+    Introspection: one introspection of a dummy token; refused credentials
+    (401/403) raise ``ValueError`` (one error line, exit 1). JWK Set: one
+    fetch; an answer that is not a JWK Set raises ``ValueError``. An
+    endpoint that is only unreachable is a warning: the service starts, and
+    calls are refused (``Unavailable``) until it answers.
+    """
+    if isinstance(verifier, IntrospectionVerifier):
+        try:
+            verifier.check_credentials()
+            log.info("introspection credentials accepted by %s", verifier.introspect_url)
+        except DependencyUnavailable as exc:
+            log.warning(
+                "cannot check the introspection credentials at start (%s); calls are refused "
+                "until %s answers", exc.message, verifier.introspect_url,
+            )
+    elif isinstance(verifier, JwksVerifier):
+        _check_jwks(verifier)
+
+
+def _check_jwks(verifier: JwksVerifier) -> None:
+    try:
+        count = verifier.prefetch()
+        log.info("fetched %d signing keys from the JWK Set", count)
+    except DependencyUnavailable:
+        wrong = verifier.last_fetch_not_a_jwk_set
+        if wrong:
+            raise ValueError(
+                f"--jwks-url {verifier.jwks_url} does not answer a JWK Set ({wrong})"
+            ) from None
+        # Serve anyway: calls are refused (Unavailable) until the keys arrive.
+        log.warning(
+            "JWK Set at %s unreachable at start; calls fail until it answers", verifier.jwks_url
+        )
 
 
 def _close(verifier: TokenVerifier, session: requests.Session | None) -> None:
