@@ -55,6 +55,7 @@ from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
     add_listener_arguments,
+    add_logging_arguments,
     bind_socket,
     configure_logging,
     listener_limits,
@@ -193,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="pre-forked processes sharing the listening socket (default 1)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    add_logging_arguments(serve)
     return parser
 
 
@@ -317,7 +318,7 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     tls = (
         TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     )
