@@ -5,6 +5,7 @@
                     [--tls-cert F --tls-key F [--tls-client-ca F]]
                     [--max-connections N] [--max-connections-per-peer N]
                     [--idle-timeout SECONDS] [--max-message-bytes N]
+                    [--workers N] [--log-level LEVEL] [--log-format text|json]
       MODE local:      --public-key FILE | --hs256-secret-file FILE [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
       local and jwks:  [--status-list required|if-present|off] [--status-list-prefix URL]
@@ -26,6 +27,11 @@ the claim (another issuer's); ``off`` ignores it.
 (the CA to trust for the Auth service's certificate, whose hostname is
 checked too) and ``--auth-framed`` configure the connection to the Auth
 service. Secrets are read from files only, never from the command line.
+
+Before that, the verifier's dependency is checked once: introspection
+credentials refused (401/403), or a ``--jwks-url`` answering something not a
+JWK Set, is one error line and exit 1; an endpoint only unreachable is a
+warning. ``--log-format json`` logs one JSON object per line.
 
 Prints one ready line (``posts-rpc ready: thrift=HOST:PORT verify=MODE ...``)
 once it serves; stops cleanly on SIGTERM and SIGINT (stops accepting,
