@@ -5,6 +5,7 @@
                     [--tls-cert F --tls-key F [--tls-client-ca F]]
                     [--max-connections N] [--max-connections-per-peer N]
                     [--idle-timeout SECONDS] [--max-message-bytes N]
+                    [--workers N] [--log-level LEVEL] [--log-format text|json]
       MODE local:      --public-key FILE | --hs256-secret-file FILE [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
       local and jwks:  [--status-list required|if-present|off] [--status-list-prefix URL]
@@ -26,6 +27,11 @@ the claim (another issuer's); ``off`` ignores it.
 (the CA to trust for the Auth service's certificate, whose hostname is
 checked too) and ``--auth-framed`` configure the connection to the Auth
 service. Secrets are read from files only, never from the command line.
+
+Before that, the verifier's dependency is checked once: introspection
+credentials refused (401/403), or a ``--jwks-url`` answering something not a
+JWK Set, is one error line and exit 1; an endpoint only unreachable is a
+warning. ``--log-format json`` logs one JSON object per line.
 
 Prints one ready line (``posts-rpc ready: thrift=HOST:PORT verify=MODE ...``)
 once it serves; stops cleanly on SIGTERM and SIGINT (stops accepting,
@@ -55,6 +61,7 @@ from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
     add_listener_arguments,
+    add_logging_arguments,
     bind_socket,
     configure_logging,
     listener_limits,
@@ -63,6 +70,7 @@ from auth_rpc.serving.runner import (
     run_workers,
 )
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
+from auth_rpc.verify.introspect import IntrospectionVerifier
 from auth_rpc.verify.principal import TokenVerifier
 from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 from posts_rpc.server import DB_FILE_NAME, PostsServer
@@ -192,7 +200,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="pre-forked processes sharing the listening socket (default 1)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    add_logging_arguments(serve)
     return parser
 
 
@@ -316,7 +324,7 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     tls = (
         TLSServerConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     )
@@ -333,17 +341,40 @@ def _serve(args: argparse.Namespace) -> int:
         private_dir(directory, "data directory")
         SqlitePostStore.open(directory / DB_FILE_NAME).close()
     sock = bind_socket(args.host, args.port)
+    if args.workers == 1:
+        try:
+            checked = _verifier(args)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            _startup_check(checked[0])
+        except BaseException:
+            _close(*checked)
+            sock.close()
+            raise
+    else:
+        # The check runs in the parent, with a verifier of its own closed
+        # before any worker exists (fork copies no thread, nor should it copy
+        # a pooled connection).
+        try:
+            probe, probe_session = _verifier(args)
+            try:
+                _startup_check(probe)
+            finally:
+                _close(probe, probe_session)
+        except BaseException:
+            sock.close()
+            raise
 
     def start() -> Callable[[], None]:
-        verifier, session = _verifier(args)
+        if args.workers == 1:
+            verifier, session = checked
+        else:
+            verifier, session = _verifier(args)
         try:
-            if isinstance(verifier, JwksVerifier):
-                try:
-                    count = verifier.prefetch()
-                    log.info("fetched %d signing keys from the JWK Set", count)
-                except DependencyUnavailable:
-                    # Serve anyway: calls are refused (Unavailable) until the keys arrive.
-                    log.warning("JWK Set unreachable at start; calls fail until it answers")
+            if isinstance(verifier, JwksVerifier) and args.workers > 1:
+                _check_jwks(verifier)  # each worker its own keys (checked once before forking)
             server = PostsServer(
                 data_dir=args.data_dir, verifier=verifier, host=args.host, sock=sock,
                 settings=settings,
@@ -368,6 +399,44 @@ def _serve(args: argparse.Namespace) -> int:
         if args.workers == 1:
             return run_until_signal(ready, start())
         return run_workers(args.workers, ready, start)
+
+
+def _startup_check(verifier: TokenVerifier) -> None:
+    """Check at start what a verifier depends on (issue: a wrong secret reported ready).
+
+    Introspection: one introspection of a dummy token; refused credentials
+    (401/403) raise ``ValueError`` (one error line, exit 1). JWK Set: one
+    fetch; an answer that is not a JWK Set raises ``ValueError``. An
+    endpoint that is only unreachable is a warning: the service starts, and
+    calls are refused (``Unavailable``) until it answers.
+    """
+    if isinstance(verifier, IntrospectionVerifier):
+        try:
+            verifier.check_credentials()
+            log.info("introspection credentials accepted by %s", verifier.introspect_url)
+        except DependencyUnavailable as exc:
+            log.warning(
+                "cannot check the introspection credentials at start (%s); calls are refused "
+                "until %s answers", exc.message, verifier.introspect_url,
+            )
+    elif isinstance(verifier, JwksVerifier):
+        _check_jwks(verifier)
+
+
+def _check_jwks(verifier: JwksVerifier) -> None:
+    try:
+        count = verifier.prefetch()
+        log.info("fetched %d signing keys from the JWK Set", count)
+    except DependencyUnavailable:
+        wrong = verifier.last_fetch_not_a_jwk_set
+        if wrong:
+            raise ValueError(
+                f"--jwks-url {verifier.jwks_url} does not answer a JWK Set ({wrong})"
+            ) from None
+        # Serve anyway: calls are refused (Unavailable) until the keys arrive.
+        log.warning(
+            "JWK Set at %s unreachable at start; calls fail until it answers", verifier.jwks_url
+        )
 
 
 def _close(verifier: TokenVerifier, session: requests.Session | None) -> None:

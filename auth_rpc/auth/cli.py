@@ -55,6 +55,7 @@ from auth_rpc.serving.httpd import HttpLimits
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
     add_listener_arguments,
+    add_logging_arguments,
     bind_socket,
     configure_logging,
     listener_limits,
@@ -184,7 +185,7 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="pre-forked processes sharing the listening sockets (default 1)",
     )
-    serve.add_argument("--log-level", default="INFO")
+    add_logging_arguments(serve)
     serve.add_argument(
         "--init",
         action="store_true",
@@ -285,7 +286,7 @@ def _settings(args: argparse.Namespace, issuer: str) -> AuthSettings:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, args.log_format)
     if args.alg == "HS256" and args.hs256_secret_file is None:
         raise SystemExit("auth-rpc: error: --alg HS256 needs --hs256-secret-file")
     if bool(args.tls_cert) != bool(args.tls_key):

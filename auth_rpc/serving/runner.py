@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -23,7 +24,11 @@ from types import FrameType
 from typing import Any
 
 __all__ = [
+    "ACCESS_FIELDS",
+    "LOG_FORMATS",
+    "JsonFormatter",
     "add_listener_arguments",
+    "add_logging_arguments",
     "bind_socket",
     "configure_logging",
     "listener_limits",
@@ -86,13 +91,85 @@ def report_error(prog: str, exc: Exception) -> int:
     return 1
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """Log to standard error, one line per record (never tokens: see each logger)."""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+#: ``--log-format`` choices: ``text`` (the default) and ``json``.
+LOG_FORMATS = ("text", "json")
+
+#: The access lines' messages (``auth_rpc.access``, ``auth_rpc.access.http``) and
+#: the names of their arguments, which :class:`JsonFormatter` gives as fields.
+ACCESS_FIELDS: dict[str, tuple[str, ...]] = {
+    "call method=%s outcome=%s latency_ms=%.3f subject=%s request_id=%s": (
+        "method", "outcome", "latency_ms", "subject", "request_id",
+    ),
+    "http method=%s path=%s status=%d latency_ms=%.3f client=%s subject=%s peer=%s": (
+        "method", "path", "status", "latency_ms", "client", "subject", "peer",
+    ),
+}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line: ``--log-format json``.
+
+    Always ``time`` (UTC, ISO 8601 with milliseconds), ``level``, ``logger``
+    and ``message`` (the same text as the text format's); an access line
+    (:data:`ACCESS_FIELDS`) also has its values as fields: ``request_id``,
+    ``method``, ``outcome``, ``latency_ms`` (a number) and ``subject`` for a
+    Thrift call; ``method``, ``path``, ``status``, ``latency_ms``,
+    ``client``, ``subject`` and ``peer`` for an HTTP request (``-``: unknown).
+    A record with an exception adds ``exception`` (its class and traceback,
+    as the text format prints them). What is logged is what the text format
+    logs: never a token, a password or a secret.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = time.gmtime(record.created)
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", created) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = ACCESS_FIELDS.get(record.msg) if isinstance(record.msg, str) else None
+        args = record.args
+        if fields is not None and isinstance(args, tuple) and len(args) == len(fields):
+            for name, value in zip(fields, args, strict=True):
+                if name in ("latency_ms", "status") and isinstance(value, (int, float)):
+                    out[name] = round(value, 3) if name == "latency_ms" else int(value)
+                else:
+                    out[name] = str(value)
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=True, separators=(",", ":"))
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Log to standard error, one line per record (never tokens: see each logger).
+
+    ``log_format`` ``text`` (default): ``TIME LEVEL LOGGER MESSAGE``; ``json``:
+    one JSON object per line (:class:`JsonFormatter`).
+    """
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}")
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format``, the same on every ``serve`` command."""
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text",
+        help="text (default): one line per record; json: one JSON object per line "
+        "(time, level, logger, message; access lines add request_id, method, outcome, "
+        "latency_ms, subject)",
+    )  # fmt: skip
 
 
 def run_until_signal(ready_line: str, stop: Callable[[], None], *, announce: bool = True) -> int:

@@ -153,6 +153,45 @@ class IntrospectionVerifier(CachingVerifier):
             audience=audiences or (),
         )
 
+    def check_credentials(self) -> None:
+        """Introspect a dummy token once, to check the client credentials at start.
+
+        Raises ``ValueError`` (a configuration error: the service cannot work)
+        when the endpoint refuses the credentials (401) or the client's
+        permission to introspect (403), and ``DependencyUnavailable`` when it
+        cannot be reached or answers otherwise (it may come up later). A 200
+        answer, whatever it says about the dummy token, passes.
+        """
+        deadline = time.monotonic() + 2 * self._timeout_s
+        try:
+            with self._session.post(
+                self.introspect_url,
+                data={"token": _PROBE_TOKEN, "token_type_hint": "access_token"},
+                headers=self._headers,
+                timeout=(self._timeout_s, self._timeout_s),
+                allow_redirects=False,
+                stream=True,
+            ) as resp:
+                status = resp.status_code
+                if status == 200:
+                    _read_body(resp, self._max_answer_bytes, deadline)
+        except requests.RequestException:
+            raise DependencyUnavailable("introspection endpoint unreachable") from None
+        except _FetchError as exc:
+            raise DependencyUnavailable(f"introspection endpoint {exc}") from None
+        if status == 401:
+            raise ValueError(
+                f"{self.introspect_url} refused the client credentials of {self.client_id} "
+                "(HTTP 401): check --client-id and --client-secret-file"
+            )
+        if status == 403:
+            raise ValueError(
+                f"{self.introspect_url} does not let client {self.client_id} introspect "
+                "(HTTP 403): register it with auth-rpc add-client ID --introspect"
+            )
+        if status != 200:
+            raise DependencyUnavailable(f"introspection endpoint answered HTTP {status}")
+
     def _introspect(self, token: str) -> dict[str, Any]:
         deadline = time.monotonic() + 2 * self._timeout_s
         try:
@@ -205,6 +244,10 @@ class IntrospectionVerifier(CachingVerifier):
         super().close()
         if self._own_session:
             self._session.close()
+
+
+#: What :meth:`IntrospectionVerifier.check_credentials` asks about: no token of any server.
+_PROBE_TOKEN = "startup-credentials-check"  # noqa: S105 - a dummy, not a secret
 
 
 def _form(value: str) -> str:

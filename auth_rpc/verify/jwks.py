@@ -150,6 +150,7 @@ class JwksVerifier(_JwtVerifier):
         self._fetched_at: float | None = None
         self._last_attempt: float | None = None
         self._last_ok = False
+        self._last_error = ""  # why the last fetch failed ("" after a success)
         self._attempts = 0
         self._failures = 0  # consecutive failed fetches (the retry delay grows with them)
         self._fetch_lock = threading.Lock()
@@ -158,6 +159,23 @@ class JwksVerifier(_JwtVerifier):
     def key_ids(self) -> frozenset[str]:
         """The ``kid`` of every key in use."""
         return frozenset(self._keys)
+
+    @property
+    def last_fetch_not_a_jwk_set(self) -> str:
+        """Why the last fetch failed, when the endpoint answered with something not a JWK Set.
+
+        ``""`` after a success, or when it failed without such an answer
+        (unreachable, timeout, HTTP 5xx, 408 or 429: it may answer later).
+        For start-up checks: ``posts-rpc serve`` exits with an error then.
+        """
+        error = self._last_error
+        if error in ("not JSON", "not a JWK Set", "answer too large"):
+            return error
+        if error.startswith("HTTP "):
+            code = error[5:]
+            if code.isdigit() and code not in ("408", "429") and not code.startswith("5"):
+                return error
+        return ""
 
     @property
     def fetch_count(self) -> int:
@@ -290,6 +308,7 @@ class JwksVerifier(_JwtVerifier):
         except _FetchError as exc:
             self._last_ok = False
             self._failures += 1
+            self._last_error = str(exc)
             log.warning(
                 "JWKS fetch from %s failed (%s); %d cached key(s) stay in use",
                 self.jwks_url,
@@ -302,6 +321,7 @@ class JwksVerifier(_JwtVerifier):
         self._keys = keys
         self._fetched_at = now
         self._last_ok = True
+        self._last_error = ""
         self._failures = 0
 
     def _fetch(self) -> dict[str, _JwkEntry]:

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
+from auth_rpc.serving.runner import JsonFormatter
 from auth_rpc.serving.transport import open_client
 
 PASSWORD = "correct horse battery staple 1"
@@ -41,7 +42,9 @@ ACCESS_LINE = re.compile(
 def record_texts(records: list[logging.LogRecord]) -> list[str]:
     """Each record as text: message with its args, exception text, stack, raw args."""
     formatter = logging.Formatter("%(name)s %(levelname)s %(message)s")
-    return [f"{formatter.format(r)}\n{r.exc_text or ''}\n{r.args!r}" for r in records]
+    as_json = JsonFormatter()  # --log-format json: searched too
+    return [f"{formatter.format(r)}\n{as_json.format(r)}\n{r.exc_text or ''}\n{r.args!r}"
+            for r in records]
 
 
 def find_leaks(texts: list[str], needles: dict[str, str]) -> list[tuple[str, str]]:

@@ -361,3 +361,34 @@ def test_no_flag_switches_the_token_check_off(capsys: pytest.CaptureFixture[str]
     assert "--verify" in help_text
     for word in ("unsafe", "skip", "no-auth", "insecure", "benchmark"):
         assert word not in help_text
+
+
+def test_log_format_json_one_object_per_line_with_access_fields(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]], mint: Mint
+) -> None:
+    proc, port = serve("--log-format", "json", "--log-level", "INFO")
+    alice = mint("alice")
+    client = open_client(posts_thrift.Posts, "127.0.0.1", port, timeout_s=10)
+    try:
+        post = client.create_post(alice, "json logs", "hello")
+        with pytest.raises(common_thrift.Unauthenticated):
+            client.get_post("garbage", post.id)
+    finally:
+        client.close()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    records = [json.loads(line) for line in err.splitlines()]  # every line is one object
+    assert records and all({"time", "level", "logger", "message"} <= r.keys() for r in records)
+    calls = [r for r in records if r["logger"] == "auth_rpc.access"]
+    by_method = {r["method"]: r for r in calls}
+    assert set(by_method) == {"create_post", "get_post"}, calls
+    assert by_method["create_post"]["outcome"] == "ok"
+    assert by_method["create_post"]["subject"] == "alice"
+    assert by_method["get_post"]["outcome"] == "Unauthenticated"
+    assert by_method["get_post"]["subject"] == "-"
+    for r in calls:
+        assert re.fullmatch(r"[0-9a-f]{16}", r["request_id"])
+        assert isinstance(r["latency_ms"], float) and r["latency_ms"] >= 0
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"])
+    assert alice not in err and alice.rsplit(".", 1)[1][:20] not in err
