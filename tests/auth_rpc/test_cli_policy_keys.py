@@ -100,7 +100,10 @@ def test_password_policy(tmp_path: Path) -> None:
     assert names(Path(data)) == {"u1", "u2", "u3", "u6", "u8"}  # a refusal made nothing
 
 
-@pytest.mark.parametrize("name", ["bo b", ".alice", "_x", "@x", "a" * 65, "ålice", "a/b", "a:b", ""])
+BAD_NAMES = ["bo b", ".alice", "_x", "@x", "a" * 65, "ålice", "a/b", "a:b", ""]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
 def test_new_names_follow_the_alphabet(tmp_path: Path, name: str) -> None:
     data = str(tmp_path / "d")
     message = refused("add-user", name, "--data-dir", data, "--password-stdin",
