@@ -6,7 +6,8 @@
                     [--max-connections N] [--max-connections-per-peer N]
                     [--idle-timeout SECONDS] [--max-message-bytes N]
                     [--workers N] [--log-level LEVEL] [--log-format text|json]
-      MODE local:      --public-key FILE | --hs256-secret-file FILE [--auth-tls-ca F]
+      MODE local:      --public-key FILE | --jwks-file FILE | --hs256-secret-file FILE
+                       [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
       local and jwks:  [--status-list required|if-present|off] [--status-list-prefix URL]
                        [--status-max-age SECONDS] [--status-refresh SECONDS]
@@ -91,6 +92,7 @@ MAX_MESSAGE_BYTES = 256 * 1024
 #: Flags that belong to one mode only: flag -> (argparse dest, modes allowing it).
 _MODE_FLAGS: dict[str, tuple[str, tuple[str, ...]]] = {
     "--public-key": ("public_key", ("local",)),
+    "--jwks-file": ("jwks_file", ("local",)),
     "--hs256-secret-file": ("hs256_secret_file", ("local",)),
     "--jwks-url": ("jwks_url", ("jwks",)),
     "--introspect-url": ("introspect_url", ("introspect",)),
@@ -131,7 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     local = serve.add_argument_group("--verify local")
     key = local.add_mutually_exclusive_group()
-    key.add_argument("--public-key", type=Path, metavar="FILE", help="the issuer's PEM public key")
+    key.add_argument(
+        "--public-key",
+        type=Path,
+        metavar="FILE",
+        help="the issuer's PEM public key (auth-rpc export-public-key --out FILE)",
+    )
+    key.add_argument(
+        "--jwks-file",
+        type=Path,
+        metavar="FILE",
+        help="the issuer's JWK Set, every live key (auth-rpc export-public-key --jwks FILE): "
+        "survives a key rotation; read again when a token names a key it lacks",
+    )
     key.add_argument("--hs256-secret-file", type=Path, metavar="FILE", help="the HS256 secret")
     jwks = serve.add_argument_group("--verify jwks")
     jwks.add_argument("--jwks-url", metavar="URL", help="the issuer's JWK Set URL")
@@ -210,8 +224,10 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
     for flag, (dest, modes) in _MODE_FLAGS.items():
         if getattr(args, dest) and mode not in modes:
             parser.error(f"{flag} does not apply to --verify {mode}")
-    if mode == "local" and not (args.public_key or args.hs256_secret_file):
-        parser.error("--verify local needs --public-key FILE or --hs256-secret-file FILE")
+    if mode == "local" and not (args.public_key or args.jwks_file or args.hs256_secret_file):
+        parser.error(
+            "--verify local needs --public-key FILE, --jwks-file FILE or --hs256-secret-file FILE"
+        )
     if mode == "jwks" and not args.jwks_url:
         parser.error("--verify jwks needs --jwks-url URL")
     if mode == "introspect":
@@ -274,6 +290,23 @@ def _session(ca_file: str) -> requests.Session:
     return session
 
 
+def _check_public_key_file(path: Path) -> None:
+    """Refuse, naming the flag, a ``--public-key`` file that holds a private key or a JWK Set."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    if b"PRIVATE KEY-----" in head:
+        raise ValueError(
+            f"--public-key {path} holds a private key: pass the Auth service's public key "
+            "instead (auth-rpc export-public-key --data-dir AUTH_DATA --out FILE), or its "
+            "JWK Set with --jwks-file (auth-rpc export-public-key --jwks FILE); keep private "
+            "keys away from resource servers"
+        )
+    if head.lstrip().startswith(b"{"):
+        raise ValueError(
+            f"--public-key {path} is JSON, not a PEM public key: pass a JWK Set with --jwks-file"
+        )
+
+
 def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session | None]:
     """The verifier ``args`` describe; raises ``ValueError`` or ``OSError`` (bad configuration)."""
     settings: dict[str, Any] = {
@@ -294,7 +327,10 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
             settings["status_refresh_max_s"] = args.status_refresh
     if mode == "local":
         if args.public_key:
+            _check_public_key_file(args.public_key)
             settings["public_key_file"] = args.public_key
+        elif args.jwks_file:
+            settings["jwks_file"] = args.jwks_file
         else:
             settings["hs256_secret_file"] = args.hs256_secret_file
     elif mode == "jwks":

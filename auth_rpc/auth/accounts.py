@@ -1,7 +1,18 @@
 """Users and service clients: input rules and their SQLite store.
 
-Usernames and client ids are case-sensitive, 1..128 characters, no control
-characters. Passwords are 1..1024 bytes of UTF-8. Scopes follow RFC 6749
+Usernames and client ids are case-sensitive. A new one (``add-user``,
+``add-client``) must follow :data:`NAME_RULE`: 1..64 ASCII letters, digits and
+``. _ @ -``, starting with a letter or a digit. Names made before that rule
+keep working wherever a name is looked up (login, client credentials, the
+admin commands), which accept 1..128 characters without control characters.
+
+Passwords are 1..1024 bytes of UTF-8 wherever one is checked; a new one
+(``add-user``, ``set-password``) must also pass a :class:`PasswordPolicy`
+(NIST SP 800-63B section 3.1.1.2: a minimum length, 8 characters unless
+configured, counted in Unicode code points; no composition rules; at most
+1024 bytes, so that 64 characters and more are always allowed while one
+argon2 input stays bounded; optionally not in a blocklist, compared
+case-insensitively). Scopes follow RFC 6749
 section 3.3 (``scope-token = 1*( %x21 / %x23-5B / %x5D-7E )``, separated by
 single spaces), at most 1024 characters in all.
 
@@ -19,19 +30,24 @@ import logging
 import re
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from auth_rpc.auth.db import AnyDatabase
 from auth_rpc.errors import InvalidInput
 from auth_rpc.serving.sqlstore import POSTGRESQL
 
 __all__ = [
+    "NAME_RULE",
+    "Account",
     "AccountStore",
     "Client",
+    "PasswordPolicy",
     "User",
     "check_audience",
     "check_audiences",
     "check_client_id",
+    "check_new_name",
     "check_password",
     "check_scopes",
     "check_username",
@@ -50,6 +66,18 @@ AUDIENCE_RULE = (
     "starting with a letter or a digit"
 )
 _AUDIENCE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~:/-]*\Z")
+MAX_NEW_NAME_CHARS = 64
+NAME_RULE = (
+    f"1..{MAX_NEW_NAME_CHARS} characters of ASCII letters, digits and . _ @ -, "
+    "starting with a letter or a digit"
+)
+_NEW_NAME_RE = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._@-]{{0,{MAX_NEW_NAME_CHARS - 1}}}\Z")
+#: NIST SP 800-63B: at least 8 characters unless configured otherwise.
+DEFAULT_MIN_PASSWORD_CHARS = 8
+#: The most a configured minimum may be: a 64-character password is always allowed.
+MAX_MIN_PASSWORD_CHARS = 64
+#: Passwords per blocklist file at most (a file of common passwords is ~1e5..1e6 lines).
+MAX_BLOCKLIST_ENTRIES = 10_000_000
 
 
 def _check_name(field: str, value: object) -> str:
@@ -74,6 +102,18 @@ def check_client_id(value: object) -> str:
     return _check_name("client_id", value)
 
 
+def check_new_name(value: object, field: str) -> str:
+    """``value`` if it may name a new user or client (:data:`NAME_RULE`).
+
+    Raises InvalidInput(field, ...) naming the rule.
+    """
+    _check_name(field, value)
+    assert isinstance(value, str)
+    if not _NEW_NAME_RE.match(value):
+        raise InvalidInput(field, f"a name must be {NAME_RULE}")
+    return value
+
+
 def check_password(value: object, field: str = "password") -> str:
     """``value`` if it is 1..1024 bytes of UTF-8. Raises InvalidInput(field, ...)."""
     if not isinstance(value, str) or not value:
@@ -85,6 +125,68 @@ def check_password(value: object, field: str = "password") -> str:
     if size > MAX_PASSWORD_BYTES:
         raise InvalidInput(field, f"at most {MAX_PASSWORD_BYTES} bytes")
     return value
+
+
+@dataclass(frozen=True)
+class PasswordPolicy:
+    """What a new password must be (NIST SP 800-63B section 3.1.1.2).
+
+    ``min_chars`` (default 8; 1..64) Unicode code points at least, at most
+    1024 bytes of UTF-8 (:data:`MAX_PASSWORD_BYTES`: at least 256 characters,
+    so 64 and more are always allowed, and an argon2 input stays bounded), no
+    composition rules, and not one of ``blocklist`` (case-insensitive: the
+    entries are stored case-folded). Raises ``ValueError`` for a minimum out
+    of range.
+    """
+
+    min_chars: int = DEFAULT_MIN_PASSWORD_CHARS
+    blocklist: frozenset[str] = field(default=frozenset(), repr=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_chars <= MAX_MIN_PASSWORD_CHARS:
+            raise ValueError(
+                f"the minimum password length must be 1..{MAX_MIN_PASSWORD_CHARS} characters"
+            )
+
+    @classmethod
+    def with_blocklist_file(
+        cls, path: Path | str, *, min_chars: int = DEFAULT_MIN_PASSWORD_CHARS
+    ) -> PasswordPolicy:
+        """A policy refusing the passwords listed in ``path`` (UTF-8, one per line).
+
+        Lines lose their line ending only (spaces count); empty lines are
+        skipped. Raises ``OSError`` (unreadable), ``ValueError`` (not UTF-8,
+        more than 10,000,000 entries).
+        """
+        entries: set[str] = set()
+        try:
+            with open(path, encoding="utf-8", newline="") as lines:
+                for line in lines:
+                    entry = line.rstrip("\r\n")
+                    if entry:
+                        entries.add(entry.casefold())
+                        if len(entries) > MAX_BLOCKLIST_ENTRIES:
+                            raise ValueError(
+                                f"the password blocklist {path} has more than "
+                                f"{MAX_BLOCKLIST_ENTRIES} entries"
+                            )
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"the password blocklist {path} is not UTF-8 text") from exc
+        return cls(min_chars=min_chars, blocklist=frozenset(entries))
+
+    def check(self, value: object, field: str = "password") -> str:
+        """``value`` if the policy accepts it; else InvalidInput(field, ...) naming the rule."""
+        password = check_password(value, field)
+        if len(password) < self.min_chars:
+            raise InvalidInput(
+                field,
+                f"too short: the password policy asks for at least {self.min_chars} characters",
+            )
+        if self.blocklist and password.casefold() in self.blocklist:
+            raise InvalidInput(
+                field, "refused by the password policy: it is on the list of forbidden passwords"
+            )
+        return password
 
 
 def _scope_token_ok(token: str) -> bool:
@@ -176,6 +278,8 @@ class User:
     scopes: tuple[str, ...]
     #: The audiences the user may ask tokens for; ``None``: the service's default only.
     audiences: tuple[str, ...] | None = None
+    #: Disabled (``auth-rpc disable``): no login, no refresh.
+    disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -191,6 +295,21 @@ class Client:
     #: Whether the client may introspect tokens (``POST /introspect``): a
     #: permission given at registration (``add-client --introspect``), not a scope.
     may_introspect: bool = False
+    #: Disabled (``auth-rpc disable``): its credentials are refused.
+    disabled: bool = False
+
+
+@dataclass(frozen=True)
+class Account:
+    """A user or a client as ``auth-rpc list`` shows it."""
+
+    name: str
+    kind: str  # "user" | "client"
+    scopes: tuple[str, ...]
+    audiences: tuple[str, ...] | None
+    created_at: int
+    disabled_at: int | None
+    may_introspect: bool = False
 
 
 def client_secret_digest(secret: str) -> bytes:
@@ -203,6 +322,10 @@ def client_secret_digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).digest()
 
 
+#: kind -> (table, key column): constants, never input.
+_TABLES = {"user": ("users", "username"), "client": ("clients", "client_id")}
+
+
 class AccountStore:
     """The ``users`` and ``clients`` tables. Every method may raise DependencyUnavailable."""
 
@@ -212,12 +335,16 @@ class AccountStore:
     def get_user(self, username: str) -> User | None:
         with self._db.read() as conn:
             row = conn.execute(
-                "SELECT username, password_hash, scopes, audiences FROM users WHERE username = ?",
+                "SELECT username, password_hash, scopes, audiences, disabled_at FROM users "
+                "WHERE username = ?",
                 (username,),
             ).fetchone()
         if row is None:
             return None
-        return User(row[0], row[1], tuple(row[2].split()), _audiences_of(row[3]))
+        return User(
+            row[0], row[1], tuple(row[2].split()), _audiences_of(row[3]),
+            disabled=row[4] is not None,
+        )
 
     def add_user(
         self,
@@ -251,7 +378,7 @@ class AccountStore:
         with self._db.read() as conn:
             row = conn.execute(
                 "SELECT client_id, secret_hash, scopes, secret_digest, audiences, "
-                "may_introspect FROM clients WHERE client_id = ?",
+                "may_introspect, disabled_at FROM clients WHERE client_id = ?",
                 (client_id,),
             ).fetchone()
         if row is None:
@@ -260,6 +387,7 @@ class AccountStore:
         return Client(
             row[0], row[1], tuple(row[2].split()), digest, _audiences_of(row[4]),
             may_introspect=row[5] == 1,  # fail closed: anything but 1 is no
+            disabled=row[6] is not None,
         )
 
     def add_client(
@@ -300,6 +428,114 @@ class AccountStore:
                 "WHERE client_id = ? AND secret_hash = ? AND secret_digest IS NULL",
                 (digest, client_id, secret_hash),
             )
+
+    # -- administration (auth-rpc list, disable, enable, remove, set-*) -----
+
+    def kind_of(self, name: str) -> str | None:
+        """``"user"``, ``"client"`` or ``None``: what ``name`` names (names are unique)."""
+        with self._db.read() as conn:
+            if conn.execute("SELECT 1 FROM users WHERE username = ?", (name,)).fetchone():
+                return "user"
+            if conn.execute("SELECT 1 FROM clients WHERE client_id = ?", (name,)).fetchone():
+                return "client"
+        return None
+
+    def is_active(self, kind: str, name: str) -> bool:
+        """Whether the user or client ``name`` exists and is enabled.
+
+        Asked again inside the transaction that issues a token, so that a
+        ``disable`` committed by another process is never outrun.
+        """
+        table, column = _TABLES[kind]
+        with self._db.read() as conn:
+            row = conn.execute(
+                f"SELECT disabled_at FROM {table} WHERE {column} = ?",  # noqa: S608 - constants
+                (name,),
+            ).fetchone()
+        return row is not None and row[0] is None
+
+    def accounts(self) -> list[Account]:
+        """Every user and client, users first, each by name."""
+        with self._db.read() as conn:
+            users = conn.execute(
+                "SELECT username, scopes, audiences, created_at, disabled_at FROM users "
+                "ORDER BY username"
+            ).fetchall()
+            clients = conn.execute(
+                "SELECT client_id, scopes, audiences, created_at, disabled_at, may_introspect "
+                "FROM clients ORDER BY client_id"
+            ).fetchall()
+        found = [
+            Account(r[0], "user", tuple(r[1].split()), _audiences_of(r[2]), int(r[3]), r[4])
+            for r in users
+        ]
+        found += [
+            Account(
+                r[0], "client", tuple(r[1].split()), _audiences_of(r[2]), int(r[3]), r[4],
+                may_introspect=r[5] == 1,
+            )
+            for r in clients
+        ]
+        return found
+
+    def set_disabled(self, kind: str, name: str, disabled_at: int | None) -> bool:
+        """Disable (at ``disabled_at``) or enable (``None``) an account; ``False`` if unknown.
+
+        Runs in the caller's transaction when there is one.
+        """
+        table, column = _TABLES[kind]
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                f"UPDATE {table} SET disabled_at = ? WHERE {column} = ?",  # noqa: S608 - constants
+                (disabled_at, name),
+            )
+        return cur.rowcount == 1
+
+    def delete(self, kind: str, name: str) -> bool:
+        """Delete an account; ``False`` if unknown. Runs in the caller's transaction if any."""
+        table, column = _TABLES[kind]
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                f"DELETE FROM {table} WHERE {column} = ?", (name,)  # noqa: S608 - constants
+            )
+        return cur.rowcount == 1
+
+    def replace_password_hash(self, username: str, password_hash: str) -> bool:
+        """Set a user's password hash (``set-password``); ``False`` if unknown."""
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE users SET password_hash = ? WHERE username = ?", (password_hash, username)
+            )
+        return cur.rowcount == 1
+
+    def replace_client_secret(self, client_id: str, secret_hash: str, digest: bytes) -> bool:
+        """Set a client's secret (hash and digest; ``reset-secret``); ``False`` if unknown."""
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "UPDATE clients SET secret_hash = ?, secret_digest = ? WHERE client_id = ?",
+                (secret_hash, digest, client_id),
+            )
+        return cur.rowcount == 1
+
+    def set_scopes(self, kind: str, name: str, scopes: tuple[str, ...]) -> bool:
+        """Replace an account's scopes; ``False`` if unknown."""
+        table, column = _TABLES[kind]
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                f"UPDATE {table} SET scopes = ? WHERE {column} = ?",  # noqa: S608 - constants
+                (" ".join(scopes), name),
+            )
+        return cur.rowcount == 1
+
+    def set_audiences(self, kind: str, name: str, audiences: tuple[str, ...] | None) -> bool:
+        """Replace an account's audiences (``None``: the default only); ``False`` if unknown."""
+        table, column = _TABLES[kind]
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                f"UPDATE {table} SET audiences = ? WHERE {column} = ?",  # noqa: S608 - constants
+                (_audiences_column(audiences), name),
+            )
+        return cur.rowcount == 1
 
     def audience_in_use(self, audience: str) -> bool:
         """Whether some user or client may ask tokens for ``audience`` (listed by name).

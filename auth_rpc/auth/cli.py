@@ -9,7 +9,30 @@
                    [--max-connections N] [--max-connections-per-peer N] [--idle-timeout S]
                    [--max-message-bytes N]
     auth-rpc add-user NAME --data-dir DIR [--scope "..."] [--audience AUD ...] [--password-stdin]
+                      [--min-password-length N] [--password-blocklist FILE]
     auth-rpc add-client ID --data-dir DIR [--scope "..."] [--audience AUD ...] [--introspect]
+                      [--secret-file PATH [--force]]
+    auth-rpc list --data-dir DIR [--json]
+    auth-rpc disable NAME --data-dir DIR       (and: enable NAME, remove NAME)
+    auth-rpc set-password NAME --data-dir DIR [--password-stdin] [--min-password-length N]
+                      [--password-blocklist FILE]
+    auth-rpc set-scope NAME SCOPES --data-dir DIR
+    auth-rpc set-audience NAME (AUD ... | --default) --data-dir DIR
+    auth-rpc reset-secret CLIENT --data-dir DIR [--secret-file PATH [--force]]
+    auth-rpc keys --data-dir DIR [--json]
+    auth-rpc export-public-key --data-dir DIR [--out FILE | --jwks FILE]
+
+New names (users and clients) are 1..64 ASCII letters, digits and ``. _ @ -``,
+starting with a letter or a digit (names made before keep working). New
+passwords (NIST SP 800-63B): at least 8 characters (``--min-password-length``,
+1..64; below 8 is allowed with a warning), at most 1024 bytes of UTF-8, no
+composition rules, and with ``--password-blocklist FILE`` none of the
+passwords listed there (one per line, compared case-insensitively).
+
+``disable``, ``remove``, ``set-password`` and ``reset-secret`` revoke the
+account's refresh tokens and its live access tokens (their Token Status List
+bits) at once; a running ``serve`` on the same data directory refuses the
+account's next login, refresh or client authentication.
 
 ``--introspect`` gives the client the permission to introspect tokens
 (``POST /introspect``: a resource server in introspect mode); without it a
@@ -40,13 +63,23 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import json
 import os
+import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from auth_rpc import __version__
-from auth_rpc.auth.accounts import AUDIENCE_RULE
+from auth_rpc.auth.accounts import (
+    AUDIENCE_RULE,
+    DEFAULT_MIN_PASSWORD_CHARS,
+    MAX_MIN_PASSWORD_CHARS,
+    NAME_RULE,
+    PasswordPolicy,
+)
 from auth_rpc.auth.keys import KEY_ACTIVATION_DELAY_S
 from auth_rpc.auth.server import AuthServer
 from auth_rpc.auth.service import AuthService, AuthSettings
@@ -196,7 +229,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_user = sub.add_parser("add-user", help="create a user")
-    add_user.add_argument("name")
+    add_user.add_argument("name", help=f"the username: {NAME_RULE}")
     data_dir(add_user)
     add_user.add_argument(
         "--scope", default=DEFAULT_USER_SCOPE, help=f"default {DEFAULT_USER_SCOPE!r}"
@@ -204,6 +237,7 @@ def _parser() -> argparse.ArgumentParser:
     add_user.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin"
     )
+    _password_policy_arguments(add_user)
     audience_help = (
         "an audience the account may ask tokens for (repeat for several; default: only the "
         f"default audience of serve --audience). Names: {AUDIENCE_RULE}"
@@ -213,7 +247,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_client = sub.add_parser("add-client", help="register a service client; prints its secret")
-    add_client.add_argument("client_id")
+    add_client.add_argument("client_id", help=f"the client id: {NAME_RULE}")
     data_dir(add_client)
     add_client.add_argument(
         "--scope", default=DEFAULT_CLIENT_SCOPE, help=f"default {DEFAULT_CLIENT_SCOPE!r}"
@@ -225,6 +259,75 @@ def _parser() -> argparse.ArgumentParser:
         "--introspect",
         action="store_true",
         help="may introspect tokens (POST /introspect; a resource server in introspect mode)",
+    )
+    _secret_file_arguments(add_client)
+
+    listing = sub.add_parser("list", help="list users and clients")
+    data_dir(listing)
+    listing.add_argument("--json", action="store_true", help="one JSON document")
+
+    for command, what in (
+        ("disable", "disable a user or client: no more logins or tokens; its tokens revoked"),
+        ("enable", "enable a disabled user or client again"),
+        ("remove", "delete a user or client; its tokens revoked"),
+    ):
+        admin = sub.add_parser(command, help=what)
+        admin.add_argument("name")
+        data_dir(admin)
+
+    set_password = sub.add_parser(
+        "set-password", help="give a user a new password (its sessions are revoked)"
+    )
+    set_password.add_argument("name")
+    data_dir(set_password)
+    set_password.add_argument(
+        "--password-stdin", action="store_true", help="read the password from stdin"
+    )
+    _password_policy_arguments(set_password)
+
+    set_scope = sub.add_parser("set-scope", help="replace the scopes of a user or client")
+    set_scope.add_argument("name")
+    set_scope.add_argument("scopes", help='space-separated scopes ("" for none)')
+    data_dir(set_scope)
+
+    set_audience = sub.add_parser(
+        "set-audience", help="replace the audiences a user or client may ask tokens for"
+    )
+    set_audience.add_argument("name")
+    set_audience.add_argument("audiences", nargs="*", metavar="AUDIENCE", help=AUDIENCE_RULE)
+    set_audience.add_argument(
+        "--default",
+        action="store_true",
+        help="only the default audience of serve --audience (as when made without --audience)",
+    )
+    data_dir(set_audience)
+
+    reset = sub.add_parser(
+        "reset-secret", help="a new secret for a client: the old one stops working at once"
+    )
+    reset.add_argument("client_id")
+    data_dir(reset)
+    _secret_file_arguments(reset)
+
+    keys = sub.add_parser("keys", help="list the signing keys")
+    data_dir(keys)
+    keys.add_argument("--json", action="store_true", help="one JSON document")
+
+    export = sub.add_parser(
+        "export-public-key",
+        help="the current public key (PEM), or a JWK Set of every live public key",
+    )
+    data_dir(export)
+    target = export.add_mutually_exclusive_group()
+    target.add_argument(
+        "--out", type=Path, metavar="FILE", help="write the PEM to FILE (default: stdout)"
+    )
+    target.add_argument(
+        "--jwks",
+        type=Path,
+        metavar="FILE",
+        help="write a JWK Set of every public key that verifies or will sign (current, "
+        "pending, retiring) to FILE: give it to posts-rpc serve --verify local --jwks-file",
     )
 
     rotate = sub.add_parser("rotate-key", help="make a new signing key")
@@ -254,6 +357,46 @@ def _database_url(text: str) -> str:
         return check_database_url(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _min_password_length(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a whole number of characters") from None
+    if not 1 <= value <= MAX_MIN_PASSWORD_CHARS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_MIN_PASSWORD_CHARS}")
+    return value
+
+
+def _password_policy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-password-length",
+        type=_min_password_length,
+        default=DEFAULT_MIN_PASSWORD_CHARS,
+        metavar="N",
+        help=f"the shortest password accepted, in characters (default "
+        f"{DEFAULT_MIN_PASSWORD_CHARS}, as NIST SP 800-63B; 1..{MAX_MIN_PASSWORD_CHARS})",
+    )
+    p.add_argument(
+        "--password-blocklist",
+        type=Path,
+        metavar="FILE",
+        help="refuse the passwords listed in FILE (UTF-8, one per line, case-insensitive)",
+    )
+
+
+def _secret_file_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--secret-file",
+        type=Path,
+        metavar="PATH",
+        help="write the secret to PATH, a new file made 0600 (refused if it exists), "
+        "instead of standard output",
+    )
+    p.add_argument(
+        "--force", action="store_true", help="with --secret-file: replace an existing file"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -357,7 +500,7 @@ def _read_password(from_stdin: bool) -> str:
             raise SystemExit("auth-rpc: error: passwords do not match")
     if not password:
         raise SystemExit("auth-rpc: error: empty password")
-    return password
+    return password  # the policy is checked by the service (one place for the rules)
 
 
 def _admin_service(args: argparse.Namespace) -> AuthService:
@@ -376,63 +519,334 @@ def _audiences_text(audiences: list[str] | None) -> str:
     return " for audiences " + ", ".join(repr(a) for a in dict.fromkeys(audiences))
 
 
+def _policy(args: argparse.Namespace) -> PasswordPolicy:
+    """The password policy of ``add-user`` / ``set-password`` (warns below NIST's 8)."""
+    if args.min_password_length < DEFAULT_MIN_PASSWORD_CHARS:
+        print(
+            f"auth-rpc: warning: --min-password-length {args.min_password_length} is below the "
+            f"{DEFAULT_MIN_PASSWORD_CHARS} characters NIST SP 800-63B asks for",
+            file=sys.stderr,
+        )
+    if args.password_blocklist is None:
+        return PasswordPolicy(min_chars=args.min_password_length)
+    return PasswordPolicy.with_blocklist_file(
+        args.password_blocklist, min_chars=args.min_password_length
+    )
+
+
+class _SecretFile:
+    """Where a new client secret goes: a file made 0600, before the secret exists.
+
+    Without ``force`` the path itself is created with ``O_EXCL`` (an existing
+    file or symbolic link is refused, so the secret never lands in a file
+    others made or can read). With ``force`` a new 0600 file beside it
+    replaces it once written. :meth:`discard` removes what was made when the
+    command fails before the secret is known.
+    """
+
+    def __init__(self, path: Path, *, force: bool) -> None:
+        self.path = path
+        self._final: Path | None = None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+        target = path
+        if force:
+            target = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            self._final = path
+        try:
+            self._fd: int | None = os.open(target, flags, 0o600)
+        except FileExistsError:
+            raise ValueError(
+                f"--secret-file {path} exists: refusing to overwrite it (--force replaces it)"
+            ) from None
+        self._made = target
+
+    def write(self, secret: str) -> None:
+        assert self._fd is not None
+        try:
+            os.write(self._fd, (secret + "\n").encode("ascii"))
+            os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+        if self._final is not None:
+            os.replace(self._made, self._final)
+
+    def discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._made.unlink(missing_ok=True)
+
+
+def _usage_error(message: str) -> NoReturn:
+    print(f"auth-rpc: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _open_secret_file(args: argparse.Namespace) -> _SecretFile | None:
+    if args.secret_file is None:
+        if args.force:
+            _usage_error("--force goes with --secret-file")
+        return None
+    return _SecretFile(args.secret_file, force=args.force)
+
+
+def _deliver_secret(secret: str, secret_file: _SecretFile | None, message: str) -> None:
+    """Print ``message``, then the secret on its own last line, or write it to the file."""
+    if secret_file is None:
+        print(f"{message}; its secret:")
+        print(secret)
+        return
+    try:
+        secret_file.write(secret)
+    except OSError as exc:
+        raise OSError(
+            f"{message}, but its secret could not be written to {secret_file.path} "
+            f"({exc.strerror or exc}); run auth-rpc reset-secret"
+        ) from exc
+    print(f"{message}; its secret is in {secret_file.path} (mode 0600)")
+
+
+def _when(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(seconds))
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def _list(service: AuthService, as_json: bool) -> None:
+    accounts = service.accounts()
+    if as_json:
+        print(json.dumps({"accounts": [
+            {
+                "name": a.name,
+                "kind": a.kind,
+                "enabled": a.disabled_at is None,
+                "scopes": list(a.scopes),
+                "audiences": None if a.audiences is None else list(a.audiences),
+                "created_at": a.created_at,
+                "disabled_at": a.disabled_at,
+                **({"introspect": a.may_introspect} if a.kind == "client" else {}),
+            }
+            for a in accounts
+        ]}, indent=2))
+        return
+    rows = [["NAME", "KIND", "STATUS", "CREATED (UTC)", "SCOPES", "AUDIENCES"]]
+    for a in accounts:
+        kind = "client+introspect" if a.may_introspect else a.kind
+        rows.append([
+            a.name, kind, "enabled" if a.disabled_at is None else "disabled",
+            _when(a.created_at), " ".join(a.scopes) or "-",
+            "(default)" if a.audiences is None else " ".join(a.audiences),
+        ])
+    print(_table(rows))
+
+
+def _keys(service: AuthService, as_json: bool) -> None:
+    keys = service.keys()
+    if as_json:
+        print(json.dumps({"keys": [
+            {
+                "kid": k.record.kid,
+                "alg": k.record.alg,
+                "state": k.state,
+                "created_at": k.record.created_at,
+                "activates_at": k.record.activates_at,
+                "superseded_at": k.record.superseded_at,
+                "last_token_expires_at": k.last_token_expires_at,
+            }
+            for k in keys
+        ]}, indent=2))
+        return
+    if not keys:
+        print("no signing keys yet: auth-rpc serve makes the first one")
+        return
+    rows = [["KID", "ALG", "STATE", "CREATED (UTC)", "SIGNS FROM (UTC)", "LAST TOKEN EXPIRES"]]
+    for k in keys:
+        r = k.record
+        rows.append([
+            r.kid, r.alg, k.state, _when(r.created_at),
+            _when(r.activates_at if r.activates_at is not None else r.created_at),
+            _when(k.last_token_expires_at),
+        ])
+    print(_table(rows))
+    if not any(k.state == "current" for k in keys):
+        print("no key signs: the service signs with an HS256 secret (serve --hs256-secret-file)")
+
+
+_NO_PUBLIC_KEY = (
+    "no public key signs here: the service signs with an HS256 secret (give verifiers the "
+    "same file: posts-rpc serve --verify local --hs256-secret-file), or it has never been "
+    "started (auth-rpc serve makes the first key)"
+)
+
+
+def _write_public(path: Path, data: bytes) -> None:
+    """Write a public file atomically (a verifier never reads half of it), mode 0644."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _export(service: AuthService, args: argparse.Namespace) -> None:
+    states = service.keys()
+    current = [k for k in states if k.state == "current"]
+    if args.jwks is not None:
+        jwks = service.jwks()
+        keys = jwks.get("keys")
+        if not isinstance(keys, list) or not keys:
+            raise ValueError(_NO_PUBLIC_KEY)
+        _write_public(args.jwks, (json.dumps(jwks, indent=2) + "\n").encode())
+        print(f"wrote {len(keys)} public key(s) to {args.jwks} (a JWK Set)")
+        return
+    if not current:
+        raise ValueError(_NO_PUBLIC_KEY)
+    pem = service.signing_key().public_pem()
+    pending = [k for k in states if k.state == "pending"]
+    if pending:
+        print(
+            f"auth-rpc: note: key {pending[-1].record.kid} signs from "
+            f"{_when(pending[-1].record.activates_at)} UTC; this PEM stops verifying new tokens "
+            "then: export a JWK Set (--jwks FILE) to cover both",
+            file=sys.stderr,
+        )
+    if args.out is None:
+        sys.stdout.write(pem.decode("ascii"))
+        return
+    _write_public(args.out, pem)
+    print(f"wrote the public key of {current[0].record.kid} to {args.out}")
+
+
+def _revoked_text(families: int, tokens: int) -> str:
+    return f"{families} refresh token famil{'y' if families == 1 else 'ies'} and {tokens} " \
+        f"access token{'' if tokens == 1 else 's'} revoked"
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The admin commands (everything but serve)."""
+    command = args.command
+    if command == "add-user":
+        policy = _policy(args)
+        password = _read_password(args.password_stdin)
+        with _admin_service(args) as service:
+            service.add_user(
+                args.name, password, args.scope.split(), audiences=args.audiences,
+                password_policy=policy,
+            )
+        print(
+            f"user {args.name!r} created with scope {args.scope!r}"
+            f"{_audiences_text(args.audiences)}"
+        )
+        return 0
+    if command == "set-password":
+        policy = _policy(args)
+        password = _read_password(args.password_stdin)
+        with _admin_service(args) as service:
+            families, tokens = service.set_password(args.name, password, password_policy=policy)
+        print(f"password of user {args.name!r} set; {_revoked_text(families, tokens)}")
+        return 0
+    if command in ("add-client", "reset-secret"):
+        name = args.client_id
+        with _admin_service(args) as service:
+            secret_file = _open_secret_file(args)
+            try:
+                if command == "add-client":
+                    secret = service.add_client(
+                        name, args.scope.split(), audiences=args.audiences,
+                        introspect=args.introspect,
+                    )
+                    message = (
+                        f"client {name!r} registered with scope {args.scope!r}"
+                        f"{_audiences_text(args.audiences)}"
+                        f"{', may introspect tokens' if args.introspect else ''}"
+                    )
+                else:
+                    secret, families, tokens = service.reset_client_secret(name)
+                    message = (
+                        f"secret of client {name!r} reset: the old one is refused from now on; "
+                        f"{_revoked_text(families, tokens)}"
+                    )
+            except BaseException:
+                if secret_file is not None:
+                    secret_file.discard()
+                raise
+        _deliver_secret(secret, secret_file, message)
+        return 0
+    with _admin_service(args) as service:
+        if command == "list":
+            _list(service, args.json)
+        elif command == "keys":
+            _keys(service, args.json)
+        elif command == "export-public-key":
+            _export(service, args)
+        elif command in ("disable", "remove"):
+            verb = service.disable if command == "disable" else service.remove
+            kind, families, tokens = verb(args.name)
+            print(f"{kind} {args.name!r} {command}d; {_revoked_text(families, tokens)}")
+        elif command == "enable":
+            kind = service.enable(args.name)
+            print(f"{kind} {args.name!r} enabled")
+        elif command == "set-scope":
+            kind = service.set_scopes(args.name, args.scopes)
+            print(f"scope of {kind} {args.name!r} set to {args.scopes!r}")
+        elif command == "set-audience":
+            if bool(args.audiences) == args.default:
+                _usage_error("set-audience needs audiences or --default (not both)")
+            audiences = None if args.default else args.audiences
+            kind = service.set_audiences(args.name, audiences)
+            shown = "the default audience only" if audiences is None else ", ".join(
+                repr(a) for a in dict.fromkeys(audiences)
+            )
+            print(f"audiences of {kind} {args.name!r} set to {shown}")
+        elif command == "rotate-key":
+            _rotate(service, args)
+        else:  # pragma: no cover - argparse allows only the commands above
+            raise AssertionError(command)
+    return 0
+
+
+def _rotate(service: AuthService, args: argparse.Namespace) -> None:
+    delay = 0 if args.now else args.activate_after
+    kid = service.rotate_key(args.alg, activate_after_s=delay)
+    if delay == 0:
+        print(
+            f"new signing key {kid}: it signs at once (emergency rotation: verifiers "
+            "may refuse its tokens until they fetch the JWK Set again); the previous "
+            "key verifies until its tokens expire"
+        )
+    else:
+        print(
+            f"new signing key {kid}: published now, it signs in "
+            f"{KEY_ACTIVATION_DELAY_S if delay is None else delay} s (running services "
+            "switch by themselves); the previous key signs until then and verifies "
+            "until its tokens expire"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command == "add-user":
-            password = _read_password(args.password_stdin)
-            service = _admin_service(args)
-            try:
-                service.add_user(args.name, password, args.scope.split(), audiences=args.audiences)
-            finally:
-                service.close()
-            print(
-                f"user {args.name!r} created with scope {args.scope!r}"
-                f"{_audiences_text(args.audiences)}"
-            )
-            return 0
-        if args.command == "add-client":
-            service = _admin_service(args)
-            try:
-                secret = service.add_client(
-                    args.client_id, args.scope.split(), audiences=args.audiences,
-                    introspect=args.introspect,
-                )
-            finally:
-                service.close()
-            print(
-                f"client {args.client_id!r} registered with scope {args.scope!r}"
-                f"{_audiences_text(args.audiences)}"
-                f"{', may introspect tokens' if args.introspect else ''}; its secret:"
-            )
-            print(secret)
-            return 0
-        if args.command == "rotate-key":
-            delay = 0 if args.now else args.activate_after
-            service = _admin_service(args)
-            try:
-                kid = service.rotate_key(args.alg, activate_after_s=delay)
-            finally:
-                service.close()
-            if delay == 0:
-                print(
-                    f"new signing key {kid}: it signs at once (emergency rotation: verifiers "
-                    "may refuse its tokens until they fetch the JWK Set again); the previous "
-                    "key verifies until its tokens expire"
-                )
-            else:
-                print(
-                    f"new signing key {kid}: published now, it signs in "
-                    f"{KEY_ACTIVATION_DELAY_S if delay is None else delay} s (running services "
-                    "switch by themselves); the previous key signs until then and verifies "
-                    "until its tokens expire"
-                )
-            return 0
+        return _run(args)
     except (AuthError, ValueError, OSError) as exc:
         return report_error("auth-rpc", exc)
-    raise AssertionError(args.command)  # argparse only allows the commands above
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ the tuple, never by editing one that shipped.
 
 Only this module and the small store classes (``accounts.AccountStore``,
 ``keys.KeyStore``, ``tokens.RefreshStore``, ``tokens.RevocationStore``,
+``tokens.IssuedTokenStore``,
 ``status.StatusListStore``) speak SQL. The same store classes run on
 PostgreSQL (``--database-url``): :func:`open_database` returns either this
 :class:`Database` or a :class:`~auth_rpc.serving.sqlstore.PostgresDatabase`
@@ -204,6 +205,28 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (kind, key, reservation)
     ) WITHOUT ROWID;
     CREATE INDEX throttle_reservations_expires ON throttle_reservations (expires_at);
+    """,
+    # 9: accounts administration (auth-rpc disable, enable, remove). disabled_at:
+    # when a user or client was disabled (NULL = enabled). issued_access_tokens:
+    # the Status List entry of every access token issued from v9 on, with its
+    # subject and client_id, kept until it expires, so that disabling or
+    # removing an account (or resetting its password or secret) revokes its
+    # live access tokens by setting their bits.
+    """
+    ALTER TABLE users ADD COLUMN disabled_at INTEGER;
+    ALTER TABLE clients ADD COLUMN disabled_at INTEGER;
+
+    CREATE TABLE issued_access_tokens (
+        status_list INTEGER NOT NULL,
+        status_idx  INTEGER NOT NULL,
+        subject     TEXT NOT NULL,
+        client_id   TEXT NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        PRIMARY KEY (status_list, status_idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX issued_access_tokens_subject ON issued_access_tokens (subject);
+    CREATE INDEX issued_access_tokens_client ON issued_access_tokens (client_id);
+    CREATE INDEX issued_access_tokens_expires ON issued_access_tokens (expires_at);
     """,
 )
 

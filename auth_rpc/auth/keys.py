@@ -67,6 +67,7 @@ __all__ = [
     "KeyManager",
     "KeyRecord",
     "KeyRing",
+    "KeyState",
     "KeyStore",
     "SigningKey",
     "read_hs256_secret",
@@ -272,6 +273,23 @@ class KeyRecord:
         if self.superseded_at is None:
             return None
         return self.superseded_at + self.max_ttl_s + RETIRE_SLACK_S
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """A key as ``auth-rpc keys`` shows it.
+
+    ``state``: ``current`` (signs now), ``pending`` (published, signs from
+    ``record.activates_at``), ``retired`` (superseded: verifies its tokens
+    until ``verifies_until``) or ``standby`` (an HS256 secret signs instead).
+    ``last_token_expires_at``: when the last token it may sign expires
+    (``None`` while nothing has superseded it).
+    """
+
+    record: KeyRecord
+    state: str
+    last_token_expires_at: int | None
+    verifies_until: float | None
 
 
 class KeyStore:
@@ -656,6 +674,32 @@ class KeyManager:
         if retire_at is not None and self._clock() > retire_at:
             return None
         return key
+
+    def describe(self) -> list[KeyState]:
+        """Every key that still verifies, oldest first, with its state (``auth-rpc keys``).
+
+        Raises DependencyUnavailable.
+        """
+        self.reload()
+        ring = self._ring
+        now = self._clock()
+        signer = ring.signer_at(now)
+        found: list[KeyState] = []
+        for kid, record in sorted(ring.records.items(), key=lambda kv: _activation_order(kv[1])):
+            retire_at = record.retire_at()
+            if retire_at is not None and now > retire_at:
+                continue
+            if signer is not None and kid == signer.kid:
+                state = "current"
+            elif record.superseded_at is not None and record.superseded_at <= now:
+                state = "retired"
+            elif record.activates_at is not None and record.activates_at > now:
+                state = "pending"
+            else:
+                state = "standby"  # not signing: an HS256 secret signs instead
+            last = None if record.superseded_at is None else record.superseded_at + record.max_ttl_s
+            found.append(KeyState(record, state, last, retire_at))
+        return found
 
     def jwks(self) -> dict[str, object]:
         """The JWK Set (RFC 7517): public keys that still verify, the latest to sign first.

@@ -126,4 +126,20 @@ PG_MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX throttle_reservations_expires ON throttle_reservations (expires_at);
     """,
+    # 9: accounts administration (disable, enable, remove); live access tokens by account.
+    """
+    ALTER TABLE users ADD COLUMN disabled_at BIGINT;
+    ALTER TABLE clients ADD COLUMN disabled_at BIGINT;
+    CREATE TABLE issued_access_tokens (
+        status_list BIGINT NOT NULL,
+        status_idx  BIGINT NOT NULL,
+        subject     TEXT NOT NULL,
+        client_id   TEXT NOT NULL,
+        expires_at  BIGINT NOT NULL,
+        PRIMARY KEY (status_list, status_idx)
+    );
+    CREATE INDEX issued_access_tokens_subject ON issued_access_tokens (subject);
+    CREATE INDEX issued_access_tokens_client ON issued_access_tokens (client_id);
+    CREATE INDEX issued_access_tokens_expires ON issued_access_tokens (expires_at);
+    """,
 )

@@ -44,10 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from auth_rpc.auth.accounts import (
+    Account,
     AccountStore,
+    PasswordPolicy,
     check_audience,
     check_audiences,
     check_client_id,
+    check_new_name,
     check_password,
     check_scopes,
     check_username,
@@ -59,6 +62,7 @@ from auth_rpc.auth.keys import (
     ALGORITHMS,
     KEY_ACTIVATION_DELAY_S,
     KeyManager,
+    KeyState,
     KeyStore,
     SigningKey,
     read_hs256_secret,
@@ -77,6 +81,7 @@ from auth_rpc.auth.tokens import (
     MAX_TOKEN_BYTES,
     AccessTokenChecker,
     Family,
+    IssuedTokenStore,
     RefreshStore,
     RevocationStore,
     Rotation,
@@ -91,6 +96,7 @@ from auth_rpc.errors import (
     Forbidden,
     InvalidCredentials,
     InvalidInput,
+    NotFoundError,
     TokenRejected,
 )
 from auth_rpc.serving.private_files import private_dir
@@ -183,6 +189,9 @@ class _ClientGrant:
     scopes: tuple[str, ...]
     audiences: tuple[str, ...] | None
     may_introspect: bool = False
+    #: The stored hash when authenticated: a remembered authentication ends
+    #: when the secret is reset (compared with the row read on every use).
+    secret_hash: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)
@@ -292,6 +301,7 @@ class AuthService:
         self._accounts = AccountStore(db)
         self._refresh = RefreshStore(db)
         self._revocations = RevocationStore(db)
+        self._issued = IssuedTokenStore(db)
         self._status = StatusListStore(db, capacity=settings.status_list_size)
         self._status_lists = StatusListPublisher(
             self._status,
@@ -414,8 +424,8 @@ class AuthService:
             with self._login_throttle.attempt(username) as attempt:
                 user = self._accounts.get_user(username)
                 ok = self._hasher.verify(user.password_hash if user else None, password)
-                if not ok or user is None:
-                    attempt.failed()
+                if not ok or user is None or user.disabled:
+                    attempt.failed()  # a disabled user: the same answer, and counted
                     log.info("login failed")
                     raise InvalidCredentials(LOGIN_FAILED)
                 attempt.succeeded()
@@ -439,6 +449,11 @@ class AuthService:
         )
         refresh = new_refresh_token()
         with self._db.transaction():  # the token's Status List entry and its family, together
+            # Asked again in the issuing transaction: a disable committed since
+            # the password check (by another process) wins.
+            if not self._accounts.is_active("user", username):
+                log.info("login failed: the user was disabled or removed meanwhile")
+                raise InvalidCredentials(LOGIN_FAILED)
             access, jti, exp, status = self._mint(username, scopes, client_id, now, audience=aud)
             self._refresh.start_family(
                 family,
@@ -487,7 +502,7 @@ class AuthService:
             if not hmac.compare_digest(family.client_id, client_id):
                 raise TokenRejected("invalid refresh token")
             user = self._accounts.get_user(family.subject)
-            if user is None:  # the user was deleted since the login
+            if user is None or user.disabled:  # removed or disabled since the login
                 raise TokenRejected("invalid refresh token")
             current = tuple(s for s in family.scopes if s in set(user.scopes))
             scopes = _narrow(current, requested)
@@ -521,7 +536,10 @@ class AuthService:
         scopes = _narrow(granted.scopes, requested)
         aud = self._allowed_audience(granted.audiences, wanted)
         now = int(self._clock())
-        access, _, _, _ = self._mint(client_id, scopes, client_id, now, audience=aud)
+        with self._db.transaction():
+            if not self._accounts.is_active("client", client_id):  # disabled meanwhile
+                raise InvalidCredentials(CLIENT_FAILED)
+            access, _, _, _ = self._mint(client_id, scopes, client_id, now, audience=aud)
         log.info("client token issued to %r", client_id)
         return IssuedTokens(access, "", self.settings.access_ttl_s, " ".join(scopes))
 
@@ -572,9 +590,23 @@ class AuthService:
         cached = self._client_cache.get(digest)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
-            if cached[0] - now < CLIENT_AUTH_CACHE_TTL_S - 1:
-                self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, cached[1])
-            return cached[1]
+            # The row is read again (one lookup by key, no hashing), so that an
+            # admin command of another process (disable, remove, reset-secret,
+            # set-scope, set-audience) applies to the next call, not minutes later.
+            client = self._accounts.get_client(client_id)
+            if (
+                client is not None
+                and not client.disabled
+                and hmac.compare_digest(client.secret_hash, cached[1].secret_hash)
+            ):
+                grant = _ClientGrant(
+                    client.scopes, client.audiences, client.may_introspect, client.secret_hash
+                )
+                if cached[0] - now < CLIENT_AUTH_CACHE_TTL_S - 1 or grant != cached[1]:
+                    self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, grant)
+                return grant
+            with self._client_cache_lock:
+                self._client_cache.pop(digest, None)
         grant = self._authenticate_client_slow(client_id, client_secret)
         with self._client_cache_lock:
             self._client_cache.pop(digest, None)
@@ -594,8 +626,10 @@ class AuthService:
         if client is None or client.secret_digest is not None:
             expected = _NO_CLIENT_DIGEST if client is None else client.secret_digest
             ok = hmac.compare_digest(client_secret_digest(client_secret), expected or b"")
-            if ok and client is not None:
-                return _ClientGrant(client.scopes, client.audiences, client.may_introspect)
+            if ok and client is not None and not client.disabled:
+                return _ClientGrant(
+                    client.scopes, client.audiences, client.may_introspect, client.secret_hash
+                )
             with self._client_throttle.attempt(client_id) as attempt:  # may raise Throttled
                 attempt.failed()
             log.info("client authentication failed")
@@ -604,7 +638,7 @@ class AuthService:
         # before, and on success its digest is stored for next time.
         with self._client_throttle.attempt(client_id) as attempt:
             ok = self._hasher.verify(client.secret_hash, client_secret)
-            if not ok:
+            if not ok or client.disabled:
                 attempt.failed()
                 log.info("client authentication failed")
                 raise InvalidCredentials(CLIENT_FAILED)
@@ -612,7 +646,9 @@ class AuthService:
         self._accounts.set_client_digest(
             client_id, client.secret_hash, client_secret_digest(client_secret)
         )
-        return _ClientGrant(client.scopes, client.audiences, client.may_introspect)
+        return _ClientGrant(
+            client.scopes, client.audiences, client.may_introspect, client.secret_hash
+        )
 
     def _allowed_audience(self, allowed: tuple[str, ...] | None, wanted: str | None) -> str:
         """The audience of a grant: ``wanted`` (``None``: the default) if the account may use it.
@@ -632,8 +668,10 @@ class AuthService:
     def _audience_known(self, audience: str) -> bool:
         """Whether some account may ask tokens for ``audience`` (the checker's question).
 
-        Remembered once seen (no command removes an audience); a name not
-        seen yet is looked up, which only a token signed by our key can cause.
+        Remembered once seen, also after ``set-audience`` takes it from every
+        account (the tokens issued for it stay valid until they expire, as
+        the account's other tokens do); a name not seen yet is looked up,
+        which only a token signed by our key can cause.
         Raises DependencyUnavailable.
         """
         if audience in self._known_audiences:
@@ -672,6 +710,9 @@ class AuthService:
                 key, issuer=self.issuer, audience=audience, subject=subject, scopes=scopes,
                 client_id=client_id, ttl_s=ttl, now=now, jti=jti,
                 claims={"status": self._status_lists.claim(status)},
+            )
+            self._issued.record(
+                status, subject=subject, client_id=client_id, expires_at=now + ttl
             )
         return token, jti, now + ttl, status
 
@@ -814,6 +855,14 @@ class AuthService:
         """The RFC 7517 JWK Set: public keys only (empty for an HS256 secret). Never raises."""
         return self._keys.jwks()
 
+    def keys(self) -> list[KeyState]:
+        """The keys that still verify, with their state (``auth-rpc keys``).
+
+        Raises DependencyUnavailable.
+        """
+        self._check_open()
+        return self._keys.describe()
+
     def signing_key(self) -> SigningKey:
         """The current signing key (for a test token factory). Raises DependencyUnavailable."""
         return self._keys.signer()
@@ -827,15 +876,19 @@ class AuthService:
         scopes: Iterable[str] | str = (),
         *,
         audiences: Iterable[str] | None = None,
+        password_policy: PasswordPolicy | None = None,
     ) -> None:
         """Create a user with ``scopes``, who may ask tokens for ``audiences``.
 
         ``audiences`` ``None`` (the default): the service's default audience
-        only, whatever it is configured to. Raises InvalidInput (bad or taken
-        name, bad password, scopes or audience names), DependencyUnavailable.
+        only, whatever it is configured to. The name must follow
+        :data:`~auth_rpc.auth.accounts.NAME_RULE`, the password
+        ``password_policy`` (default: at least 8 characters). Raises
+        InvalidInput (bad or taken name, a password the policy refuses, bad
+        scopes or audience names), DependencyUnavailable.
         """
-        name = check_username(name)
-        check_password(password)
+        name = check_new_name(name, "username")
+        (password_policy or PasswordPolicy()).check(password)
         granted = check_scopes(scopes)
         allowed = check_audiences(audiences)
         self._check_open()
@@ -863,7 +916,7 @@ class AuthService:
         client may. Raises InvalidInput (bad or taken id, bad scopes or
         audience names), DependencyUnavailable.
         """
-        client_id = check_client_id(client_id)
+        client_id = check_new_name(client_id, "client_id")
         granted = check_scopes(scopes)
         allowed = check_audiences(audiences)
         self._check_open()
@@ -881,6 +934,156 @@ class AuthService:
         )
         log.info("client %r registered%s", client_id, " (may introspect)" if introspect else "")
         return secret
+
+    def accounts(self) -> list[Account]:
+        """Every user and client (``auth-rpc list``). Raises DependencyUnavailable."""
+        self._check_open()
+        return self._accounts.accounts()
+
+    def _kind(self, name: str) -> str:
+        """What ``name`` names; NotFoundError if nothing."""
+        self._check_open()
+        kind = self._accounts.kind_of(check_username(name))
+        if kind is None:
+            raise NotFoundError(f"no user or client named {name!r}")
+        return kind
+
+    def _revoke_account_tokens(self, kind: str, name: str, now: int) -> tuple[int, int]:
+        """Revoke the refresh token families and live access tokens of an account.
+
+        In the caller's transaction. For a client, also those it was issued
+        for users (HTTP password grants it authenticated). Returns (families,
+        access tokens) revoked.
+        """
+        include_client = kind == "client"
+        # Access tokens first, so that the count is of bits this call set (a
+        # family's revocation sets its tokens' bits too, before v9 the only record).
+        tokens = self._issued.revoke_account(name, now=now, include_client=include_client)
+        families = self._refresh.revoke_subject(name, now=now, include_client=include_client)
+        return families, tokens
+
+    def disable(self, name: str) -> tuple[str, int, int]:
+        """Disable a user or client and revoke its tokens (refresh, and access via status lists).
+
+        Its logins, refreshes and client authentications are refused from
+        the moment this returns, also by a service running in another process
+        (it reads the account on every grant). Idempotent. Returns (kind,
+        refresh token families revoked, access tokens revoked). Raises
+        NotFoundError, InvalidInput, DependencyUnavailable.
+        """
+        kind = self._kind(name)
+        now = int(self._clock())
+        with self._db.transaction():
+            if self._accounts.is_active(kind, name):  # disabling again keeps the first time
+                self._accounts.set_disabled(kind, name, now)
+            families, tokens = self._revoke_account_tokens(kind, name, now)
+        log.info("%s %r disabled (%d families, %d access tokens revoked)",
+                 kind, name, families, tokens)
+        return kind, families, tokens
+
+    def enable(self, name: str) -> str:
+        """Enable a disabled user or client again (its revoked tokens stay revoked).
+
+        Returns its kind. Raises NotFoundError, InvalidInput, DependencyUnavailable.
+        """
+        kind = self._kind(name)
+        self._accounts.set_disabled(kind, name, None)
+        log.info("%s %r enabled", kind, name)
+        return kind
+
+    def remove(self, name: str) -> tuple[str, int, int]:
+        """Delete a user or client and revoke its tokens, as :meth:`disable` does.
+
+        The name may be given to a new account afterwards. Returns (kind,
+        families, access tokens revoked). Raises NotFoundError, InvalidInput,
+        DependencyUnavailable.
+        """
+        kind = self._kind(name)
+        now = int(self._clock())
+        with self._db.transaction():
+            families, tokens = self._revoke_account_tokens(kind, name, now)
+            if not self._accounts.delete(kind, name):
+                raise NotFoundError(f"no user or client named {name!r}")
+        log.info("%s %r removed (%d families, %d access tokens revoked)",
+                 kind, name, families, tokens)
+        return kind, families, tokens
+
+    def set_password(
+        self, name: str, password: str, *, password_policy: PasswordPolicy | None = None
+    ) -> tuple[int, int]:
+        """Give the user ``name`` a new password and end its sessions.
+
+        The password must pass ``password_policy`` (default: at least 8
+        characters). The user's refresh token families and access tokens are
+        revoked (a password is reset when it may be known to someone else).
+        Returns (families, access tokens) revoked. Raises NotFoundError (no
+        such user), InvalidInput, DependencyUnavailable.
+        """
+        name = check_username(name)
+        (password_policy or PasswordPolicy()).check(password)
+        if self._kind(name) != "user":
+            raise NotFoundError(f"no user named {name!r} ({name!r} is a client: reset-secret)")
+        password_hash = self._hasher.hash(password)  # outside the transaction: slow
+        now = int(self._clock())
+        with self._db.transaction():
+            if not self._accounts.replace_password_hash(name, password_hash):
+                raise NotFoundError(f"no user named {name!r}")
+            revoked = self._revoke_account_tokens("user", name, now)
+        log.info("password of user %r set; its sessions revoked", name)
+        return revoked
+
+    def reset_client_secret(self, client_id: str) -> tuple[str, int, int]:
+        """A new secret for ``client_id``: the old one is refused from now on, everywhere.
+
+        The client's tokens are revoked with the old secret (it is reset when
+        it may have leaked). Returns (the new secret, families, access tokens
+        revoked). Raises NotFoundError, InvalidInput, DependencyUnavailable.
+        """
+        client_id = check_client_id(client_id)
+        if self._kind(client_id) != "client":
+            raise NotFoundError(
+                f"no client named {client_id!r} ({client_id!r} is a user: set-password)"
+            )
+        secret = secrets.token_urlsafe(32)
+        secret_hash = self._hasher.hash(secret)
+        now = int(self._clock())
+        with self._db.transaction():
+            if not self._accounts.replace_client_secret(
+                client_id, secret_hash, client_secret_digest(secret)
+            ):
+                raise NotFoundError(f"no client named {client_id!r}")
+            families, tokens = self._revoke_account_tokens("client", client_id, now)
+        log.info("secret of client %r reset; its tokens revoked", client_id)
+        return secret, families, tokens
+
+    def set_scopes(self, name: str, scopes: Iterable[str] | str) -> str:
+        """Replace the scopes of a user or client; returns its kind.
+
+        New tokens and refreshes get the new scopes at once; access tokens
+        already issued keep theirs until they expire (``disable`` then
+        ``enable`` ends them at once). Raises NotFoundError, InvalidInput,
+        DependencyUnavailable.
+        """
+        granted = check_scopes(scopes)
+        kind = self._kind(name)
+        if not self._accounts.set_scopes(kind, name, granted):
+            raise NotFoundError(f"no user or client named {name!r}")
+        log.info("scopes of %s %r set", kind, name)
+        return kind
+
+    def set_audiences(self, name: str, audiences: Iterable[str] | None) -> str:
+        """Replace the audiences a user or client may ask tokens for; returns its kind.
+
+        ``None``: the service's default audience only. Applies to new grants
+        and refreshes at once, as :meth:`set_scopes`. Raises NotFoundError,
+        InvalidInput, DependencyUnavailable.
+        """
+        allowed = check_audiences(audiences)
+        kind = self._kind(name)
+        if not self._accounts.set_audiences(kind, name, allowed):
+            raise NotFoundError(f"no user or client named {name!r}")
+        log.info("audiences of %s %r set", kind, name)
+        return kind
 
     def rotate_key(self, alg: str | None = None, *, activate_after_s: float | None = None) -> str:
         """Make a new signing key (``alg`` defaults to the current one's); returns its kid.
@@ -933,6 +1136,7 @@ class AuthService:
         try:
             self._purged_at = now
             removed = self._revocations.purge(now=now)
+            self._issued.purge(now=now)
             self._refresh.purge(now=now)
             self._status.retire(now=now, leeway_s=LEEWAY_S)
             # A streak is over a window after its longest possible delay.

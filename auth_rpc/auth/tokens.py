@@ -48,6 +48,7 @@ __all__ = [
     "MAX_TOKEN_BYTES",
     "AccessTokenChecker",
     "Family",
+    "IssuedTokenStore",
     "RefreshStore",
     "RevocationStore",
     "Rotation",
@@ -486,12 +487,22 @@ class RefreshStore:
             self._revoke_family(conn, row[0], now)
         return True
 
-    def revoke_subject(self, subject: str, *, now: int) -> int:
-        """Revoke every live family of ``subject``; returns how many."""
+    def revoke_subject(
+        self, subject: str, *, now: int, include_client: bool = False
+    ) -> int:
+        """Revoke every live family of ``subject``; returns how many.
+
+        ``include_client``: also the families issued to the client ``subject``
+        (HTTP password grants it made for its users). Each family's access
+        tokens are revoked with it.
+        """
+        where = "(subject = ? OR client_id = ?)" if include_client else "subject = ?"
+        params = (subject, subject) if include_client else (subject,)
         with self._db.transaction() as conn:
             rows = conn.execute(
-                "SELECT family_id FROM refresh_families WHERE subject = ? AND revoked_at IS NULL",
-                (subject,),
+                "SELECT family_id FROM refresh_families "  # noqa: S608 - constants, no input
+                f"WHERE {where} AND revoked_at IS NULL",
+                params,
             ).fetchall()
             for (family_id,) in rows:
                 self._revoke_family(conn, family_id, now)
@@ -547,6 +558,54 @@ def _record_access_token(
             None if status is None else status.idx,
         ),
     )
+
+
+class IssuedTokenStore:
+    """The Status List entry of every access token issued (schema v9), until it expires.
+
+    Recorded in the transaction that issues the token, so that an account's
+    live access tokens can all be revoked at once (``auth-rpc disable``,
+    ``remove``, ``set-password``, ``reset-secret``).
+    """
+
+    def __init__(self, db: AnyDatabase) -> None:
+        self._db = db
+
+    def record(
+        self, entry: StatusEntry, *, subject: str, client_id: str, expires_at: int
+    ) -> None:
+        """Remember that ``entry`` is a token of ``subject`` issued to ``client_id``."""
+        with self._db.transaction() as conn:
+            conn.execute(
+                "INSERT INTO issued_access_tokens (status_list, status_idx, subject, client_id, "
+                "expires_at) VALUES (?, ?, ?, ?, ?)",
+                (entry.list_id, entry.idx, subject, client_id, expires_at),
+            )
+
+    def revoke_account(self, name: str, *, now: int, include_client: bool = False) -> int:
+        """Set the bits of every unexpired access token of ``name``; how many were set.
+
+        ``include_client``: also the tokens issued to the client ``name`` for
+        users. Runs in the caller's transaction when there is one.
+        """
+        where = "(subject = ? OR client_id = ?)" if include_client else "subject = ?"
+        params: tuple[object, ...] = (name, name) if include_client else (name,)
+        with self._db.transaction() as conn:
+            rows = conn.execute(
+                "SELECT status_list, status_idx FROM issued_access_tokens "  # noqa: S608
+                f"WHERE {where} AND expires_at + ? > ?",
+                (*params, LEEWAY_S, now),
+            ).fetchall()
+            entries = [StatusEntry(int(r[0]), int(r[1])) for r in rows]
+            return max(0, StatusListStore.set_bits(conn, entries)) if entries else 0
+
+    def purge(self, *, now: int) -> int:
+        """Forget tokens expired (beyond the leeway); how many."""
+        with self._db.transaction() as conn:
+            cur = conn.execute(
+                "DELETE FROM issued_access_tokens WHERE expires_at + ? < ?", (LEEWAY_S, now)
+            )
+        return cur.rowcount
 
 
 class RevocationStore:

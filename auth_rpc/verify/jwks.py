@@ -52,6 +52,59 @@ class _JwkEntry:
     algorithms: frozenset[str]
 
 
+def load_jwk(data: Any, algorithms: frozenset[str]) -> tuple[str, _JwkEntry] | None:
+    """One usable verification key of a JWK Set member, or ``None`` if it must be ignored.
+
+    Only keys with ``use`` ``sig`` (or none), ``key_ops`` including
+    ``verify`` (or none), a ``kid`` and an algorithm in ``algorithms``;
+    never a symmetric (``oct``) key. A private JWK gives its public key.
+    """
+    if not isinstance(data, dict):
+        return None
+    kid = data.get("kid")
+    if not isinstance(kid, str) or not kid:
+        return None
+    # RFC 7517 §4.2/4.3: only keys meant for signatures.
+    if data.get("use", "sig") != "sig":
+        return None
+    ops = data.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return None
+    if data.get("kty") == "oct":  # a shared secret never comes from a key set
+        return None
+    alg = data.get("alg")
+    if alg is not None and alg not in algorithms:
+        return None
+    try:
+        key = jwt.PyJWK(data).key
+        if hasattr(key, "private_bytes"):  # a private JWK published by mistake
+            key = key.public_key()
+        usable = _algorithms_for_key(key) & algorithms
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+        return None
+    if alg is not None:
+        usable &= {alg}
+    if not usable:
+        return None
+    return kid, _JwkEntry(key=key, algorithms=usable)
+
+
+def parse_jwk_set(document: Any, algorithms: frozenset[str]) -> dict[str, _JwkEntry]:
+    """The usable keys of a JWK Set (RFC 7517 section 5) by ``kid`` (the first of a repeat).
+
+    Raises ``ValueError`` if ``document`` is not a JWK Set (an object with a
+    ``keys`` list).
+    """
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWK Set (a JSON object with a \"keys\" list)")
+    keys: dict[str, _JwkEntry] = {}
+    for member in document["keys"]:
+        loaded = load_jwk(member, algorithms)
+        if loaded is not None and loaded[0] not in keys:
+            keys[loaded[0]] = loaded[1]
+    return keys
+
+
 class _KeyNotFetchedYet(DependencyUnavailable):
     """An unknown ``kid`` while the cooldown forbids a fetch: retryable, not a rejection."""
 
@@ -359,35 +412,10 @@ class JwksVerifier(_JwtVerifier):
 
     def _load_jwk(self, data: Any) -> tuple[str, _JwkEntry] | None:
         """One usable verification key from a JWK, or ``None`` if it must be ignored."""
-        if not isinstance(data, dict):
-            return None
-        kid = data.get("kid")
-        if not isinstance(kid, str) or not kid:
-            return None
-        # RFC 7517 §4.2/4.3: only keys meant for signatures.
-        if data.get("use", "sig") != "sig":
-            return None
-        ops = data.get("key_ops")
-        if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
-            return None
-        if data.get("kty") == "oct":  # a shared secret never comes from a URL
-            return None
-        alg = data.get("alg")
-        if alg is not None and alg not in self.algorithms:
-            return None
-        try:
-            key = jwt.PyJWK(data).key
-            if hasattr(key, "private_bytes"):  # a private JWK published by mistake
-                key = key.public_key()
-            usable = _algorithms_for_key(key) & self.algorithms
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            log.info("ignoring unusable JWK %s from %s", kid, self.jwks_url)
-            return None
-        if alg is not None:
-            usable &= {alg}
-        if not usable:
-            return None
-        return kid, _JwkEntry(key=key, algorithms=usable)
+        loaded = load_jwk(data, self.algorithms)
+        if loaded is None and isinstance(data, dict) and isinstance(data.get("kid"), str):
+            log.debug("ignoring unusable JWK %s from %s", data["kid"], self.jwks_url)
+        return loaded
 
     def close(self) -> None:
         super().close()

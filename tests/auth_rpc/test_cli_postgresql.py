@@ -4,6 +4,7 @@ processes; the data directory keeps the key files, the database everything else.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from auth_rpc.auth.db import SCHEMA_VERSION
 from auth_rpc.idl import auth_thrift, common_thrift
 from auth_rpc.serving.sqlstore import redact_url, to_pyformat
 from auth_rpc.serving.transport import open_client
@@ -54,7 +56,7 @@ def test_admin_commands_and_serve_share_a_postgresql_database(
         assert conn.execute("SELECT username FROM users").fetchall() == [("alice",)]
         assert conn.execute(
             "SELECT version FROM schema_version WHERE component = 'auth'"
-        ).fetchone() == (8,)
+        ).fetchone() == (SCHEMA_VERSION,)
 
     served = Served("--data-dir", str(data), "--database-url", postgresql_url)
     try:
@@ -66,6 +68,19 @@ def test_admin_commands_and_serve_share_a_postgresql_database(
             assert client.validate(svc.access_token).client_id == "reporting"
             with pytest.raises(common_thrift.Unauthenticated):
                 client.login("alice", "wrong password")
+            # The administration commands work on the same database, and a
+            # disable reaches the running service from its next call.
+            url = ["--data-dir", str(data), "--database-url", postgresql_url]
+            listed = run("list", "--json", *url)
+            assert listed.returncode == 0, listed.stderr
+            names = [a["name"] for a in json.loads(listed.stdout)["accounts"]]
+            assert names == ["alice", "reporting"]
+            disabled = run("disable", "alice", *url)
+            assert disabled.returncode == 0, disabled.stderr
+            with pytest.raises(common_thrift.Unauthenticated):
+                client.validate(pair.access_token)
+            with pytest.raises(common_thrift.Unauthenticated):
+                client.login("alice", "a long enough password")
     finally:
         code, err = served.stop()
     assert code == 0, err

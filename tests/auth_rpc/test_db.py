@@ -14,7 +14,7 @@ from auth_rpc.auth.db import MIGRATIONS, SCHEMA_VERSION, Database
 from auth_rpc.errors import DependencyUnavailable
 
 EXPECTED_SCHEMA = {
-    "users": ["username", "password_hash", "scopes", "created_at", "audiences"],
+    "users": ["username", "password_hash", "scopes", "created_at", "audiences", "disabled_at"],
     "clients": [
         "client_id",
         "secret_hash",
@@ -23,6 +23,7 @@ EXPECTED_SCHEMA = {
         "secret_digest",
         "audiences",
         "may_introspect",
+        "disabled_at",
     ],
     "signing_keys": ["kid", "alg", "created_at", "superseded_at", "max_ttl_s", "activates_at"],
     "refresh_families": [
@@ -40,6 +41,7 @@ EXPECTED_SCHEMA = {
     "revoked_tokens": ["jti", "expires_at"],
     "throttle_streaks": ["kind", "key", "failures", "last"],
     "throttle_reservations": ["kind", "key", "reservation", "expires_at"],
+    "issued_access_tokens": ["status_list", "status_idx", "subject", "client_id", "expires_at"],
     "status_lists": [
         "list_id",
         "capacity",

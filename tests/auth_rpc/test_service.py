@@ -6,6 +6,7 @@ import logging
 import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -132,9 +133,16 @@ def test_login_input_validation(
 
 
 def test_login_accepts_long_limits(service: AuthService) -> None:
-    name, password = "n" * 128, "p" * 1024
+    name, password = "n" * 64, "p" * 1024
     service.add_user(name, password, "posts:read")
     assert service.validate(service.login(name, password).access_token).subject == name
+    # A 128-character name made before the name rule (64 at most for new ones) still logs in.
+    with pytest.raises(InvalidInput, match="username"):
+        service.add_user("o" * 128, password, "posts:read")
+    service._accounts.add_user(
+        "o" * 128, service._hasher.hash(password), ("posts:read",), now=int(time.time())
+    )
+    assert service.validate(service.login("o" * 128, password).access_token).subject == "o" * 128
 
 
 # -- throttling ----------------------------------------------------------------

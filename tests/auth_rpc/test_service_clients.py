@@ -103,7 +103,11 @@ def test_a_client_registered_before_digests_is_upgraded_on_success(
 def test_a_client_in_use_stays_remembered(
     open_service: Callable[..., AuthService], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The remembered success is extended by each use, not dropped 300 s after the first."""
+    """The remembered success is extended by each use, not dropped 300 s after the first.
+
+    A remembered client is still looked up once per use (its row, by key: no
+    hashing, no throttle), so that a disable or a reset secret applies at once.
+    """
     import auth_rpc.auth.service as service_module
 
     now = [1000.0]
@@ -111,15 +115,18 @@ def test_a_client_in_use_stays_remembered(
     service = open_service()
     secret = service.add_client("posts-svc", (), introspect=True)
     service.authenticate_client("posts-svc", secret)
-    reads = []
-    real_get = service._accounts.get_client
+    slow = []
+    real_slow = service._authenticate_client_slow
     monkeypatch.setattr(
-        service._accounts, "get_client", lambda cid: reads.append(cid) or real_get(cid)
+        service, "_authenticate_client_slow", lambda *a: slow.append(a) or real_slow(*a)
     )
     for _ in range(10):
         now[0] += service_module.CLIENT_AUTH_CACHE_TTL_S / 2
         assert service.authenticate_client("posts-svc", secret) == "posts-svc"
-    assert reads == []
+    assert slow == []
+    service.disable("posts-svc")  # the remembered success ends with the account
+    with pytest.raises(InvalidCredentials):
+        service.authenticate_client("posts-svc", secret)
 
 
 def test_users_and_clients_cannot_share_a_name(open_service: Callable[..., AuthService]) -> None:

@@ -306,7 +306,8 @@ BASE = ["serve", "--data-dir", "/nonexistent", "--port", "0", "--issuer", "https
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--verify", "local"], "--verify local needs --public-key FILE or --hs256-secret-file"),
+        (["--verify", "local"],
+         "--verify local needs --public-key FILE, --jwks-file FILE or --hs256-secret-file"),
         (["--verify", "local", "--public-key", "a", "--hs256-secret-file", "b"],
          "not allowed with"),
         (["--verify", "local", "--hs256-secret-file", "s", "--jwks-url", "http://x/"],
