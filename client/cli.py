@@ -6,23 +6,32 @@ Usage::
                  [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
                  COMMAND ...
 
-    login USERNAME [--password-stdin]   log in; the tokens are saved (mode 0600)
-    logout                              revoke the tokens and delete the token file
+    login USERNAME [--password-stdin] [--json]   log in; the tokens are saved (mode 0600)
+    logout [--json]                     revoke the tokens and delete the token file
     whoami [--json]                     Auth.validate of the saved token
     create --title T (--body B | --body-file F|-) [--json]
     list [--limit N] [--before ID] [--json]
     get ID [--json]
     update ID [--title T] [--body B | --body-file F|-] [--json]
-    delete ID
+    delete ID [--json]
 
-Addresses: ``--auth`` (else ``$POSTS_CLIENT_AUTH``, else the address saved at
-login, else ``127.0.0.1:9090``) and ``--posts`` (else ``$POSTS_CLIENT_POSTS``,
-else saved, else ``127.0.0.1:9091``). ``login`` takes only what it is given
-(options, environment, defaults) and saves the addresses and the connection
-options (``--framed``, TLS files), so later commands need none of them.
-Global options go before the command. The saved tokens are
-only ever sent to the Auth service they came from: with a different
-``--auth``, a command says "not logged in" instead.
+Addresses: ``--auth`` (else ``$POSTS_CLIENT_AUTH``, else the address saved by
+the last login, else ``127.0.0.1:9090``) and ``--posts`` (else
+``$POSTS_CLIENT_POSTS``, else saved, else ``127.0.0.1:9091``). ``login`` looks
+them up in the same order, and takes the saved connection options
+(``--framed``, TLS files) too when it logs in again at the saved Auth address
+without new ones; it saves what it used, so later commands (and the next
+login) need none of them. Global options go before the command; ``--json``
+may go before or after it. The saved tokens are only ever sent to the Auth
+service they came from: with a different ``--auth``, a command says "not
+logged in" instead.
+
+JSON output (``--json``): one object; times are RFC 3339 strings in UTC with
+milliseconds (``2026-11-23T14:13:21.123Z``) in the fields ``created``,
+``updated`` (posts) and ``expires`` (``login``, ``whoami``). The older number
+fields are kept as they were, with the units of the IDL fields they copy:
+``created_at`` and ``updated_at`` in unix milliseconds (``Post``),
+``whoami``'s ``expires_at`` in unix seconds (``Principal``).
 
 The token file is ``tokens.json`` in ``$POSTS_CLIENT_CONFIG_DIR`` if set, else
 in the platform's configuration directory for ``posts-client``. The directory
@@ -41,8 +50,10 @@ token file); 2 usage; 3 unauthenticated (including not logged in); 4
 permission denied; 5 not found; 6 invalid argument; 7 unavailable (connection
 refused, timeout, TLS failure, or a dependency of the service down); 8 rate
 limited; 130 interrupted. Expected errors print one line on standard error:
-``posts-client: error: not found: post 42``. Tokens and passwords are never
-printed.
+``posts-client: error: not found: post 42``; a refusal or failure of a server
+names it (``unauthenticated: invalid username or password (Auth service at
+127.0.0.1:9090)``). Usage errors print the usage of the command they are
+about. Tokens and passwords are never printed.
 """
 
 from __future__ import annotations
@@ -52,7 +63,9 @@ import dataclasses
 import functools
 import getpass
 import json
+import math
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -122,6 +135,8 @@ EXIT_INTERRUPTED = 130
 
 DEFAULT_AUTH = f"127.0.0.1:{DEFAULT_AUTH_PORT}"
 DEFAULT_POSTS = f"127.0.0.1:{DEFAULT_POSTS_PORT}"
+#: The largest page ``list_posts`` serves (docs/contract.md).
+MAX_PAGE = 100
 
 _LOGIN_HINT = f"run: {PROG} login USERNAME"
 
@@ -138,7 +153,26 @@ class _Failure(Exception):
 # --------------------------------------------------------------------------- parsing
 
 
-def _build_parser() -> argparse.ArgumentParser:
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: arguments it does not know are its own usage error.
+
+    argparse hands everything after the command's name to the command's
+    parser and, by default, lets the top-level parser report what was left
+    over, with the top-level usage. Here the command's parser reports it, with
+    the command's usage (``usage: posts-client get [-h] [--json] ID``).
+    """
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
+def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser, and each command's parser by name."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Log in to the Auth service and use the Posts service.",
@@ -151,11 +185,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(
         "--auth", metavar="HOST:PORT",
-        help=f"Auth service (default: $POSTS_CLIENT_AUTH, the saved login, {DEFAULT_AUTH})",
+        help=f"Auth service (default: $POSTS_CLIENT_AUTH, else the address saved by the "
+        f"last login, else {DEFAULT_AUTH}; login too)",
     )
     parser.add_argument(
         "--posts", metavar="HOST:PORT",
-        help=f"Posts service (default: $POSTS_CLIENT_POSTS, the saved login, {DEFAULT_POSTS})",
+        help=f"Posts service (default: $POSTS_CLIENT_POSTS, else the address saved by the "
+        f"last login, else {DEFAULT_POSTS})",
     )
     parser.add_argument(
         "--framed", action="store_true", default=None, help="use the framed transport"
@@ -171,7 +207,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "--timeout", metavar="SECONDS", type=_positive_float, default=5.0,
         help="per-call timeout (default 5)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "--json", action="store_true", default=False,
+        help="print JSON (for scripts); also accepted after the command",
+    )
+    commands = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser
+    )
 
     login = commands.add_parser("login", help="log in and save the tokens")
     login.add_argument("username")
@@ -179,8 +221,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "--password-stdin", action="store_true",
         help="read the password from the first line of standard input",
     )
+    _add_json(login)
 
-    commands.add_parser("logout", help="revoke the saved tokens and delete them")
+    logout = commands.add_parser("logout", help="revoke the saved tokens and delete them")
+    _add_json(logout)
 
     whoami = commands.add_parser("whoami", help="show who the saved token belongs to")
     _add_json(whoami)
@@ -192,7 +236,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="list posts, newest first")
     listing.add_argument(
-        "--limit", type=_non_negative_int, default=0, help="1..100 (default: the server's, 20)"
+        "--limit", type=_page_size, default=None, metavar="N",
+        help=f"posts per page, 1..{MAX_PAGE} (default: the server's, 20)",
     )
     listing.add_argument(
         "--before", type=_non_negative_int, default=0, metavar="ID",
@@ -214,11 +259,16 @@ def _build_parser() -> argparse.ArgumentParser:
 
     delete = commands.add_parser("delete", help="delete a post")
     delete.add_argument("post_id", metavar="ID", type=_positive_int)
-    return parser
+    _add_json(delete)
+    return parser, dict(commands.choices)
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print JSON (for scripts)")
+    # SUPPRESS: when absent here, the top-level ``--json`` (before the command) stands.
+    parser.add_argument(
+        "--json", action="store_true", default=argparse.SUPPRESS,
+        help="print JSON (for scripts)",
+    )
 
 
 def _add_body(parser: argparse.ArgumentParser, *, required: bool) -> None:
@@ -229,18 +279,30 @@ def _add_body(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
+def _whole_number(text: str) -> int:
+    try:
+        return int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    """A post id: 0 and negative numbers get one message."""
+    value = _whole_number(text)
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to {2**63 - 1}")
+    return value
+
+
+def _page_size(text: str) -> int:
+    value = _whole_number(text)
+    if not 1 <= value <= MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"must be from 1 to {MAX_PAGE}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    value = _whole_number(text)
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"out of range: {text}")
     return value
@@ -259,6 +321,24 @@ def _positive_float(text: str) -> float:
 # --------------------------------------------------------------------------- context
 
 
+class _Session(Session):
+    """A session that reports a failed token renewal (an Auth service error) to the CLI.
+
+    In a Posts command an error may come from the Posts service or, while the
+    tokens are renewed, from the Auth service: the message names the right one.
+    """
+
+    on_renewal_error: Callable[[BaseException], None] | None = None
+
+    def _renew_locked(self, tokens: Tokens) -> Tokens:
+        try:
+            return super()._renew_locked(tokens)
+        except Exception as exc:
+            if self.on_renewal_error is not None:
+                self.on_renewal_error(exc)
+            raise
+
+
 @dataclasses.dataclass
 class _Context:
     args: argparse.Namespace
@@ -268,19 +348,29 @@ class _Context:
     stdout: TextIO
     stderr: TextIO
     parser: argparse.ArgumentParser
+    command_parser: argparse.ArgumentParser
+    #: The server a command is talking to, named in its errors ("Posts service at H:P").
+    asked: str | None = None
+    #: An error of the Auth service while renewing tokens in a Posts command (named as such).
+    renewal_error: BaseException | None = None
+    #: The Auth address of the saved login in use.
+    session_auth: str | None = None
+    #: TLS is in use without a client certificate (a mutual-TLS server refuses that).
+    tls_without_cert: bool = False
 
     def usage(self, message: str) -> NoReturn:
-        self.parser.error(message)  # exits 2
+        """A usage error of the command: its own usage, then exit 2."""
+        self.command_parser.error(message)
 
     def check_options(self) -> None:
         """Usage errors in the global options, before anything else happens."""
         args = self.args
         if bool(args.tls_cert) != bool(args.tls_key):
-            self.usage("--tls-cert and --tls-key go together")
+            self.parser.error("--tls-cert and --tls-key go together")
         for name in ("tls_ca", "tls_cert", "tls_key"):
             value = getattr(args, name)
             if value is not None and not os.path.isfile(value):
-                self.usage(f"--{name.replace('_', '-')}: no such file: {value}")
+                self.parser.error(f"--{name.replace('_', '-')}: no such file: {value}")
         for which in ("auth", "posts"):
             for source, value in (
                 (f"--{which}", getattr(args, which)),
@@ -290,7 +380,7 @@ class _Context:
                     try:
                         parse_hostport(value)
                     except ValueError as exc:
-                        self.usage(f"{source}: {exc}")
+                        self.parser.error(f"{source}: {exc}")
 
     # -- connection settings: flag, then environment, then the saved login, then default
 
@@ -304,7 +394,7 @@ class _Context:
             host, port = parse_hostport(value)
         except ValueError as exc:
             source = f"--{which}" if flag else f"$POSTS_CLIENT_{which.upper()}" if env else which
-            self.usage(f"{source}: {exc}")
+            self.parser.error(f"{source}: {exc}")
         return Endpoint(host=host, port=port).address
 
     def connection_options(self, saved: SavedLogin | None) -> dict[str, Any]:
@@ -328,6 +418,7 @@ class _Context:
     def endpoint(self, address: str, options: Mapping[str, Any]) -> Endpoint:
         tls = None
         if options["use_tls"]:
+            self.tls_without_cert = not options["tls_cert"]
             tls = TLSClientConfig(
                 ca_file=options["tls_ca"], cert_file=options["tls_cert"],
                 key_file=options["tls_key"],
@@ -374,11 +465,25 @@ class _Context:
             save_login(self.path, updated)
             current[0] = updated
 
-        session = Session(self.endpoint(auth, options), tokens, on_tokens=_save)
+        session = _Session(self.endpoint(auth, options), tokens, on_tokens=_save)
+        self.session_auth = auth
+        session.on_renewal_error = self._renewal_failed
         return session, saved, posts_endpoint
+
+    def _renewal_failed(self, exc: BaseException) -> None:
+        self.renewal_error = exc
+
+    def ask(self, endpoint: Endpoint | str, service: str) -> None:
+        """Name the server the next calls go to, for the error messages."""
+        address = endpoint.address if isinstance(endpoint, Endpoint) else endpoint
+        self.asked = f"{service} service at {address}"
 
     def print(self, text: str = "") -> None:
         print(text, file=self.stdout)
+
+    @property
+    def json(self) -> bool:
+        return bool(self.args.json)
 
     def print_json(self, value: object) -> None:
         json.dump(value, self.stdout, indent=2, ensure_ascii=False)
@@ -397,11 +502,14 @@ def _cmd_login(ctx: _Context) -> int:
         previous = ctx.load()
     except ConfigError:
         previous = None  # replaced below
-    # login uses only what it is given (flags, environment, defaults) and saves it.
-    auth = ctx.address("auth", None)
-    posts = ctx.address("posts", None)
-    options = ctx.connection_options(None)
+    # As every command: a flag, else the environment, else the last login, else the default.
+    auth = ctx.address("auth", previous)
+    posts = ctx.address("posts", previous)
+    # The saved TLS files and framing belong to the saved Auth address.
+    same_server = previous is not None and previous.auth == auth
+    options = ctx.connection_options(previous if same_server else None)
     password = _read_password(ctx, args.username)
+    ctx.ask(auth, "Auth")
     session = Session.login(ctx.endpoint(auth, options), args.username, password)
     del password
     tokens = session.tokens
@@ -424,6 +532,15 @@ def _cmd_login(ctx: _Context) -> int:
     )
     if previous is not None and previous.auth == auth and previous.refresh_token:
         _revoke_quietly(ctx.endpoint(auth, options), previous.refresh_token)
+    if ctx.json:
+        ctx.print_json({
+            "subject": args.username,
+            "scopes": tokens.scope.split(),
+            "expires": _rfc3339(round(tokens.expires_at * 1000)),
+            "auth": auth,
+            "posts": posts,
+        })
+        return EXIT_OK
     ctx.print(
         f"logged in as {_printable(args.username)} at {auth} "
         f"(scope: {_printable(tokens.scope) or '-'}; "
@@ -459,35 +576,44 @@ def _revoke_quietly(endpoint: Endpoint, token: str) -> None:
 def _cmd_logout(ctx: _Context) -> int:
     saved = ctx.load()
     if saved is None:
-        ctx.note("not logged in; nothing to do")
+        if ctx.json:
+            ctx.print_json({"logged_out": False, "subject": None})
+        else:
+            ctx.note("not logged in; nothing to do")
         return EXIT_OK
     session, _, _ = ctx.session()
+    ctx.ask(session.auth, "Auth")
     try:
         session.logout()
     except (ClientError, common_thrift.Unavailable, common_thrift.InvalidArgument) as exc:
         delete_login(ctx.path)
-        code, message = _describe(exc)
+        code, message = _describe(exc, ctx)
         raise _Failure(
             code, f"the saved tokens are deleted, but could not be revoked: {message}"
         ) from exc
     delete_login(ctx.path)
-    ctx.print(f"logged out ({_printable(saved.subject)})")
+    if ctx.json:
+        ctx.print_json({"logged_out": True, "subject": saved.subject})
+    else:
+        ctx.print(f"logged out ({_printable(saved.subject)})")
     return EXIT_OK
 
 
 def _cmd_whoami(ctx: _Context) -> int:
     session, saved, _ = ctx.session()
+    ctx.ask(session.auth, "Auth")
     principal = session.validate()
     scopes = [str(s) for s in (principal.scopes or [])]
     info = {
         "subject": principal.subject,
         "scopes": scopes,
-        "expires_at": principal.expires_at,
+        "expires": _rfc3339(principal.expires_at * 1000),
+        "expires_at": principal.expires_at,  # unix seconds, as Principal.expires_at
         "client_id": principal.client_id or "",
         "token_id": principal.token_id or "",
         "auth": saved.auth,
     }
-    if ctx.args.json:
+    if ctx.json:
         ctx.print_json(info)
         return EXIT_OK
     left = principal.expires_at - time.time()
@@ -505,9 +631,10 @@ def _cmd_whoami(ctx: _Context) -> int:
 def _cmd_create(ctx: _Context) -> int:
     body = _read_body(ctx)
     session, _, endpoint = ctx.session()
+    ctx.ask(endpoint, "Posts")
     with session.posts(endpoint) as posts:
         post = posts.create_post(title=ctx.args.title, body=body)
-    if ctx.args.json:
+    if ctx.json:
         ctx.print_json(_post_json(post))
     else:
         ctx.print(f"created post {post.id}")
@@ -516,10 +643,11 @@ def _cmd_create(ctx: _Context) -> int:
 
 def _cmd_list(ctx: _Context) -> int:
     session, _, endpoint = ctx.session()
+    ctx.ask(endpoint, "Posts")
     with session.posts(endpoint) as posts:
-        page = posts.list_posts(limit=ctx.args.limit, before_id=ctx.args.before)
+        page = posts.list_posts(limit=ctx.args.limit or 0, before_id=ctx.args.before)
     items = list(page.posts or [])
-    if ctx.args.json:
+    if ctx.json:
         ctx.print_json(
             {"posts": [_post_json(p) for p in items], "next_before_id": page.next_before_id or 0}
         )
@@ -544,9 +672,10 @@ def _cmd_list(ctx: _Context) -> int:
 
 def _cmd_get(ctx: _Context) -> int:
     session, _, endpoint = ctx.session()
+    ctx.ask(endpoint, "Posts")
     with session.posts(endpoint) as posts:
         post = posts.get_post(post_id=ctx.args.post_id)
-    if ctx.args.json:
+    if ctx.json:
         ctx.print_json(_post_json(post))
         return EXIT_OK
     ctx.print(f"id:       {post.id}")
@@ -565,6 +694,7 @@ def _cmd_update(ctx: _Context) -> int:
         ctx.usage("update: give --title, --body or --body-file")
     body = _read_body(ctx) if args.body is not None or args.body_file is not None else None
     session, _, endpoint = ctx.session()
+    ctx.ask(endpoint, "Posts")
     with session.posts(endpoint) as posts:
         title = args.title
         if title is None or body is None:
@@ -572,7 +702,7 @@ def _cmd_update(ctx: _Context) -> int:
             title = current.title if title is None else title
             body = current.body if body is None else body
         post = posts.update_post(post_id=args.post_id, title=title, body=body)
-    if args.json:
+    if ctx.json:
         ctx.print_json(_post_json(post))
     else:
         ctx.print(f"updated post {post.id}")
@@ -581,9 +711,13 @@ def _cmd_update(ctx: _Context) -> int:
 
 def _cmd_delete(ctx: _Context) -> int:
     session, _, endpoint = ctx.session()
+    ctx.ask(endpoint, "Posts")
     with session.posts(endpoint) as posts:
         posts.delete_post(post_id=ctx.args.post_id)
-    ctx.print(f"deleted post {ctx.args.post_id}")
+    if ctx.json:
+        ctx.print_json({"deleted": ctx.args.post_id})
+    else:
+        ctx.print(f"deleted post {ctx.args.post_id}")
     return EXIT_OK
 
 
@@ -635,7 +769,9 @@ def _post_json(post: Any) -> dict[str, Any]:
         "author": post.author,
         "title": post.title,
         "body": post.body,
-        "created_at": post.created_at,
+        "created": _rfc3339(post.created_at),
+        "updated": _rfc3339(post.updated_at),
+        "created_at": post.created_at,  # unix milliseconds, as Post.created_at
         "updated_at": post.updated_at,
     }
 
@@ -658,6 +794,18 @@ def _utc(seconds: float) -> str:
         return datetime.fromtimestamp(seconds, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
     except (OverflowError, OSError, ValueError):
         return "?"
+
+
+def _rfc3339(milliseconds: int) -> str | None:
+    """``2026-11-23T14:13:21.123Z``: the one time format of the JSON output (UTC, ms).
+
+    ``None`` (JSON ``null``) for a time that cannot be shown.
+    """
+    try:
+        whole = datetime.fromtimestamp(int(milliseconds) // 1000, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return None
+    return whole.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(milliseconds) % 1000:03d}Z"
 
 
 def _duration(seconds: float) -> str:
@@ -683,36 +831,75 @@ def _message(exc: BaseException) -> str:
     return _printable(str(text))
 
 
-def _describe(exc: BaseException) -> tuple[int, str]:
-    """The exit code and one-line message for an expected failure."""
+def _describe(exc: BaseException, ctx: _Context | None = None) -> tuple[int, str]:
+    """The exit code and one-line message for an expected failure.
+
+    A server's refusal names the server (``(Auth service at 127.0.0.1:9090)``);
+    transport errors name the address in their own message.
+    """
+    server = None
+    if ctx is not None:
+        renewing = ctx.renewal_error is not None and exc is ctx.renewal_error
+        if renewing and ctx.session_auth is not None:
+            server = f"Auth service at {ctx.session_auth}"
+        else:
+            server = ctx.asked
+    at = f" ({server})" if server else ""
     if isinstance(exc, _Failure):
         return exc.code, _printable(exc.message)
     if isinstance(exc, NotLoggedIn):
         return EXIT_UNAUTHENTICATED, _message(exc)
     if isinstance(exc, common_thrift.Unauthenticated):
-        return EXIT_UNAUTHENTICATED, f"unauthenticated: {_message(exc)} ({_LOGIN_HINT})"
+        if ctx is not None and ctx.args.command == "login":
+            return EXIT_UNAUTHENTICATED, f"unauthenticated: {_message(exc)}{at}"
+        where = f"{server}; " if server else ""
+        return EXIT_UNAUTHENTICATED, f"unauthenticated: {_message(exc)} ({where}{_LOGIN_HINT})"
     if isinstance(exc, common_thrift.PermissionDenied):
-        return EXIT_FORBIDDEN, f"permission denied: {_message(exc)}"
+        return EXIT_FORBIDDEN, f"permission denied: {_message(exc)}{at}"
     if isinstance(exc, common_thrift.NotFound):
         return EXIT_NOT_FOUND, f"not found: {_message(exc)}"
     if isinstance(exc, common_thrift.InvalidArgument):
         return EXIT_INVALID, f"invalid argument: {_message(exc)}"
     if isinstance(exc, common_thrift.Unavailable):
-        return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}"
+        return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}{at}"
     if isinstance(exc, ConnectionLost):  # before TransportError, its base
         return EXIT_MAYBE_DONE, f"connection lost: {_message(exc)}"
     if isinstance(exc, TransportError):
-        return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}"
+        return EXIT_UNAVAILABLE, f"unavailable: {_message(exc)}{_tls_hint(exc, ctx)}"
     if isinstance(exc, common_thrift.RateLimited):
-        wait_s = max(int(exc.retry_after_ms or 0), 0) / 1000
-        return EXIT_RATE_LIMITED, f"rate limited: {_message(exc)} (retry after {wait_s:g} s)"
+        # Whole seconds, rounded up: waiting the time shown is always enough.
+        wait_s = math.ceil(max(int(exc.retry_after_ms or 0), 0) / 1000)
+        where = f"{server}; " if server else ""
+        return EXIT_RATE_LIMITED, f"rate limited: {_message(exc)} ({where}retry after {wait_s} s)"
     if isinstance(exc, TApplicationException):
-        return EXIT_ERROR, f"server error: {_message(exc)}"
+        return EXIT_ERROR, f"server error: {_message(exc)}{at}"
     if isinstance(exc, (ProtocolError, ConfigError, ClientError)):
         return EXIT_ERROR, _message(exc)
     if isinstance(exc, OSError):
         return EXIT_ERROR, f"{_printable(exc.strerror or str(exc))}"
     raise exc
+
+
+def _tls_hint(exc: BaseException, ctx: _Context | None) -> str:
+    """Advice when a TLS connection without a client certificate was cut by the server.
+
+    A server that requires client certificates (mutual TLS) ends the handshake
+    with an alert, or closes the connection as the first request is written
+    (TLS 1.3), so the client sees a TLS error or an unexpected end of file;
+    a server certificate that fails verification is another matter.
+    """
+    if ctx is None or not ctx.tls_without_cert:
+        return ""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return ""
+        if isinstance(cause, ssl.SSLError) and "CERTIFICATE_REQUIRED" in str(cause.reason):
+            return "; the server requires a client certificate: pass --tls-cert/--tls-key"
+        if isinstance(cause, (ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            return "; if the server requires a client certificate, pass --tls-cert/--tls-key"
+        cause = cause.__cause__ or cause.__context__
+    return ""
 
 
 _EXPECTED = (
@@ -740,7 +927,7 @@ def main(
 ) -> int:
     """Run ``posts-client``; returns the exit code (see the module docstring)."""
     env = os.environ if env is None else env
-    parser = _build_parser()
+    parser, command_parsers = _build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
@@ -755,6 +942,7 @@ def main(
         stdout=stdout or sys.stdout,
         stderr=stderr or sys.stderr,
         parser=parser,
+        command_parser=command_parsers[args.command],
     )
     try:
         ctx.check_options()
@@ -767,7 +955,7 @@ def main(
         print(f"{PROG}: interrupted", file=ctx.stderr)
         return EXIT_INTERRUPTED
     except _EXPECTED as exc:
-        code, message = _describe(exc)
+        code, message = _describe(exc, ctx)
         print(f"{PROG}: error: {message}", file=ctx.stderr)
         return code
 

@@ -242,6 +242,11 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _is_tls_alert(exc: BaseException) -> bool:
+    """A TLS alert from the peer (``TLSV13_ALERT_CERTIFICATE_REQUIRED``, ...)."""
+    return isinstance(exc, ssl.SSLError) and "ALERT" in str(exc.reason or "")
+
+
 def _is_timeout(exc: BaseException) -> bool:
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return True
@@ -270,6 +275,7 @@ class _Connection:
         self.service = service
         self.endpoint = endpoint
         self.idle_since = time.monotonic()
+        self._answered = False  # a reply has come on this connection
 
     def call(self, method: str, arguments: dict[str, Any]) -> Any:
         """Send one call and read its reply.
@@ -285,13 +291,24 @@ class _Connection:
         except _TRANSPORT_FAILURES as exc:
             raise _CallFailed(exc, sent=False) from exc
         try:
-            return self._client._recv(method)
+            result = self._client._recv(method)
         except _TRANSPORT_FAILURES as exc:
-            raise _CallFailed(exc, sent=True) from exc
+            # A TLS alert before the first reply ends the handshake (TLS 1.3
+            # checks the client's certificate after the client has finished
+            # its side and may already have written the request): the server
+            # refused the connection and never read the request.
+            refused = not self._answered and _is_tls_alert(exc)
+            raise _CallFailed(exc, sent=not refused) from exc
         except TApplicationException as exc:
             if is_server_busy(exc):  # refused unrun; the server closes the connection
                 raise _CallFailed(exc, sent=False) from exc
+            self._answered = True
             raise
+        except Exception:
+            self._answered = True  # an IDL exception: a reply
+            raise
+        self._answered = True
+        return result
 
     def peer_closed(self) -> bool:
         """True when the idle connection has been closed by the server.

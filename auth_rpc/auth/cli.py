@@ -478,10 +478,12 @@ def _serve(args: argparse.Namespace) -> int:
 
         return stop
 
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
     ready = (
-        f"auth-rpc ready: thrift={args.host}:{thrift_sock.getsockname()[1]} "
+        f"auth-rpc ready: thrift={shown_host}:{thrift_sock.getsockname()[1]} "
         f"http={http_url} "
-        f"issuer={issuer} audience={args.audience}"
+        f"issuer={issuer} audience={args.audience} "
+        f"tls={'on' if tls else 'off'} framed={'on' if args.framed else 'off'}"
     )
     with http_sock, thrift_sock:  # closed however serving ends
         if args.workers == 1:

@@ -27,6 +27,7 @@ __all__ = [
     "ACCESS_FIELDS",
     "LOG_FORMATS",
     "JsonFormatter",
+    "ListenError",
     "add_listener_arguments",
     "add_logging_arguments",
     "bind_socket",
@@ -62,11 +63,23 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+class ListenError(OSError):
+    """A listening socket could not be made; the message names the address.
+
+    ``str()`` is the message alone (``OSError`` would put ``[Errno 98]``
+    in front of it), so a command's one error line reads well.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``port=0`` picks a free one).
 
-    Raises ``OSError`` whose message names the address (``cannot listen on
-    127.0.0.1:9090: [Errno 98] Address already in use``).
+    Raises :class:`ListenError` (an ``OSError`` with the same ``errno``) whose
+    message names the address: ``cannot listen on 127.0.0.1:9090: address
+    already in use``.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -77,7 +90,8 @@ def bind_socket(host: str, port: int, *, backlog: int = 1024) -> socket.socket:
     except OSError as exc:
         sock.close()
         shown = f"[{host}]" if ":" in host else host
-        raise OSError(exc.errno, f"cannot listen on {shown}:{port}: {exc}") from exc
+        reason = (exc.strerror or str(exc)).lower()
+        raise ListenError(exc.errno, f"cannot listen on {shown}:{port}: {reason}") from exc
     except BaseException:
         sock.close()
         raise

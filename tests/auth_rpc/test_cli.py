@@ -21,7 +21,8 @@ from auth_rpc.serving.transport import open_client
 
 READY = re.compile(
     r"^auth-rpc ready: thrift=(?P<host>[\d.]+):(?P<port>\d+) http=(?P<http>\S+) "
-    r"issuer=(?P<issuer>\S+) audience=(?P<aud>\S+)$"
+    r"issuer=(?P<issuer>\S+) audience=(?P<aud>\S+) "
+    r"tls=(?P<tls>on|off) framed=(?P<framed>on|off)$"
 )
 
 

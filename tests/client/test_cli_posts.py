@@ -58,7 +58,7 @@ def test_create_list_get_update_delete(logged_in: Any, user: Any, tmp_path: Path
     assert [p["title"] for p in listing["posts"]] == ["From stdin", "From file", "Hello"]
     assert listing["next_before_id"] == 0
     assert set(listing["posts"][0]) == {
-        "id", "author", "title", "body", "created_at", "updated_at",
+        "id", "author", "title", "body", "created", "updated", "created_at", "updated_at",
     }
 
     page = cli.run("list", "--limit", "2", "--json")
@@ -113,7 +113,10 @@ def test_invalid_arguments_exit_6(logged_in: Any, tmp_path: Path) -> None:
     _fails(
         logged_in.run("create", "--title", "   ", "--body", "x"), EXIT_INVALID, "invalid argument:"
     )
-    _fails(logged_in.run("list", "--limit", "500"), EXIT_INVALID, "invalid argument:")
+    _fails(
+        logged_in.run("create", "--title", "t" * 201, "--body", "x"), EXIT_INVALID,
+        "invalid argument: title",
+    )
     _fails(
         logged_in.run("create", "--title", "t", "--body-file", str(tmp_path / "missing.txt")),
         EXIT_INVALID, "cannot read",
