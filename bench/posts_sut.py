@@ -106,7 +106,9 @@ def _verifier(args: argparse.Namespace) -> TokenVerifier | None:
         settings["jwks_url"] = args.jwks_url
         # The bench mints these tokens itself (with the Auth service's key), without a
         # Token Status List entry: with the default ("required") every call was refused.
-        settings["status_list"] = "off"
+        # The "jwks +status" row passes --status-list required, with a token the Auth
+        # service issued (it carries its entry), to measure the bit read per call.
+        settings["status_list"] = args.status_list
     elif args.verify == "introspect":
         settings["introspect_url"] = args.introspect_url
         settings["client_id"] = args.client_id
@@ -166,6 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--client-id")
     parser.add_argument("--client-secret-file", type=Path)
     parser.add_argument("--auth-addr")
+    parser.add_argument("--status-list", default="off",
+                        choices=("required", "if-present", "off"),
+                        help="jwks mode: read each token's Token Status List bit (default off)")
     parser.add_argument("--fill-cache", type=int, default=0, metavar="N")
     parser.add_argument("--fill-deadline", type=float, default=0.0, metavar="SECONDS",
                         help="stop filling after this long (0: no limit); cached= says how far")
