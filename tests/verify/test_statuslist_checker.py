@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.verify.local import LocalVerifier
-from auth_rpc.verify.statuslist import StatusList, StatusListChecker
+from auth_rpc.verify.statuslist import MIN_REFRESH_S, StatusList, StatusListChecker
 
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"
@@ -354,6 +354,34 @@ def test_unchanged_lists_cost_a_304_and_count_as_confirmed(
     assert server.conditional == 30
     held = checker(v).held(uri)
     assert held is not None and held.confirmed_at == clock.now and held.fetched_at == T0
+
+
+@pytest.mark.parametrize(
+    ("ttl", "cap", "interval"),
+    [
+        (30, 5.0, 5.0),  # the verifier's cap bounds a long ttl
+        (2, 5.0, 2.0),  # the issuer's shorter ttl is followed
+        (0.01, 5.0, MIN_REFRESH_S),  # but never more often than the floor
+        (None, 3.0, 3.0),  # no ttl: the cap
+    ],
+)
+def test_a_list_is_refreshed_every_ttl_capped_by_the_verifier(
+    server: StatusServer, make: Make, clock: Clock, ttl: float | None, cap: float, interval: float
+) -> None:
+    uri = server.prefix + "1"
+    server.publish(1, list_token(uri, [], ttl=ttl))
+    v = make(status_max_age_s=60, status_refresh_max_s=cap)
+    token = access_token(uri, 1)
+    v.verify(token)
+    held = checker(v).held(uri)
+    assert held is not None and held.interval_s == interval
+    fetched = server.hits
+    clock.now += interval - 0.01  # not yet due
+    assert checker(v).refresh() == 0
+    assert server.hits == fetched
+    clock.now += 0.02  # due
+    assert checker(v).refresh() == 1
+    assert server.hits == fetched + 1
 
 
 def test_with_the_issuer_down_the_last_list_serves_until_the_bound_then_calls_are_refused(
