@@ -96,6 +96,10 @@ def test_posts_workers_share_the_socket_restart_and_stop(tmp_path: Path) -> None
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+        # The supervisor said how the worker stopped, by the signal's name.
+        assert re.search(
+            r"worker [01] stopped with signal 9 \(SIGKILL\); starting a new one", err
+        ), err
 
 
 def test_auth_workers_serve_thrift_and_http(tmp_path: Path) -> None:

@@ -286,7 +286,9 @@ def run_workers(
                     log.error("workers keep dying (%d restarts in 60 s); giving up", len(restarts))
                     stopping.set()
                     break
-                log.warning("worker %d exited (status %d); starting a new one", number, status)
+                log.warning(
+                    "worker %d stopped with %s; starting a new one", number, _how_stopped(status)
+                )
                 spawn(number)
         log.info("signal received; stopping %d workers", len(children))
         for pid in children:
@@ -308,13 +310,24 @@ def run_workers(
             number = children.pop(pid, -1)
             code = os.waitstatus_to_exitcode(status)
             if code != 0:
-                how = f"signal {-code}" if code < 0 else f"status {code}"
-                log.error("worker %d stopped with %s", number, how)
+                log.error("worker %d stopped with %s", number, _how_stopped(status))
             clean &= code == 0
         return 0 if clean else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _how_stopped(wait_status: int) -> str:
+    """``exit status N`` or ``signal N (SIGNAME)`` from a ``waitpid`` status."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    if code >= 0:
+        return f"exit status {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+    return f"signal {-code} ({name})"
 
 
 def _at_least_one(text: str) -> int:

@@ -62,7 +62,11 @@ def test_a_verifier_is_required(tmp_path: Path) -> None:
 
 
 def test_storage_failure_is_unavailable(
-    client: Any, mint: Mint, posts_server: PostsServer, tmp_path: Path
+    client: Any,
+    mint: Mint,
+    posts_server: PostsServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     post = client.create_post(mint(), "before", "")
     other = sqlite3.connect(tmp_path / "posts" / DB_FILE_NAME)
@@ -80,6 +84,9 @@ def test_storage_failure_is_unavailable(
         with pytest.raises(common_thrift.Unavailable) as info:
             call()
         assert "sqlite" not in info.value.message.lower()  # nothing internal leaks
+    # The operator's log says SQLite's own words (the client is told only "unavailable").
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("posts_rpc")]
+    assert "post database error: OperationalError: no such table: posts" in said, said
 
 
 def test_concurrent_clients(connect: Callable[[], Any], mint: Mint) -> None:
