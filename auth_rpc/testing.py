@@ -90,6 +90,7 @@ __all__ = [
     "VERIFIER_MODES",
     "MintOptions",
     "TokenFactory",
+    "default_scopes",
 ]
 
 #: The issuer and audience of ``auth_server`` unless overridden
@@ -107,8 +108,19 @@ INTROSPECT_CLIENT_ID = "introspecting-service"
 #: How long before ``now`` a :meth:`TokenFactory.expired` token expired (past any leeway).
 EXPIRED_FOR_S = 3600
 
-# The scopes ``make_user`` and ``make_client`` grant unless told (kept from the Posts example).
-_ACCOUNT_SCOPES = ("posts:read", "posts:write")
+# The scopes ``make_user`` and ``make_client`` grant unless told, when the Auth
+# server's default audience is the Posts example's (``posts``); for any other
+# audience, none: a test of another service names its own scopes.
+_POSTS_USER_SCOPES = ("posts:read", "posts:write")
+_POSTS_CLIENT_SCOPES = ("posts:read",)
+
+
+def default_scopes(service: AuthService, *, client: bool = False) -> tuple[str, ...]:
+    """The scopes the account fixtures grant unless told: the Posts example's when
+    ``service``'s default audience is ``posts``, else none."""
+    if service.settings.audience != "posts":
+        return ()
+    return _POSTS_CLIENT_SCOPES if client else _POSTS_USER_SCOPES
 
 
 class MintOptions(TypedDict, total=False):
@@ -310,39 +322,49 @@ def auth_server(make_auth_server: Callable[..., AuthServer]) -> AuthServer:
 
 @pytest.fixture
 def make_user(auth_server: AuthServer) -> Callable[..., None]:
-    """``make_user(name, password, scopes="posts:read posts:write", service=None)``."""
+    """``make_user(name, password, scopes=None, service=None)``.
+
+    Without ``scopes``: ``posts:read posts:write`` where the Auth service's default
+    audience is ``posts`` (the example service), no scope otherwise.
+    """
 
     def make(
         name: str,
         password: str,
-        scopes: Iterable[str] | str = _ACCOUNT_SCOPES,
+        scopes: Iterable[str] | str | None = None,
         *,
         service: AuthService | None = None,
     ) -> None:
+        target = service or auth_server.service
+        if scopes is None:
+            scopes = default_scopes(target)
         scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
-        (service or auth_server.service).add_user(name, password, scope_list)
+        target.add_user(name, password, scope_list)
 
     return make
 
 
 @pytest.fixture
 def make_client(auth_server: AuthServer) -> Callable[..., str]:
-    """``make_client(client_id, scopes="posts:read", service=None, introspect=False) -> secret``.
+    """``make_client(client_id, scopes=None, service=None, introspect=False) -> secret``.
 
-    ``introspect=True`` gives the client the permission to introspect tokens.
+    Without ``scopes``: ``posts:read`` where the Auth service's default audience
+    is ``posts``, no scope otherwise. ``introspect=True`` gives the client the
+    permission to introspect tokens.
     """
 
     def make(
         client_id: str,
-        scopes: Iterable[str] | str = ("posts:read",),
+        scopes: Iterable[str] | str | None = None,
         *,
         service: AuthService | None = None,
         introspect: bool = False,
     ) -> str:
+        target = service or auth_server.service
+        if scopes is None:
+            scopes = default_scopes(target, client=True)
         scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
-        secret: str = (service or auth_server.service).add_client(
-            client_id, scope_list, introspect=introspect
-        )
+        secret: str = target.add_client(client_id, scope_list, introspect=introspect)
         return secret
 
     return make

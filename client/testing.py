@@ -38,23 +38,28 @@ POSTS_SCOPES = ("posts:read", "posts:write")
 
 @pytest.fixture
 def make_session(auth_server: AuthServer) -> Iterator[Callable[..., Session]]:
-    """``make_session(username="alice", scopes=POSTS_SCOPES, password=None)``: a logged-in Session.
+    """``make_session(username="alice", scopes=None, password=None)``: a logged-in Session.
 
     The user is created in ``auth_server`` first (with a random password when
-    none is given). Sessions are logged out at teardown.
+    none is given), with ``scopes``, or without them :data:`POSTS_SCOPES` where
+    the Auth service's default audience is ``posts`` (the example service) and
+    no scope otherwise. Sessions are logged out at teardown.
     """
+    from auth_rpc.testing import default_scopes
     from client.session import Session
 
     sessions: list[Session] = []
 
     def make(
         username: str = "alice",
-        scopes: Iterable[str] | str = POSTS_SCOPES,
+        scopes: Iterable[str] | str | None = None,
         *,
         password: str | None = None,
         **options: Any,
     ) -> Session:
         password = password or secrets.token_urlsafe(16)
+        if scopes is None:
+            scopes = default_scopes(auth_server.service)
         scope_list = scopes.split() if isinstance(scopes, str) else list(scopes)
         auth_server.service.add_user(username, password, scope_list)
         session = Session.login(f"127.0.0.1:{auth_server.port}", username, password, **options)

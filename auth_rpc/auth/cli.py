@@ -493,12 +493,31 @@ def _serve(args: argparse.Namespace) -> int:
         return run_workers(args.workers, ready, start)
 
 
+def _has_terminal() -> bool:
+    """Whether there is a terminal to ask on (``getpass`` reads ``/dev/tty``)."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 def _read_password(from_stdin: bool) -> str:
     if from_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Repeat password: ") != password:
+        if not _has_terminal():
+            raise SystemExit(
+                "auth-rpc: error: no terminal to ask the password on: pass --password-stdin "
+                "and give the password as the first line of standard input"
+            )
+        try:
+            password = getpass.getpass("Password: ")
+            repeated = getpass.getpass("Repeat password: ")
+        except EOFError:
+            raise SystemExit("auth-rpc: error: no password given") from None
+        if repeated != password:
             raise SystemExit("auth-rpc: error: passwords do not match")
     if not password:
         raise SystemExit("auth-rpc: error: empty password")

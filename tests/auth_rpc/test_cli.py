@@ -196,6 +196,28 @@ def test_usage_errors_exit_2(args: list[str]) -> None:
     assert run(*args).returncode == 2
 
 
+def test_a_password_without_a_terminal_needs_password_stdin(tmp_path: Path) -> None:
+    """Without --password-stdin the password is asked on the terminal; with none (a
+    script, a pipe, CI) the answer is one line naming the flag, not a traceback."""
+    done = subprocess.run(  # our own command, fixed arguments
+        [sys.executable, "-m", "auth_rpc.auth.cli", "add-user", "alice",
+         "--data-dir", str(tmp_path / "data")],
+        input="a long enough password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        start_new_session=True,  # no controlling terminal: /dev/tty cannot be opened
+    )
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "auth-rpc: error: no terminal to ask the password on: pass --password-stdin "
+        "and give the password as the first line of standard input"
+    ]
+    assert "a long enough password" not in done.stdout + done.stderr
+    assert not (tmp_path / "data").exists()  # nothing made
+
+
 def test_add_user_twice_is_a_clear_error(tmp_path: Path) -> None:
     data = str(tmp_path / "d")
     assert (

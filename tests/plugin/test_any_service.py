@@ -50,6 +50,18 @@ def test_token_factory_follows_the_auth_server(
     assert claims["scope"] == ""  # no Posts scopes, no scopes at all unless asked
 
 
+def test_accounts_get_no_posts_scopes_unless_asked(
+    make_user: Any, make_client: Any, auth_server: Any
+) -> None:
+    make_user("nina", "a long enough password")
+    make_user("nora", "a long enough password", "notes:read")
+    secret = make_client("notes-batch")
+    service = auth_server.service
+    assert service.login("nina", "a long enough password").scope == ""
+    assert service.login("nora", "a long enough password").scope == "notes:read"
+    assert service.client_token("notes-batch", secret).scope == ""
+
+
 @pytest.mark.parametrize("mode", VERIFIER_MODES)
 def test_minted_tokens_pass_a_notes_verifier(
     mode: str, make_verifier: Any, token_factory: TokenFactory
