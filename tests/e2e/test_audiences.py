@@ -3,7 +3,7 @@
 In each verification mode, against a real Auth service in-process (Thrift and
 HTTP on 127.0.0.1, ephemeral ports): tokens are obtained as a program would
 (``Auth.login`` with its ``audience``, ``/token`` with ``resource``), and
-verifiers built with :func:`auth_rpc.verify.make_verifier` for each audience
+verifiers built by the plugin's ``make_verifier`` for each audience
 accept their own and refuse the other's; the Posts service (audience
 ``posts``) refuses a ``notes`` token.
 """
@@ -11,7 +11,7 @@ accept their own and refuse the other's; the Posts service (audience
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jwt
@@ -22,7 +22,7 @@ from auth_rpc.errors import TokenRejected
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
 from auth_rpc.serving.transport import open_client
 from auth_rpc.testing import TokenFactory
-from auth_rpc.verify import TokenVerifier, make_verifier
+from auth_rpc.verify import TokenVerifier
 
 MODES = ["local", "jwks", "introspect", "thrift"]
 POSTS, NOTES = "posts", "notes"
@@ -41,38 +41,19 @@ def auth(auth_server: Any) -> Any:
 
 
 @pytest.fixture
-def verifiers(auth: Any) -> Iterator[Callable[[str, str], TokenVerifier]]:
-    """``verifier(mode, audience)``: a verifier of ``auth``'s tokens for ``audience``, no cache."""
-    made: list[TokenVerifier] = []
+def verifiers(
+    auth: Any, make_verifier: Callable[..., TokenVerifier]
+) -> Callable[[str, str], TokenVerifier]:
+    """``verifier(mode, audience)``: the plugin's verifier of ``auth``'s tokens for
+    ``audience``, without a cache (introspecting as the client ``rs``)."""
 
     def build(mode: str, audience: str) -> TokenVerifier:
-        settings: dict[str, Any] = {
-            "issuer": auth.service.issuer,
-            "audience": audience,
-            "cache_ttl_s": 0,
-        }
-        if mode in ("local", "jwks"):  # where the Auth service publishes its status lists
-            settings["status_list_prefix"] = auth.service.status_list_prefix
-        if mode == "local":
-            key = auth.service.signing_key()
-            settings.update(public_key_pem=key.public_pem(), algorithms=[key.alg])
-        elif mode == "jwks":
-            settings["jwks_url"] = auth.jwks_url
-        elif mode == "introspect":
-            settings.update(
-                introspect_url=auth.introspect_url,
-                client_id="rs",
-                client_secret=auth.introspect_secret,
-            )
-        else:
-            settings.update(host="127.0.0.1", port=auth.port)
-        verifier = make_verifier(mode, **settings)
-        made.append(verifier)
-        return verifier
+        return make_verifier(
+            mode, audience=audience, cache_ttl_s=0, client_id="rs",
+            client_secret=auth.introspect_secret,
+        )
 
-    yield build
-    for verifier in made:
-        verifier.close()
+    return build
 
 
 def login(auth: Any, audience: str | None = None) -> str:
