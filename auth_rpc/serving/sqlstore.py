@@ -214,10 +214,13 @@ class PostgresDatabase:
     def _migrate(self, migrations: Sequence[str], *, allow_new: bool) -> None:
         with self.transaction() as conn:
             self.lock(conn, "schema_version")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                "component TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL)"
-            )
+            # Only when missing: a runtime role without CREATE on the schema (a
+            # schema migrated by its owner) may not even run CREATE ... IF NOT EXISTS.
+            if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+                conn.execute(
+                    "CREATE TABLE schema_version ("
+                    "component TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL)"
+                )
             row = conn.execute(
                 "SELECT version FROM schema_version WHERE component = ?", (self.component,)
             ).fetchone()

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -324,3 +325,55 @@ def test_an_unreachable_database_is_one_clear_error(tmp_path: Any) -> None:
     assert "hunter2" not in str(caught.value)
     with pytest.raises(ValueError, match="postgresql://"):
         PostgresPostStore.open("mysql://x/y")
+
+
+def test_a_runtime_role_with_only_the_documented_grants_serves(
+    postgresql_url: str,
+) -> None:
+    """docs/deploy.md: an owner role migrates once; the replicas run as a role with
+    USAGE on the schema and SELECT, INSERT, UPDATE, DELETE on its tables only."""
+    parts = urlsplit(postgresql_url)
+    dbname = parts.path.lstrip("/")
+    suffix = dbname.replace("test_", "")
+    owner, app = f"posts_owner_{suffix}", f"posts_app_{suffix}"
+    with psycopg.connect(postgresql_url, autocommit=True) as su:
+        su.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+        su.execute(f"CREATE ROLE {owner} LOGIN")
+        su.execute(f"CREATE ROLE {app} LOGIN")
+        su.execute(f"CREATE SCHEMA posts AUTHORIZATION {owner}")
+        for role in (owner, app):
+            su.execute(f"ALTER ROLE {role} IN DATABASE {dbname} SET search_path = posts")
+    owner_url = f"postgresql://{owner}@/{dbname}?{parts.query}"
+    app_url = f"postgresql://{app}@/{dbname}?{parts.query}"
+    try:
+        PostgresPostStore.open(owner_url, cache=False).close()  # the migration, as the owner
+        with psycopg.connect(owner_url, autocommit=True) as conn:
+            conn.execute(f"GRANT USAGE ON SCHEMA posts TO {app}")
+            conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA posts "
+                         f"TO {app}")
+        a = PostgresPostStore.open(app_url)
+        b = PostgresPostStore.open(app_url)
+        try:
+            pages = Pages()
+            assert pages.titles(b) == []
+            generation = b.generation
+            row = a.create(author="alice", title="least privilege", body="")
+            _poll(lambda: b.generation > generation, timeout_s=10, what="the notification")
+            assert pages.titles(b) == ["least privilege"]
+            assert a.update(row.id, title="still", body="") is not None
+            assert a.delete(row.id) is True
+            assert a.schema_version == SCHEMA_VERSION
+        finally:
+            a.close()
+            b.close()
+        # The runtime role cannot change the schema (nor make tables beside it).
+        with psycopg.connect(app_url, autocommit=True) as conn, pytest.raises(
+            psycopg.errors.InsufficientPrivilege
+        ):
+            conn.execute("DROP TABLE posts")
+    finally:
+        with psycopg.connect(postgresql_url, autocommit=True) as su:
+            su.execute("DROP SCHEMA IF EXISTS posts CASCADE")
+            for role in (app, owner):
+                su.execute(f"DROP OWNED BY {role}")
+                su.execute(f"DROP ROLE {role}")
