@@ -23,6 +23,10 @@ def open_pg(postgresql_url: str) -> Iterator[Callable[..., PostgresPostStore]]:
     opened: list[PostgresPostStore] = []
 
     def open_(**kwargs: Any) -> PostgresPostStore:
+        # No heartbeat during a test unless asked for: while one runs (a round trip every
+        # second) a call does not use the cache, which would make counting builds racy.
+        kwargs.setdefault("heartbeat_s", 600.0)
+        kwargs.setdefault("max_silence_s", 1200.0)
         store = PostgresPostStore.open(postgresql_url, **kwargs)
         opened.append(store)
         return store
@@ -222,6 +226,19 @@ def test_a_silent_listener_stops_the_cache(open_pg: Callable[..., PostgresPostSt
     pages.titles(store)
     pages.titles(store)
     assert pages.builds == builds + 2
+
+
+def test_the_heartbeat_keeps_a_quiet_listener_trusted(
+    open_pg: Callable[..., PostgresPostStore],
+) -> None:
+    """With no notification at all, the heartbeat's answers keep quiet() true past
+    max_silence_s (without them it would turn false, as in the test above)."""
+    store = open_pg(heartbeat_s=0.1, max_silence_s=0.5)
+    listener = store.listener
+    assert listener is not None
+    start = time.monotonic()
+    _poll(lambda: time.monotonic() > start + 1.5 and listener.quiet(0.5), timeout_s=10,
+          what="a heartbeat answered after max_silence_s")
 
 
 def test_without_the_cache_no_listener(open_pg: Callable[..., PostgresPostStore]) -> None:
