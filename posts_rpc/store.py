@@ -60,7 +60,6 @@ __all__ = [
     "PostStore",
     "PostgresPostStore",
     "SqlitePostStore",
-    "open_post_store",
 ]
 
 log = logging.getLogger("posts_rpc.store")
@@ -654,15 +653,6 @@ class PostgresPostStore:
         if self._closed:
             raise DependencyUnavailable("post storage closed")
         return self._db.fetchall(sql, params)
-
-
-def open_post_store(
-    path: Path | str, *, database_url: str | None = None, clock: Callable[[], float] = time.time
-) -> SqlitePostStore | PostgresPostStore:
-    """The Posts store: PostgreSQL at ``database_url`` if given, else SQLite at ``path``."""
-    if database_url:
-        return PostgresPostStore.open(database_url, clock=clock)
-    return SqlitePostStore.open(path, clock=clock)
 
 
 _MAX_PAGES = 256
