@@ -8,6 +8,14 @@ health checks), waits until every replica has passed its check, prints
 ``bench-ready port=P replicas=N`` (the balancer's port) and stops everything on
 SIGTERM/SIGINT. Every process is a child of this one, so the bench's CPU
 figure for it (user+sys of the process tree) is the replicas' and HAProxy's.
+
+``--postgresql``: the replicas keep their posts in PostgreSQL instead: a
+throw-away server started here (the test plugin's
+:class:`~auth_rpc.testing.PostgresServer`: ``initdb`` in a temporary
+directory, unix socket, ``fsync`` off), seeded with the bench's posts and
+given to every replica with ``--database-url``; its processes are children of
+this one too, so the CPU figure includes the database's. ``--no-haproxy``
+(with one replica): the replica alone, its own port on the ready line.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from auth_rpc.serving.haproxy import HAProxy, Listener
 from auth_rpc.serving.runner import run_until_signal
@@ -28,12 +37,20 @@ PY = sys.executable
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.haproxied")
     parser.add_argument("--replicas", type=int, required=True)
+    parser.add_argument("--postgresql", action="store_true")
+    parser.add_argument("--no-haproxy", action="store_true")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     serve_args = [a for a in args.serve_args if a != "--"]
+    if args.no_haproxy and args.replicas != 1:
+        parser.error("--no-haproxy runs one replica")
     work = Path(tempfile.mkdtemp(prefix="bench-haproxied-"))
     proxy: HAProxy | None = None
+    database: Any = None
     try:
+        if args.postgresql:
+            database = _seeded_postgresql()
+            serve_args = [*serve_args, "--database-url", database.url("bench")]
         replicas = [
             ServerProcess(
                 f"posts{n}",
@@ -47,22 +64,49 @@ def main(argv: list[str] | None = None) -> int:
         for replica in replicas:
             line = replica.wait_ready().ready_line
             ports.append(int(line.split("thrift=", 1)[1].split()[0].rpartition(":")[2]))
-        proxy = HAProxy([Listener("posts", args.replicas)], work_dir=work)
-        proxy.start({"posts": [("127.0.0.1", port) for port in ports]})
+        if args.no_haproxy:
+            port = ports[0]
+        else:
+            proxy = HAProxy([Listener("posts", args.replicas)], work_dir=work)
+            proxy.start({"posts": [("127.0.0.1", port) for port in ports]})
+            port = proxy.port("posts")
 
         def stop() -> None:
             if proxy is not None:
                 proxy.stop()
             stop_all()
 
-        return run_until_signal(
-            f"bench-ready port={proxy.port('posts')} replicas={args.replicas}", stop
-        )
+        return run_until_signal(f"bench-ready port={port} replicas={args.replicas}", stop)
     finally:
         if proxy is not None:
             proxy.stop()
         stop_all()
+        if database is not None:
+            database.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _seeded_postgresql() -> Any:
+    """A started throw-away PostgreSQL with a database ``bench`` holding the bench's posts."""
+    from auth_rpc.testing import PostgresServer, find_postgresql_bindir
+    from bench.posts_sut import seed
+    from posts_rpc.store import PostgresPostStore
+
+    bindir = find_postgresql_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
+    server = PostgresServer(bindir).start()
+    try:
+        server.create_database("bench")
+        store = PostgresPostStore.open(server.url("bench"), cache=False)
+        try:
+            seed(store)
+        finally:
+            store.close()
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 if __name__ == "__main__":

@@ -292,13 +292,20 @@ def _seeded_posts_dir(env: Env, name: str) -> Path:
     return data_dir
 
 
-def _posts_behind_haproxy(replicas: int) -> Callable[[Env], list[str]]:
+def _posts_behind_haproxy(
+    replicas: int, *, postgresql: bool = False, haproxy: bool = True
+) -> Callable[[Env], list[str]]:
     """``replicas`` ``posts-rpc serve`` processes on one seeded data directory behind
-    HAProxy (``bench.haproxied``: the repository's configuration); local HS256."""
+    HAProxy (``bench.haproxied``: the repository's configuration); local HS256.
+    ``postgresql``: on one seeded PostgreSQL instead (started by ``bench.haproxied``,
+    its CPU counted with the server's); ``haproxy=False``: one replica, direct."""
     def argv(env: Env) -> list[str]:
-        data_dir = _seeded_posts_dir(env, f"posts-haproxy-{replicas}r")
-        return [PY, "-m", "bench.haproxied", "--replicas", str(replicas), "--",
-                "--data-dir", str(data_dir), "--verify", "local",
+        options = [*(["--postgresql"] if postgresql else []),
+                   *([] if haproxy else ["--no-haproxy"])]
+        store = [] if postgresql else [
+            "--data-dir", str(_seeded_posts_dir(env, f"posts-haproxy-{replicas}r"))]
+        return [PY, "-m", "bench.haproxied", "--replicas", str(replicas), *options, "--",
+                *store, "--verify", "local",
                 "--hs256-secret-file", str(env.hs256_file), "--issuer", ISSUER,
                 "--status-list", "off", "--audience", AUDIENCE, "--log-level", "WARNING"]
     return argv
@@ -379,6 +386,17 @@ TOPOLOGY_CONFIGS: list[Config] = [
            _posts_behind_haproxy(1), _tokens_hs256(True, 0), warm=True, needs="haproxy"),
     Config("topo-haproxy-2r", "HAProxy + 2 posts-rpc, HS256 warm", "thrift", "topology",
            _posts_behind_haproxy(2), _tokens_hs256(True, 0), warm=True, needs="haproxy"),
+    # The same on PostgreSQL (one server started for each row, its CPU counted with
+    # the server side's): direct, then 1 and 2 replicas behind HAProxy.
+    Config("topo-pg-direct", "posts-rpc on PostgreSQL, direct, HS256 warm", "thrift",
+           "topology", _posts_behind_haproxy(1, postgresql=True, haproxy=False),
+           _tokens_hs256(True, 0), warm=True, needs="postgresql"),
+    Config("topo-pg-haproxy-1r", "HAProxy + 1 posts-rpc on PostgreSQL, HS256 warm", "thrift",
+           "topology", _posts_behind_haproxy(1, postgresql=True), _tokens_hs256(True, 0),
+           warm=True, needs="haproxy+postgresql"),
+    Config("topo-pg-haproxy-2r", "HAProxy + 2 posts-rpc on PostgreSQL, HS256 warm", "thrift",
+           "topology", _posts_behind_haproxy(2, postgresql=True), _tokens_hs256(True, 0),
+           warm=True, needs="haproxy+postgresql"),
 ]
 #: Families measured with the server and the clients on every CPU, at the most clients only.
 UNPINNED_FAMILIES = ("workers", "topology")
@@ -637,7 +655,8 @@ def _round(
         stop_all(list(servers.values()))
     for config_id, by_n in this.items():
         for n, m in by_n.items():
-            for ref in ("limit", "off", "peer", "hs256-warm-1w", "topo-direct", "topo-haproxy-1r"):
+            for ref in ("limit", "off", "peer", "hs256-warm-1w", "topo-direct", "topo-haproxy-1r",
+                        "topo-pg-direct", "topo-pg-haproxy-1r"):
                 base = this.get(ref, {}).get(n)
                 if base is not None and base.calls_per_s > 0:
                     by_config = run.ratios.setdefault(kind, {}).setdefault(config_id, {})
@@ -910,7 +929,12 @@ def _available(need: str) -> str:
         return "flask is not installed (pip install -e '.[bench]')"
     if need == "workers":
         return "" if _posts_has_workers() else "the Posts server has no --workers option"
-    if need == "haproxy":
+    if "postgresql" in need.split("+"):
+        from auth_rpc.testing import find_postgresql_bindir
+
+        if find_postgresql_bindir() is None:
+            return "PostgreSQL is not installed (apt-get install postgresql)"
+    if "haproxy" in need.split("+"):
         from auth_rpc.serving.haproxy import find_haproxy
 
         if find_haproxy() is None:
@@ -1127,7 +1151,11 @@ def _topology_lines(run: Run, table_data: dict[str, Any]) -> list[str]:
     lines = []
     ratios = run.ratios.get("topology", {})
     for config_id, ref in (("topo-haproxy-1r", "topo-direct"), ("topo-haproxy-2r", "topo-direct"),
-                           ("topo-haproxy-2r", "topo-haproxy-1r")):
+                           ("topo-haproxy-2r", "topo-haproxy-1r"),
+                           ("topo-pg-direct", "topo-direct"),
+                           ("topo-pg-haproxy-1r", "topo-pg-direct"),
+                           ("topo-pg-haproxy-2r", "topo-pg-direct"),
+                           ("topo-pg-haproxy-2r", "topo-pg-haproxy-1r")):
         for n, entry in sorted(ratios.get(config_id, {}).items()):
             if entry.get(f"x_{ref}"):
                 lines.append(f"{config_id} / {ref} at {n} clients: "
@@ -1140,6 +1168,15 @@ def _topology_lines(run: Run, table_data: dict[str, Any]) -> list[str]:
                 f"{behind['p50_us'] - direct['p50_us']:+,.0f} us p50 latency, "
                 f"{behind['server_cpu_us_per_call'] - direct['server_cpu_us_per_call']:+,.1f} us "
                 "server-side CPU (HAProxy's included)"
+            )
+    for n_key, sqlite in table_data.get("topo-direct", {}).items():
+        pg = table_data.get("topo-pg-direct", {}).get(n_key, {})
+        if "server_cpu_us_per_call" in sqlite and "server_cpu_us_per_call" in pg:
+            lines.append(
+                f"PostgreSQL vs SQLite, one posts-rpc direct, at {n_key} clients: "
+                f"{pg['server_cpu_us_per_call']:,.1f} vs {sqlite['server_cpu_us_per_call']:,.1f} "
+                "us server CPU per list_posts call (PostgreSQL's processes included; the page "
+                "is served from the replica's cache on both)"
             )
     cpus = os.cpu_count() or 0
     lines.append(

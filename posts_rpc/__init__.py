@@ -8,9 +8,9 @@ RFC 7662 introspection or the Auth service over Thrift; see
 (``posts:read``, ``posts:write``, ``posts:admin``: :mod:`posts_rpc.guard`)
 and hands the handler a principal. :mod:`posts_rpc.handler` validates every
 field and enforces ownership; :mod:`posts_rpc.store` keeps the
-posts durably in SQLite behind a small interface; :class:`PostsServer` puts
-them together on a hardened Thrift listener, and ``posts-rpc serve``
-(:mod:`posts_rpc.cli`) runs it from the command line.
+posts durably in SQLite, or in PostgreSQL shared by replicas, behind a small
+interface; :class:`PostsServer` puts them together on a hardened Thrift
+listener, and ``posts-rpc serve`` (:mod:`posts_rpc.cli`) runs it from the command line.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from auth_rpc.verify.guard import GuardedHandler, requires
 from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE
 from posts_rpc.handler import PostsHandler
 from posts_rpc.server import PostsServer
-from posts_rpc.store import PostRow, PostStore, SqlitePostStore
+from posts_rpc.store import PostgresPostStore, PostRow, PostStore, SqlitePostStore
 
 __all__ = [
     "SCOPE_ADMIN",
@@ -28,6 +28,7 @@ __all__ = [
     "GuardedHandler",
     "PostRow",
     "PostStore",
+    "PostgresPostStore",
     "PostsHandler",
     "PostsServer",
     "SqlitePostStore",

@@ -1,6 +1,7 @@
 """``posts-rpc``: run the Posts service.
 
-    posts-rpc serve --data-dir DIR [--host H] [--port P] --verify MODE --issuer ISS
+    posts-rpc serve (--data-dir DIR | --database-url postgresql://...)
+                    [--host H] [--port P] --verify MODE --issuer ISS
                     [--audience AUD] [--cache-ttl SECONDS] [--framed]
                     [--tls-cert F --tls-key F [--tls-client-ca F]]
                     [--max-connections N] [--max-connections-per-peer N]
@@ -14,6 +15,10 @@
       MODE introspect: --introspect-url URL --client-id ID --client-secret-file FILE
                        [--auth-tls-ca F]
       MODE thrift:     --auth-addr HOST:PORT [--auth-tls-ca F] [--auth-framed]
+
+Posts are kept in SQLite in ``DIR/posts.db``, or with ``--database-url`` (or
+the environment variable ``POSTS_RPC_DATABASE_URL``) in PostgreSQL, where
+several replicas share them; ``--database-url`` wins over ``--data-dir``.
 
 In the local and jwks modes every token must carry a Token Status List entry
 (``status`` claim) whose bit is read on every call from the list fetched from
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from http.cookiejar import DefaultCookiePolicy
@@ -70,18 +76,22 @@ from auth_rpc.serving.runner import (
     run_until_signal,
     run_workers,
 )
+from auth_rpc.serving.sqlstore import check_database_url
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
 from auth_rpc.verify.introspect import IntrospectionVerifier
 from auth_rpc.verify.principal import TokenVerifier
 from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 from posts_rpc.server import DB_FILE_NAME, PostsServer
-from posts_rpc.store import SqlitePostStore
+from posts_rpc.store import PostgresPostStore, SqlitePostStore
 
 __all__ = ["main"]
 
 log = logging.getLogger("posts_rpc.cli")
 
 MODES = ("local", "jwks", "introspect", "thrift")
+
+#: The environment variable that gives ``--database-url``.
+DATABASE_URL_ENV = "POSTS_RPC_DATABASE_URL"
 
 #: The largest message ``posts-rpc serve`` accepts by default (``--max-message-bytes``):
 #: its largest legitimate call, ``create_post`` with a 64 KiB body, a 200-character title
@@ -117,7 +127,17 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the Posts service")
-    serve.add_argument("--data-dir", required=True, type=Path, help="where posts.db lives")
+    serve.add_argument(
+        "--data-dir", type=Path,
+        help="where posts.db lives (SQLite; needed unless --database-url is given)",
+    )
+    serve.add_argument(
+        "--database-url",
+        type=_database_url,
+        default=os.environ.get(DATABASE_URL_ENV) or None,
+        help=f"postgresql://...: keep posts in PostgreSQL, shared by replicas (default: "
+        f"${DATABASE_URL_ENV}; without either, SQLite in the data directory)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=9091, help="port (default 9091; 0 = any free)")
     serve.add_argument("--verify", required=True, choices=MODES, help="how tokens are verified")
@@ -218,8 +238,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _database_url(text: str) -> str:
+    try:
+        return check_database_url(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a flag combination that does not fit ``--verify`` (argparse error, exit 2)."""
+    if args.data_dir is None and args.database_url is None:
+        parser.error(f"give --data-dir DIR or --database-url URL (or ${DATABASE_URL_ENV})")
     mode = args.verify
     for flag, (dest, modes) in _MODE_FLAGS.items():
         if getattr(args, dest) and mode not in modes:
@@ -373,9 +402,12 @@ def _serve(args: argparse.Namespace) -> int:
         # Open and migrate the store once, before any worker exists (as
         # auth-rpc does): a store that cannot be opened is one error line and
         # exit 1, not a ready line followed by every worker failing.
-        directory = Path(args.data_dir)
-        private_dir(directory, "data directory")
-        SqlitePostStore.open(directory / DB_FILE_NAME).close()
+        if args.database_url:
+            PostgresPostStore.open(args.database_url, cache=False).close()
+        else:
+            directory = Path(args.data_dir)
+            private_dir(directory, "data directory")
+            SqlitePostStore.open(directory / DB_FILE_NAME).close()
     sock = bind_socket(args.host, args.port)
     if args.workers == 1:
         try:
@@ -412,7 +444,8 @@ def _serve(args: argparse.Namespace) -> int:
             if isinstance(verifier, JwksVerifier) and args.workers > 1:
                 _check_jwks(verifier)  # each worker its own keys (checked once before forking)
             server = PostsServer(
-                data_dir=args.data_dir, verifier=verifier, host=args.host, sock=sock,
+                data_dir=None if args.database_url else args.data_dir,
+                database_url=args.database_url, verifier=verifier, host=args.host, sock=sock,
                 settings=settings,
             ).start()
         except BaseException:

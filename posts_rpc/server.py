@@ -1,7 +1,8 @@
 """The Posts service process: a store, a token verifier, the handler, a listener.
 
 :class:`PostsServer` composes :class:`~posts_rpc.store.SqlitePostStore`
-(``DATA_DIR/posts.db``), the caller's :class:`~auth_rpc.verify.principal.TokenVerifier`,
+(``DATA_DIR/posts.db``) or :class:`~posts_rpc.store.PostgresPostStore`
+(``database_url``), the caller's :class:`~auth_rpc.verify.principal.TokenVerifier`,
 :class:`~posts_rpc.handler.PostsHandler` and an
 :class:`~auth_rpc.serving.rpc.RpcServer`; it is what ``posts-rpc serve`` runs and
 what tests and other programs embed in-process::
@@ -32,7 +33,7 @@ from auth_rpc.serving.rpc import RpcServer, ServerSettings
 from auth_rpc.verify.principal import Principal, TokenVerifier
 from posts_rpc.guard import SCOPE_ADMIN, SCOPE_READ, SCOPE_WRITE
 from posts_rpc.handler import PostsHandler
-from posts_rpc.store import PostStore, SqlitePostStore
+from posts_rpc.store import PostgresPostStore, PostStore, SqlitePostStore
 
 __all__ = ["DB_FILE_NAME", "PostsServer"]
 
@@ -46,7 +47,9 @@ class PostsServer:
 
     Give ``data_dir`` (the store ``DATA_DIR/posts.db`` is opened, created
     with mode 0600 in a directory made with mode 0700, and closed by
-    :meth:`stop`) or ``store`` (the caller's; not closed here). The verifier
+    :meth:`stop`), or ``database_url`` (``postgresql://...``: the store is
+    that database's, opened and closed here likewise), or ``store`` (the
+    caller's; not closed here). The verifier
     is always the caller's: close it after :meth:`stop`.
 
     ``start()`` binds (``port=0`` picks a free port, then readable from
@@ -67,6 +70,7 @@ class PostsServer:
         verifier: TokenVerifier | None,
         data_dir: Path | str | None = None,
         store: PostStore | None = None,
+        database_url: str | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
         settings: ServerSettings | None = None,
@@ -74,8 +78,8 @@ class PostsServer:
         sock: socket.socket | None = None,
         _unsafe_skip_auth_for_benchmarks: bool = False,
     ) -> None:
-        if (data_dir is None) == (store is None):
-            raise ValueError("give exactly one of data_dir and store")
+        if sum(x is not None for x in (data_dir, store, database_url)) != 1:
+            raise ValueError("give exactly one of data_dir, database_url and store")
         if _unsafe_skip_auth_for_benchmarks:
             log.warning("TOKEN CHECKS ARE OFF: every non-empty token is accepted (benchmarks only)")
             verifier = _AcceptAnyToken()
@@ -83,7 +87,9 @@ class PostsServer:
             raise ValueError("a token verifier is required")
         self.verifier = verifier
         self._owns_store = store is None
-        if store is None:
+        if database_url is not None:
+            store = PostgresPostStore.open(database_url, clock=clock)
+        elif store is None:
             assert data_dir is not None
             directory = Path(data_dir)
             private_dir(directory, "data directory")  # refuses one another user could write

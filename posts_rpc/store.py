@@ -1,8 +1,9 @@
-"""Where posts live: the :class:`PostStore` interface and its SQLite implementation.
+"""Where posts live: the :class:`PostStore` interface, its SQLite and PostgreSQL stores.
 
-The interface is deliberately small and free of SQLite specifics, so that a
-PostgreSQL store (several Posts replicas behind one database) can replace
-:class:`SqlitePostStore` later. Every method raises only
+The interface is deliberately small and free of SQLite specifics:
+:class:`SqlitePostStore` (one data directory, the default) and
+:class:`PostgresPostStore` (``--database-url``: several Posts replicas on one
+database) implement it with the same statements. Every method raises only
 :class:`~auth_rpc.errors.DependencyUnavailable` when the storage fails; ids are
 assigned by the store, never reused, and increase with time of creation, which
 is what keyset pagination (``list_page``) relies on.
@@ -24,6 +25,12 @@ is what keyset pagination (``list_page``) relies on.
   and rows built as :class:`PostRow` named tuples: a frozen dataclass costs
   about 1-2 µs per row to construct, a named tuple a fifth of that, and it is
   just as immutable.
+
+:class:`PostgresPostStore` (see its docstring): the same statements through
+:class:`~auth_rpc.serving.sqlstore.PostgresDatabase` (a pool of autocommit
+connections, each write one statement, so its own transaction), the schema of
+:mod:`posts_rpc.schema_postgresql` under the same version numbers, and a page
+cache invalidated by ``LISTEN``/``NOTIFY`` instead of the WAL index.
 """
 
 from __future__ import annotations
@@ -41,10 +48,19 @@ from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkab
 
 from auth_rpc.errors import DependencyUnavailable, storage_failure
 from auth_rpc.serving.private_files import check_private_stat
+from auth_rpc.serving.sqlstore import Listener, PostgresDatabase
+from posts_rpc.schema_postgresql import CHANGES_CHANNEL, PG_MIGRATIONS
 
 T = TypeVar("T")
 
-__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "PostRow", "PostStore", "SqlitePostStore"]
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "PostRow",
+    "PostStore",
+    "PostgresPostStore",
+    "SqlitePostStore",
+]
 
 log = logging.getLogger("posts_rpc.store")
 
@@ -68,6 +84,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
+assert len(PG_MIGRATIONS) == SCHEMA_VERSION, "one version sequence for both dialects"
 
 #: Larger than every id SQLite can assign: ``before_id=0`` means "from the newest".
 _NO_UPPER_BOUND = 2**63 - 1
@@ -88,6 +105,7 @@ _SQL_UPDATE = (
     "RETURNING id, author, title, body, created_at, updated_at"
 )
 _SQL_DELETE = "DELETE FROM posts WHERE id = ?"
+_SQL_DELETE_RETURNING = "DELETE FROM posts WHERE id = ? RETURNING id"
 
 _UNAVAILABLE = "post storage unavailable"
 
@@ -449,6 +467,192 @@ class SqlitePostStore:
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+
+
+class PostgresPostStore:
+    """A :class:`PostStore` on PostgreSQL, shared by every Posts replica.
+
+    Use :meth:`open`. The statements are the SQLite store's (``?`` converted
+    once each); every write is one autocommit statement (``INSERT``/``UPDATE``
+    ... ``RETURNING``, ``DELETE``), durable when it returns (PostgreSQL's
+    ``synchronous_commit``). Ids come from an identity sequence: never given
+    twice; two replicas' concurrent creates may commit in the other order than
+    their ids (keyset pages are still exact for what is committed).
+
+    The page cache (``list_page_view``): a trigger of the ``posts`` table
+    notifies ``posts_changed`` in the transaction of every change, delivered
+    at its commit to every replica's :class:`~auth_rpc.serving.sqlstore.Listener`,
+    whose callback bumps :attr:`generation`; a write made here bumps it too
+    when it returns. A page is built under the generation read *before* its
+    query and served again only while the generation is unchanged, so that a
+    query that began before a commit and ended after its notification is
+    never kept as fresh. Before reading the generation a call asks
+    ``Listener.quiet()``: a notification that reached the socket but waits for
+    the listener thread (the GIL) counts as arrived. While the listener is
+    not in force (connection lost, server silent for ``max_silence_s``) no
+    page is reused or kept; when it is back, everything is invalidated. No
+    query per call: checking costs one ``select`` with no wait.
+    """
+
+    def __init__(
+        self,
+        db: PostgresDatabase,
+        *,
+        clock: Callable[[], float],
+        cache: bool,
+        max_silence_s: float,
+        heartbeat_s: float,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._closed = False
+        self._max_silence_s = max_silence_s
+        #: Bumped by every change notified (and every write made here).
+        self.generation = 0
+        self._bump_lock = threading.Lock()
+        self._pages: tuple[int, dict[tuple[int, int], Any]] = (-1, {})
+        self._listener: Listener | None = (
+            Listener(db.url, (CHANGES_CHANNEL,), self._changed, name="posts-pages",
+                     heartbeat_s=heartbeat_s)
+            if cache else None
+        )
+
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        migrations: tuple[str, ...] = PG_MIGRATIONS,
+        cache: bool = True,
+        max_connections: int = 16,
+        max_silence_s: float = 3.0,
+        heartbeat_s: float = 1.0,
+    ) -> PostgresPostStore:
+        """Connect to the database at ``url`` (``postgresql://...``) and migrate it.
+
+        ``cache=False`` never reuses a page (and opens no listening
+        connection). Raises :class:`DependencyUnavailable` if the database
+        cannot be reached (the message never shows the URL's password),
+        ``ValueError`` for a URL that is not PostgreSQL's or a schema newer
+        than ``migrations``.
+        """
+        db = PostgresDatabase.open(
+            url, component="posts", migrations=migrations, max_size=max_connections,
+            application_name="posts-rpc",
+        )
+        store = cls(db, clock=clock, cache=cache, max_silence_s=max_silence_s,
+                    heartbeat_s=heartbeat_s)
+        if store._listener is not None:
+            store._listener.start()
+            if not store._listener.listening:
+                log.warning("cannot LISTEN for post changes yet: pages are not cached until then")
+        return store
+
+    # -- PostStore -----------------------------------------------------------
+
+    def create(self, *, author: str, title: str, body: str) -> PostRow:
+        now_ms = self._now_ms()
+        rows = self._write(_SQL_INSERT, (author, title, body, now_ms, now_ms))
+        return PostRow._make(rows[0])
+
+    def get(self, post_id: int) -> PostRow | None:
+        rows = self._query(_SQL_GET, (post_id,))
+        return PostRow._make(rows[0]) if rows else None
+
+    def list_page(self, limit: int, before_id: int) -> list[PostRow]:
+        make = PostRow._make
+        return [make(row) for row in self._query(_SQL_PAGE, (before_id or _NO_UPPER_BOUND, limit))]
+
+    def update(self, post_id: int, *, title: str, body: str) -> PostRow | None:
+        rows = self._write(_SQL_UPDATE, (title, body, self._now_ms(), post_id))
+        return PostRow._make(rows[0]) if rows else None
+
+    def delete(self, post_id: int) -> bool:
+        if self._closed:
+            raise DependencyUnavailable("post storage closed")
+        # RETURNING id: the number of rows deleted without a cursor's rowcount.
+        return bool(self._write(_SQL_DELETE_RETURNING, (post_id,)))
+
+    def list_page_view(
+        self, limit: int, before_id: int, build: Callable[[list[PostRow]], T]
+    ) -> T:
+        if self._closed:
+            raise DependencyUnavailable("post storage closed")
+        listener = self._listener
+        # The order matters (see the class docstring): quiet() first, then the
+        # generation, then the query.
+        if listener is None or not listener.quiet(self._max_silence_s):
+            return build(self.list_page(limit, before_id))
+        generation = self.generation
+        # One attribute, read and replaced at once: a dict is never seen
+        # under another generation's label.
+        label, pages = self._pages
+        if label != generation:
+            pages = {}
+            self._pages = (generation, pages)
+        key = (limit, before_id)
+        page = pages.get(key)
+        if page is None:
+            page = build(self.list_page(limit, before_id))
+            if len(pages) >= _MAX_PAGES:
+                pages.clear()
+            pages[key] = page  # kept under the generation read before the query
+        return page  # what build returned for key
+
+    def close(self) -> None:
+        self._closed = True
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.stop()
+        self._db.close()
+
+    # -- extras (not part of the Protocol) -----------------------------------
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version of the Posts schema in the database."""
+        return self._db.schema_version
+
+    @property
+    def listener(self) -> Listener | None:
+        """The connection listening for changes (``None`` without a cache)."""
+        return self._listener
+
+    def __enter__(self) -> PostgresPostStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------
+
+    def _changed(self, channel: str, payload: str | None) -> None:
+        """The listener's callback: a change was committed (or may have been: ``None``)."""
+        self._bump()
+
+    def _bump(self) -> None:
+        # Under a lock: two bumps at once must not leave it incremented once.
+        with self._bump_lock:
+            self.generation += 1
+
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> list[Any]:
+        if self._closed:
+            raise DependencyUnavailable("post storage closed")
+        try:
+            return self._db.fetchall(sql, params)  # autocommit: the statement is its transaction
+        finally:
+            # Read-your-writes here, before this write's notification arrives
+            # (and after a failure: it may have committed).
+            self._bump()
+
+    def _query(self, sql: str, params: tuple[int, ...]) -> list[Any]:
+        if self._closed:
+            raise DependencyUnavailable("post storage closed")
+        return self._db.fetchall(sql, params)
 
 
 _MAX_PAGES = 256

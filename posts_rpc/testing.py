@@ -11,8 +11,8 @@ verifiers closed.
 Fixtures:
 
 ``make_posts_server``
-    ``make_posts_server(mode="jwks", *, auth=None, data_dir=None, framed=False,
-    settings=None, port=0, **verifier_settings)``: ``mode`` is one of
+    ``make_posts_server(mode="jwks", *, auth=None, data_dir=None, database_url=None,
+    framed=False, settings=None, port=0, **verifier_settings)``: ``mode`` is one of
     :data:`auth_rpc.testing.VERIFIER_MODES`; ``verifier_settings`` go to
     ``make_verifier`` (``cache_ttl_s=0``, ``audience=...``, ``timeout_s=...``,
     ``clock=...``); in ``introspect`` mode the service client is
@@ -55,8 +55,10 @@ def make_posts_server(
 ) -> Iterator[Callable[..., PostsServer]]:
     """Start Posts servers checking ``auth_server``'s (or ``auth=``'s) tokens.
 
-    ``make_posts_server(mode="jwks", *, auth=None, data_dir=None, framed=False,
-    settings=None, port=0, **verifier_settings)``; the verifier comes from
+    ``make_posts_server(mode="jwks", *, auth=None, data_dir=None, database_url=None,
+    framed=False, settings=None, port=0, **verifier_settings)`` (``database_url``:
+    the posts in that PostgreSQL database, e.g. ``postgresql_url``'s, instead of a
+    fresh data directory); the verifier comes from
     ``make_verifier(mode, auth=auth, **verifier_settings)`` and is closed at
     teardown after the server has stopped.
     """
@@ -70,6 +72,7 @@ def make_posts_server(
         *,
         auth: AuthServer | None = None,
         data_dir: Path | None = None,
+        database_url: str | None = None,
         framed: bool = False,
         settings: ServerSettings | None = None,
         port: int = 0,
@@ -79,7 +82,8 @@ def make_posts_server(
         verifier = make_verifier(mode, auth=auth, **verifier_settings)
         server = PostsServer(
             verifier=verifier,
-            data_dir=data_dir or tmp_path_factory.mktemp("posts-data"),
+            data_dir=None if database_url else data_dir or tmp_path_factory.mktemp("posts-data"),
+            database_url=database_url,
             port=port,
             settings=settings or ServerSettings(framed=framed),
         ).start()

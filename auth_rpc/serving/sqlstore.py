@@ -30,10 +30,13 @@ parameters.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
+from time import monotonic
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -139,6 +142,7 @@ class PostgresDatabase:
         self.url = url
         self.component = component
         self._local = threading.local()
+        self._cursors: dict[int, Any] = {}
         self.created = False
         self.IntegrityError: type[Exception] = psycopg.IntegrityError
         self._error: type[Exception] = psycopg.Error
@@ -210,10 +214,13 @@ class PostgresDatabase:
     def _migrate(self, migrations: Sequence[str], *, allow_new: bool) -> None:
         with self.transaction() as conn:
             self.lock(conn, "schema_version")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS schema_version ("
-                "component TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL)"
-            )
+            # Only when missing: a runtime role without CREATE on the schema (a
+            # schema migrated by its owner) may not even run CREATE ... IF NOT EXISTS.
+            if conn.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+                conn.execute(
+                    "CREATE TABLE schema_version ("
+                    "component TEXT PRIMARY KEY NOT NULL, version INTEGER NOT NULL)"
+                )
             row = conn.execute(
                 "SELECT version FROM schema_version WHERE component = ?", (self.component,)
             ).fetchone()
@@ -311,6 +318,42 @@ class PostgresDatabase:
         else:
             cm.__exit__(None, None, None)
 
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """All rows of one statement (its own transaction) on a pooled connection.
+
+        The hot path of a store's reads and one-statement writes: no context
+        manager, and one cursor per connection kept for reuse (a new cursor
+        per call cost about a third of a short query's client CPU). Raises
+        :class:`DependencyUnavailable` on any database error.
+        """
+        from psycopg_pool import PoolClosed, PoolTimeout
+
+        pool = self._pool
+        try:
+            raw = pool.getconn()
+        except PoolTimeout as exc:
+            log.error("database error: no connection free in the pool")
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        except PoolClosed as exc:
+            raise DependencyUnavailable("database closed") from exc
+        try:
+            cursors = self._cursors
+            cur = cursors.get(id(raw))
+            if cur is None or cur.connection is not raw:
+                if len(cursors) > 64:  # entries of connections the pool has replaced
+                    cursors.clear()
+                cur = cursors[id(raw)] = raw.cursor()
+            rows: list[Any] = cur.execute(to_pyformat(sql), params).fetchall()
+        except self._error as exc:
+            pool.putconn(raw)  # the pool checks it and discards a broken one
+            log.error("database error: %s", _failure(exc))
+            raise DependencyUnavailable(_UNAVAILABLE) from exc
+        except BaseException:
+            pool.putconn(raw)
+            raise
+        pool.putconn(raw)
+        return rows
+
     def lock(self, conn: Any, name: str) -> None:
         """Take the advisory lock ``name`` until the end of the current transaction."""
         conn.execute("SELECT pg_advisory_xact_lock(?)", (advisory_key(name),))
@@ -338,6 +381,13 @@ class Listener:
     notification, on a daemon thread. Reconnects after a failure (every second),
     then calls ``callback(channel, None)`` for every channel: what changed while
     it was away is unknown, so the subscriber must assume everything did.
+
+    For a cache invalidated by notifications, :meth:`quiet` tells whether it
+    may trust what it holds: the connection is up, has answered a round trip
+    (``SELECT 1`` every ``heartbeat_s`` while idle) within ``max_silence_s``,
+    and nothing has reached it that the callback has not been given yet (a
+    notification waiting in the socket while the thread waits for the GIL
+    counts as arrived).
     """
 
     def __init__(
@@ -347,6 +397,7 @@ class Listener:
         callback: Callable[[str, str | None], None],
         *,
         name: str = "listener",
+        heartbeat_s: float = 1.0,
     ) -> None:
         for channel in channels:
             if not channel.replace("_", "").isalnum():
@@ -354,13 +405,22 @@ class Listener:
         self._url = url
         self._channels = tuple(channels)
         self._callback = callback
+        self._heartbeat_s = heartbeat_s
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._conn: Any = None
+        # The listening socket while LISTEN is in force (else -1); _busy while
+        # the thread reads from it and until the callbacks of what it read ran.
+        self._fd = -1
+        self._busy = False
+        self._confirmed_at = float("-inf")
+        self._listened = False
+        self._wake: tuple[int, int] | None = None
         self._thread = threading.Thread(target=self._run, name=f"pg-{name}", daemon=True)
 
     def start(self, *, timeout_s: float = 10.0) -> Listener:
         """Start listening; returns once ``LISTEN`` is in force (or ``timeout_s`` passed)."""
+        self._wake = os.pipe()  # written by stop(): the thread's wait ends at once
         self._thread.start()
         self._ready.wait(timeout_s)
         return self
@@ -369,40 +429,116 @@ class Listener:
     def listening(self) -> bool:
         return self._ready.is_set()
 
+    def quiet(self, max_silence_s: float = 3.0) -> bool:
+        """Whether every notification that reached this process was given to the callback.
+
+        ``False`` while not listening, while the thread reads or runs
+        callbacks, when unread data waits in the socket, or when the server
+        last answered more than ``max_silence_s`` ago (a silently dead link).
+        A caller checks this *before* reading its own state (its generation):
+        then a notification that arrived before the check is either seen as
+        pending here or already applied. One ``select`` with no wait.
+        """
+        fd = self._fd
+        if fd < 0 or monotonic() - self._confirmed_at > max_silence_s:
+            return False
+        try:
+            pending = select.select((fd,), (), (), 0)[0]
+        except (OSError, ValueError):
+            return False
+        # _busy after the select: data consumed since the select is still in
+        # the thread's hands until _busy drops, after its callbacks ran.
+        return not pending and not self._busy and self._fd == fd
+
     def _run(self) -> None:
         import psycopg
 
-        first = True
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._url, autocommit=True) as conn:
+                with psycopg.connect(
+                    self._url, autocommit=True, connect_timeout=5, **_LIVENESS
+                ) as conn:
                     self._conn = conn
-                    for channel in self._channels:
-                        conn.execute(f"LISTEN {channel}")  # checked in __init__
-                    if not first:
-                        for channel in self._channels:
-                            self._callback(channel, None)
-                    first = False
-                    self._ready.set()
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0):
-                            self._callback(note.channel, note.payload)
+                    try:
+                        self._listen(conn)
+                    finally:
+                        # Before the connection closes: its descriptor may be reused.
+                        self._fd = -1
+                        self._ready.clear()
             except psycopg.Error as exc:
-                self._ready.clear()
                 if self._stop.is_set():
                     break
                 log.warning("database listener lost its connection: %s", _failure(exc))
                 self._stop.wait(1.0)
             except Exception:  # a callback's bug must not stop the listener
                 log.exception("database listener callback failed")
-                self._ready.clear()
                 self._stop.wait(1.0)
             finally:
                 self._conn = None
 
+    def _listen(self, conn: Any) -> None:
+        """LISTEN, then pass notifications on until stopped or the connection fails."""
+        callback = self._callback
+        # Notifications read while a statement runs (LISTEN, the heartbeat) go
+        # through this handler too, so that none is left in psycopg's backlog.
+        conn.add_notify_handler(lambda note: callback(note.channel, note.payload))
+        for channel in self._channels:
+            conn.execute(f"LISTEN {channel}")  # checked in __init__
+        if self._listened:  # a reconnection: what changed meanwhile is unknown
+            for channel in self._channels:
+                callback(channel, None)
+        pgconn = conn.pgconn
+        fd = conn.fileno()
+        wake = self._wake
+        if wake is None:  # stopped
+            return
+        self._confirmed_at = monotonic()
+        self._fd = fd
+        self._listened = True
+        self._ready.set()
+        while not self._stop.is_set():
+            wait = max(0.0, self._confirmed_at + self._heartbeat_s - monotonic())
+            ready = select.select((fd, wake[0]), (), (), wait)[0]
+            if self._stop.is_set():
+                return
+            if ready:
+                self._busy = True
+                try:
+                    pgconn.consume_input()  # raises on a closed connection
+                    while (note := pgconn.notifies()) is not None:
+                        pgconn.notify_handler(note)  # psycopg's: decodes, calls ours
+                finally:
+                    self._busy = False
+            if monotonic() - self._confirmed_at >= self._heartbeat_s:
+                self._busy = True
+                try:
+                    conn.execute("SELECT 1")
+                finally:
+                    self._busy = False
+                self._confirmed_at = monotonic()
+
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
+        wake, self._wake = self._wake, None
+        if wake is None:
+            return
+        with suppress(OSError):
+            os.write(wake[1], b"x")
         self._thread.join(timeout_s)
+        if not self._thread.is_alive():
+            for fd in wake:
+                os.close(fd)
+
+
+#: libpq settings of a listening connection over TCP (ignored on a unix socket):
+#: a peer gone silent is noticed in about 10 s instead of TCP's minutes.
+_LIVENESS: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 2,
+    "tcp_user_timeout": 10_000,
+}
 
 
 def _failure(exc: BaseException) -> str:

@@ -33,6 +33,25 @@ def test_token_factory_tokens_pass_the_posts_server(
             posts.list_posts(token_factory.mint("zoe", ["posts:read"], key=foreign_key), 1, 0)
 
 
+def test_make_posts_server_on_a_shared_postgresql(
+    token_factory: TokenFactory, make_posts_server: Any, postgresql_url: str
+) -> None:
+    import time
+
+    from client import connect_posts
+
+    one = make_posts_server("jwks", database_url=postgresql_url)
+    two = make_posts_server("jwks", database_url=postgresql_url)
+    token = token_factory.mint("zoe", ["posts:read", "posts:write"])
+    with connect_posts("127.0.0.1", one.port) as p1, connect_posts("127.0.0.1", two.port) as p2:
+        post = p1.create_post(token, "shared", "")
+        assert p2.get_post(token, post.id) == post  # get_post is never cached
+        deadline = time.monotonic() + 10  # a list page: once the notification arrived
+        while [p.id for p in p2.list_posts(token, 5, 0).posts] != [post.id]:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+
+
 def test_serve_thrift_serves_your_own_service(serve_thrift: Any) -> None:
     """Users test their own Thrift services with the same hardened server."""
     from auth_rpc.serving.transport import open_client

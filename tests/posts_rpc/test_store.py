@@ -1,17 +1,36 @@
-"""SqlitePostStore: pages, durability, concurrency, schema versions, failures."""
+"""The Posts stores: pages, durability, concurrency, schema versions, failures.
+
+Tests taking ``store`` or ``open_store`` run on both backends (SQLite in a
+temp dir, a fresh PostgreSQL database); those of SQLite's own matters (its
+file, its PRAGMAs, its query plan) take ``sqlite_store`` and run on SQLite only.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from auth_rpc.errors import DependencyUnavailable
-from posts_rpc.store import SCHEMA_VERSION, PostRow, PostStore, SqlitePostStore
+from posts_rpc.store import (
+    SCHEMA_VERSION,
+    PostgresPostStore,
+    PostRow,
+    PostStore,
+    SqlitePostStore,
+)
+
+AnyStore = SqlitePostStore | PostgresPostStore
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", ["sqlite", "postgresql"], indirect=True)
 
 
 class Clock:
@@ -33,22 +52,54 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(db_path: Path, clock: Clock) -> Iterator[SqlitePostStore]:
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def open_store(
+    backend: str, db_path: Path, clock: Clock, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., AnyStore]]:
+    """Open a store of ``backend`` (the same file or database each time); closed at teardown."""
+    url = request.getfixturevalue("postgresql_url") if backend == "postgresql" else None
+    opened: list[AnyStore] = []
+
+    def open_(**kwargs: Any) -> AnyStore:
+        s: AnyStore = (
+            SqlitePostStore.open(db_path, clock=clock, **kwargs)
+            if url is None
+            else PostgresPostStore.open(url, clock=clock, **kwargs)
+        )
+        opened.append(s)
+        return s
+
+    yield open_
+    for s in opened:
+        s.close()
+
+
+@pytest.fixture
+def store(open_store: Callable[..., AnyStore]) -> AnyStore:
+    return open_store()
+
+
+@pytest.fixture
+def sqlite_store(db_path: Path, clock: Clock) -> Iterator[SqlitePostStore]:
     s = SqlitePostStore.open(db_path, clock=clock)
     yield s
     s.close()
 
 
-def _fill(store: SqlitePostStore, n: int) -> list[PostRow]:
+def _fill(store: AnyStore, n: int) -> list[PostRow]:
     return [store.create(author="alice", title=f"t{i}", body=f"b{i}") for i in range(n)]
 
 
-def test_implements_the_protocol(store: SqlitePostStore) -> None:
+def test_implements_the_protocol(store: AnyStore) -> None:
     assert isinstance(store, PostStore)
 
 
 def test_create_returns_the_stored_row_with_millisecond_times(
-    store: SqlitePostStore, clock: Clock
+    store: AnyStore, clock: Clock
 ) -> None:
     row = store.create(author="alice", title="Hello", body="world")
     assert row == PostRow(row.id, "alice", "Hello", "world", 1_700_000_000_500, 1_700_000_000_500)
@@ -56,12 +107,12 @@ def test_create_returns_the_stored_row_with_millisecond_times(
     assert store.get(row.id) == row
 
 
-def test_get_missing_is_none(store: SqlitePostStore) -> None:
+def test_get_missing_is_none(store: AnyStore) -> None:
     assert store.get(12345) is None
 
 
 def test_update_changes_title_body_and_updated_at_only(
-    store: SqlitePostStore, clock: Clock
+    store: AnyStore, clock: Clock
 ) -> None:
     row = store.create(author="alice", title="a", body="b")
     clock.now += 2
@@ -71,7 +122,7 @@ def test_update_changes_title_body_and_updated_at_only(
     assert store.update(row.id + 1, title="x", body="y") is None
 
 
-def test_delete(store: SqlitePostStore) -> None:
+def test_delete(store: AnyStore) -> None:
     row = store.create(author="alice", title="a", body="b")
     assert store.delete(row.id) is True
     assert store.get(row.id) is None
@@ -80,7 +131,7 @@ def test_delete(store: SqlitePostStore) -> None:
 
 @pytest.mark.parametrize("page_size", [1, 7, 20, 21])
 def test_keyset_pages_cover_every_post_once_newest_first(
-    store: SqlitePostStore, page_size: int
+    store: AnyStore, page_size: int
 ) -> None:
     created = _fill(store, 41)
     seen: list[PostRow] = []
@@ -95,7 +146,7 @@ def test_keyset_pages_cover_every_post_once_newest_first(
     assert seen == sorted(created, key=lambda r: r.id, reverse=True)
 
 
-def test_page_before_id_is_exclusive_and_zero_means_newest(store: SqlitePostStore) -> None:
+def test_page_before_id_is_exclusive_and_zero_means_newest(store: AnyStore) -> None:
     rows = _fill(store, 5)
     ids = [r.id for r in rows]
     assert [r.id for r in store.list_page(10, 0)] == ids[::-1]
@@ -103,34 +154,34 @@ def test_page_before_id_is_exclusive_and_zero_means_newest(store: SqlitePostStor
     assert store.list_page(10, ids[0]) == []
 
 
-def test_pages_skip_deleted_posts(store: SqlitePostStore) -> None:
+def test_pages_skip_deleted_posts(store: AnyStore) -> None:
     rows = _fill(store, 6)
     store.delete(rows[3].id)
     assert [r.id for r in store.list_page(3, 0)] == [rows[5].id, rows[4].id, rows[2].id]
 
 
-def test_ids_are_never_reused_after_deleting_the_newest(store: SqlitePostStore) -> None:
+def test_ids_are_never_reused_after_deleting_the_newest(store: AnyStore) -> None:
     first = store.create(author="alice", title="a", body="b")
     store.delete(first.id)
     second = store.create(author="alice", title="a", body="b")
     assert second.id > first.id
 
 
-def test_posts_survive_reopening(db_path: Path, clock: Clock) -> None:
-    with SqlitePostStore.open(db_path, clock=clock) as s:
+def test_posts_survive_reopening(open_store: Callable[..., AnyStore]) -> None:
+    with open_store() as s:
         row = s.create(author="alice", title="durable", body="é" * 100)
         deleted = s.create(author="bob", title="gone", body="")
         s.delete(deleted.id)
-    with SqlitePostStore.open(db_path, clock=clock) as s:
+    with open_store() as s:
         assert s.get(row.id) == row
         assert s.get(deleted.id) is None
         assert s.schema_version == SCHEMA_VERSION
 
 
 def test_file_is_private_wal_and_fully_synchronous(
-    store: SqlitePostStore, db_path: Path
+    sqlite_store: SqlitePostStore, db_path: Path
 ) -> None:
-    store.create(author="alice", title="a", body="b")
+    sqlite_store.create(author="alice", title="a", body="b")
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
     other = sqlite3.connect(db_path)
     try:
@@ -138,15 +189,15 @@ def test_file_is_private_wal_and_fully_synchronous(
     finally:
         other.close()
     # synchronous is per connection: 2 is FULL.
-    with store._write() as conn:
+    with sqlite_store._write() as conn:
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2
-    assert store._query("PRAGMA synchronous", ()) == [(2,)]
+    assert sqlite_store._query("PRAGMA synchronous", ()) == [(2,)]
 
 
-def test_page_query_uses_the_primary_key(store: SqlitePostStore) -> None:
+def test_page_query_uses_the_primary_key(sqlite_store: SqlitePostStore) -> None:
     plan = " ".join(
         str(row[-1])
-        for row in store._query(
+        for row in sqlite_store._query(
             "EXPLAIN QUERY PLAN SELECT id, author, title, body, created_at, updated_at "
             "FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?",
             (10, 3),
@@ -156,7 +207,7 @@ def test_page_query_uses_the_primary_key(store: SqlitePostStore) -> None:
     assert "TEMP B-TREE" not in plan  # no sort step
 
 
-def test_concurrent_creates_and_reads(store: SqlitePostStore) -> None:
+def test_concurrent_creates_and_reads(store: AnyStore) -> None:
     threads_n, per_thread = 8, 25
     ids: list[int] = []
     errors: list[BaseException] = []
@@ -219,22 +270,22 @@ def test_migrations_apply_in_order_and_only_once(db_path: Path) -> None:
 
 
 def test_sqlite_failures_become_dependency_unavailable(
-    store: SqlitePostStore, db_path: Path
+    sqlite_store: SqlitePostStore, db_path: Path
 ) -> None:
-    store.create(author="alice", title="a", body="b")
+    sqlite_store.create(author="alice", title="a", body="b")
     other = sqlite3.connect(db_path)
     other.execute("DROP TABLE posts")
     other.commit()
     other.close()
     with pytest.raises(DependencyUnavailable):
-        store.create(author="alice", title="a", body="b")
+        sqlite_store.create(author="alice", title="a", body="b")
     with pytest.raises(DependencyUnavailable):
-        store.list_page(5, 0)
+        sqlite_store.list_page(5, 0)
     with pytest.raises(DependencyUnavailable):
-        store.get(1)
+        sqlite_store.get(1)
 
 
-def test_closed_store_is_unavailable(store: SqlitePostStore) -> None:
+def test_closed_store_is_unavailable(store: AnyStore) -> None:
     store.close()
     store.close()  # idempotent
     for call in (
