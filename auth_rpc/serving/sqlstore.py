@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -334,10 +335,19 @@ class PostgresDatabase:
 
 
 class Listener:
-    """One connection ``LISTEN``-ing on ``channels``; ``callback(channel, payload)`` per
-    notification, on a daemon thread. Reconnects after a failure (every second),
-    then calls ``callback(channel, None)`` for every channel: what changed while
-    it was away is unknown, so the subscriber must assume everything did.
+    """One connection ``LISTEN``-ing on ``channels``, on a daemon thread of its own.
+
+    ``callback(channel, payload)`` per notification. When the connection is
+    lost (an error, or no answer to the ``SELECT 1`` sent every
+    ``ping_interval_s`` of silence), :attr:`listening` turns false and
+    ``on_lost()`` is called at once; then it reconnects (every
+    ``retry_interval_s``) and, once ``LISTEN`` is in force again, calls
+    ``callback(channel, None)`` for every channel: what changed while it was
+    away is unknown, so the subscriber must assume everything did (and, while
+    not listening, read what it needs per request). The first connection
+    does the same (whatever was read before ``LISTEN`` may be stale). A callback that raises is
+    logged and the others go on. Generic: the Auth and Posts stores each run
+    one per process with their own channels.
     """
 
     def __init__(
@@ -347,6 +357,10 @@ class Listener:
         callback: Callable[[str, str | None], None],
         *,
         name: str = "listener",
+        on_lost: Callable[[], None] | None = None,
+        ping_interval_s: float = 10.0,
+        retry_interval_s: float = 1.0,
+        connect_timeout_s: int = 5,
     ) -> None:
         for channel in channels:
             if not channel.replace("_", "").isalnum():
@@ -354,9 +368,15 @@ class Listener:
         self._url = url
         self._channels = tuple(channels)
         self._callback = callback
+        self._on_lost = on_lost
+        self._ping_interval_s = ping_interval_s
+        self._retry_interval_s = retry_interval_s
+        self._connect_timeout_s = max(1, int(connect_timeout_s))
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._conn: Any = None
+        #: How many times the connection was lost (for tests and logs).
+        self.losses = 0
         self._thread = threading.Thread(target=self._run, name=f"pg-{name}", daemon=True)
 
     def start(self, *, timeout_s: float = 10.0) -> Listener:
@@ -369,36 +389,73 @@ class Listener:
     def listening(self) -> bool:
         return self._ready.is_set()
 
+    def wait_listening(self, timeout_s: float) -> bool:
+        """Wait until ``LISTEN`` is in force (again); whether it is."""
+        return self._ready.wait(timeout_s)
+
+    def _deliver(self, channel: str, payload: str | None) -> None:
+        try:
+            self._callback(channel, payload)
+        except Exception:  # a callback's bug must not stop the listener
+            log.exception("database listener callback failed")
+
     def _run(self) -> None:
         import psycopg
 
         first = True
         while not self._stop.is_set():
             try:
-                with psycopg.connect(self._url, autocommit=True) as conn:
+                with psycopg.connect(
+                    self._url, autocommit=True, connect_timeout=self._connect_timeout_s
+                ) as conn:
                     self._conn = conn
                     for channel in self._channels:
                         conn.execute(f"LISTEN {channel}")  # checked in __init__
-                    if not first:
-                        for channel in self._channels:
-                            self._callback(channel, None)
-                    first = False
                     self._ready.set()
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0):
-                            self._callback(note.channel, note.payload)
-            except psycopg.Error as exc:
-                self._ready.clear()
+                    if not first:
+                        log.info("database listener connected again")
+                    first = False
+                    # What changed before LISTEN was in force is unknown.
+                    for channel in self._channels:
+                        self._deliver(channel, None)
+                    self._listen(conn)
+            except (psycopg.Error, OSError) as exc:
                 if self._stop.is_set():
                     break
                 log.warning("database listener lost its connection: %s", _failure(exc))
-                self._stop.wait(1.0)
-            except Exception:  # a callback's bug must not stop the listener
-                log.exception("database listener callback failed")
-                self._ready.clear()
-                self._stop.wait(1.0)
+            except Exception:  # never let the thread die: reconnect
+                log.exception("database listener failed")
             finally:
                 self._conn = None
+                self._lost()
+            self._stop.wait(self._retry_interval_s)
+
+    def _lost(self) -> None:
+        was = self._ready.is_set()
+        self._ready.clear()
+        if not was:
+            return
+        self.losses += 1
+        if self._on_lost is not None and not self._stop.is_set():
+            try:
+                self._on_lost()
+            except Exception:
+                log.exception("database listener on_lost callback failed")
+
+    def _listen(self, conn: Any) -> None:
+        idle_since = time.monotonic()
+        while not self._stop.is_set():
+            # A short wait: stop() returns within it (and closes the connection).
+            for note in conn.notifies(timeout=0.25):
+                idle_since = time.monotonic()
+                self._deliver(note.channel, note.payload)
+                if self._stop.is_set():
+                    return
+            if time.monotonic() - idle_since >= self._ping_interval_s:
+                # A connection that died without a word (a partition, a proxy)
+                # would otherwise look idle forever.
+                conn.execute("SELECT 1").fetchone()
+                idle_since = time.monotonic()
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
