@@ -716,7 +716,9 @@ class KeyManager:
     def _changed(self, _name: str | None) -> None:
         self._checked_at = float("-inf")
         try:
-            self.reload()
+            # Forced: a change the fingerprint leaves out (a key's max_ttl_s) is
+            # read too; keys already unsealed are kept, not unsealed again.
+            self.reload(force=True)
         except DependencyUnavailable as exc:
             log.warning("key reload failed (%s); will retry on use", exc.message)
 
