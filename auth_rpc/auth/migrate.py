@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auth_rpc.auth.changes import notify
 from auth_rpc.auth.db import Database
 from auth_rpc.auth.keys import KeyRecord, KeyStore
 from auth_rpc.auth.schema_postgresql import PG_MIGRATIONS
@@ -140,7 +141,7 @@ def _copy(
             counted[table] = copied
             log.info("migrated %s: %d rows", table, copied)
         # Replicas already running on this database (there should be none) reload.
-        target.notify(dst, "auth_rpc_changes", "keys")
+        notify(target, dst, "keys")
     return Migration(counted, sealer.kek_id.hex() if sealer and counted["signing_keys"] else None)
 
 
