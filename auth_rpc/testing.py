@@ -50,6 +50,10 @@ Fixtures:
     ``serve_thrift(service, handler, **settings)`` serves *your* Thrift
     service in-process and returns the started
     :class:`auth_rpc.serving.rpc.RpcServer`.
+``key_encryption_key_file``
+    A new key-encryption key file (32 random bytes, 0600): give it to Auth
+    replicas on PostgreSQL (``postgresql_url``), which seal their signing keys
+    in the database with it.
 ``make_haproxy``
     ``make_haproxy({listener: [(host, port), ...]}, kinds=None, start=True)``:
     HAProxy (:mod:`auth_rpc.serving.haproxy`, the configuration of
@@ -742,6 +746,19 @@ def postgresql_url(postgresql_server: PostgresServer) -> Iterator[str]:
     url = postgresql_server.create_database()
     yield url
     postgresql_server.drop_database(url.rsplit("/", 1)[1].split("?", 1)[0])
+
+
+@pytest.fixture
+def key_encryption_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new key-encryption key file (32 random bytes, mode 0600, in a 0700 directory):
+    what Auth replicas on PostgreSQL share to seal their signing keys
+    (``AuthSettings(key_encryption_key_file=...)``, ``--key-encryption-key-file``)."""
+    from auth_rpc.auth.sealing import new_kek_file
+
+    path = tmp_path_factory.mktemp("kek") / "kek"
+    path.parent.chmod(0o700)
+    new_kek_file(path)
+    return path
 
 
 @pytest.fixture

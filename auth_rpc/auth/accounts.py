@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from auth_rpc.auth.changes import notify
 from auth_rpc.auth.db import AnyDatabase
 from auth_rpc.errors import InvalidInput
 from auth_rpc.serving.sqlstore import POSTGRESQL
@@ -489,6 +490,7 @@ class AccountStore:
                 f"UPDATE {table} SET disabled_at = ? WHERE {column} = ?",  # noqa: S608 - constants
                 (disabled_at, name),
             )
+            notify(self._db, conn, kind, name)
         return cur.rowcount == 1
 
     def delete(self, kind: str, name: str) -> bool:
@@ -498,6 +500,7 @@ class AccountStore:
             cur = conn.execute(
                 f"DELETE FROM {table} WHERE {column} = ?", (name,)  # noqa: S608 - constants
             )
+            notify(self._db, conn, kind, name)
         return cur.rowcount == 1
 
     def replace_password_hash(self, username: str, password_hash: str) -> bool:
@@ -506,6 +509,7 @@ class AccountStore:
             cur = conn.execute(
                 "UPDATE users SET password_hash = ? WHERE username = ?", (password_hash, username)
             )
+            notify(self._db, conn, "user", username)
         return cur.rowcount == 1
 
     def replace_client_secret(self, client_id: str, secret_hash: str, digest: bytes) -> bool:
@@ -515,6 +519,7 @@ class AccountStore:
                 "UPDATE clients SET secret_hash = ?, secret_digest = ? WHERE client_id = ?",
                 (secret_hash, digest, client_id),
             )
+            notify(self._db, conn, "client", client_id)
         return cur.rowcount == 1
 
     def set_scopes(self, kind: str, name: str, scopes: tuple[str, ...]) -> bool:
@@ -525,6 +530,7 @@ class AccountStore:
                 f"UPDATE {table} SET scopes = ? WHERE {column} = ?",  # noqa: S608 - constants
                 (" ".join(scopes), name),
             )
+            notify(self._db, conn, kind, name)
         return cur.rowcount == 1
 
     def set_audiences(self, kind: str, name: str, audiences: tuple[str, ...] | None) -> bool:
@@ -535,6 +541,7 @@ class AccountStore:
                 f"UPDATE {table} SET audiences = ? WHERE {column} = ?",  # noqa: S608 - constants
                 (_audiences_column(audiences), name),
             )
+            notify(self._db, conn, kind, name)
         return cur.rowcount == 1
 
     def audience_in_use(self, audience: str) -> bool:

@@ -56,6 +56,19 @@ PostgreSQL; without it, SQLite in the data directory. Prefer the environment
 variable or libpq's password file to a password in the URL on a command line
 (which other local users may see); the password is never logged.
 
+On PostgreSQL the signing keys are in the database, sealed with a key-encryption
+key (KEK): ``--key-encryption-key-file FILE`` (or
+``AUTH_RPC_KEY_ENCRYPTION_KEY_FILE``), the same file on every replica, needed
+by ``serve``, ``keys``, ``export-public-key``, ``rotate-key`` and
+``rewrap-keys``::
+
+    auth-rpc new-kek FILE                      (32 random bytes, a new 0600 file)
+    auth-rpc rewrap-keys --data-dir DIR --database-url URL
+                      --key-encryption-key-file NEW --old-key-encryption-key-file OLD
+    auth-rpc migrate --data-dir DIR --database-url URL [--key-encryption-key-file FILE]
+
+``migrate`` copies a SQLite data directory into an empty PostgreSQL database.
+
 Exit codes: 0 success, 1 the operation failed (the message says why), 2 usage.
 """
 
@@ -70,7 +83,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from auth_rpc import __version__
 from auth_rpc.auth.accounts import (
@@ -81,6 +94,8 @@ from auth_rpc.auth.accounts import (
     PasswordPolicy,
 )
 from auth_rpc.auth.keys import KEY_ACTIVATION_DELAY_S
+from auth_rpc.auth.migrate import migrate_to_postgresql
+from auth_rpc.auth.sealing import KeySealer, new_kek_file
 from auth_rpc.auth.server import AuthServer
 from auth_rpc.auth.service import AuthService, AuthSettings
 from auth_rpc.errors import AuthError
@@ -96,7 +111,7 @@ from auth_rpc.serving.runner import (
     run_until_signal,
     run_workers,
 )
-from auth_rpc.serving.sqlstore import check_database_url
+from auth_rpc.serving.sqlstore import check_database_url, redact_url
 
 __all__ = ["main"]
 
@@ -107,6 +122,8 @@ ALGORITHMS = ("EdDSA", "RS256", "ES256", "HS256")
 
 #: The environment variable that gives ``--database-url``.
 DATABASE_URL_ENV = "AUTH_RPC_DATABASE_URL"
+#: The environment variable that gives ``--key-encryption-key-file``.
+KEK_FILE_ENV = "AUTH_RPC_KEY_ENCRYPTION_KEY_FILE"
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -126,6 +143,27 @@ def _parser() -> argparse.ArgumentParser:
             default=os.environ.get(DATABASE_URL_ENV) or None,
             help=f"postgresql://... (default: ${DATABASE_URL_ENV}; without either, SQLite "
             "in the data directory)",
+        )
+        kek_arguments(p)
+
+    def kek_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--key-encryption-key-file",
+            type=Path,
+            metavar="FILE",
+            default=Path(os.environ[KEK_FILE_ENV]) if os.environ.get(KEK_FILE_ENV) else None,
+            help="with --database-url: the key-encryption key (32 random bytes, mode 0600) "
+            "that seals the signing keys in the database, the same file on every Auth "
+            f"replica (default: ${KEK_FILE_ENV}; make one with auth-rpc new-kek FILE)",
+        )
+        p.add_argument(
+            "--old-key-encryption-key-file",
+            type=Path,
+            metavar="FILE",
+            action="append",
+            default=[],
+            help="during a KEK rotation: a previous key-encryption key, which only unseals "
+            "(repeatable; then auth-rpc rewrap-keys)",
         )
 
     serve = sub.add_parser("serve", help="run the Auth service (Thrift and HTTP)")
@@ -330,6 +368,35 @@ def _parser() -> argparse.ArgumentParser:
         "pending, retiring) to FILE: give it to posts-rpc serve --verify local --jwks-file",
     )
 
+    new_kek = sub.add_parser(
+        "new-kek",
+        help="write a new key-encryption key (32 random bytes) to a new file, mode 0600",
+    )
+    new_kek.add_argument("file", type=Path, help="the file to make (refused if it exists)")
+
+    rewrap = sub.add_parser(
+        "rewrap-keys",
+        help="seal every signing key in the database again under --key-encryption-key-file "
+        "(the last step of a KEK rotation)",
+    )
+    data_dir(rewrap)
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy a SQLite data directory's accounts, keys, tokens and revocations into an "
+        "empty PostgreSQL database",
+    )
+    migrate.add_argument(
+        "--data-dir", required=True, type=Path, help="the data directory to migrate (SQLite)"
+    )
+    migrate.add_argument(
+        "--database-url",
+        type=_database_url,
+        default=os.environ.get(DATABASE_URL_ENV) or None,
+        help=f"the new, empty PostgreSQL database (default: ${DATABASE_URL_ENV})",
+    )
+    kek_arguments(migrate)
+
     rotate = sub.add_parser("rotate-key", help="make a new signing key")
     data_dir(rotate)
     rotate.add_argument(
@@ -424,8 +491,24 @@ def _settings(args: argparse.Namespace, issuer: str) -> AuthSettings:
         status_list_base_url=getattr(args, "status_list_base_url", None),
         status_list_size=getattr(args, "status_list_size", 1_000_000),
         status_list_ttl_s=getattr(args, "status_list_ttl", 1),
-        database_url=args.database_url,
+        **_store_settings(args),
     )
+
+
+def _store_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``AuthSettings`` fields of the store: database URL and key-encryption keys."""
+    kek = args.key_encryption_key_file
+    old = tuple(args.old_key_encryption_key_file)
+    if args.database_url is None and (kek is not None or old):
+        raise ValueError(
+            "--key-encryption-key-file goes with --database-url (on SQLite the signing "
+            "keys are files in the data directory)"
+        )
+    return {
+        "database_url": args.database_url,
+        "key_encryption_key_file": kek,
+        "old_key_encryption_key_files": old,
+    }
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -527,9 +610,7 @@ def _read_password(from_stdin: bool) -> str:
 def _admin_service(args: argparse.Namespace) -> AuthService:
     # Admin commands need no issuer: they do not mint tokens.
     return AuthService.open(
-        AuthSettings(
-            data_dir=args.data_dir, issuer="urn:auth-rpc:admin", database_url=args.database_url
-        ),
+        AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin", **_store_settings(args)),
         create_key=False,
     )
 
@@ -759,9 +840,43 @@ def _revoked_text(families: int, tokens: int) -> str:
         f"access token{'' if tokens == 1 else 's'} revoked"
 
 
+def _new_kek(path: Path) -> None:
+    try:
+        kek_id = new_kek_file(path)
+    except FileExistsError:
+        raise ValueError(
+            f"{path} exists: refusing to overwrite a key-encryption key (the keys sealed with "
+            "it would be lost)"
+        ) from None
+    print(f"wrote a new key-encryption key to {path} (mode 0600, id {kek_id}); give the same "
+          "file to every Auth replica: --key-encryption-key-file")
+
+
+def _migrate(args: argparse.Namespace) -> None:
+    if args.database_url is None:
+        _usage_error(f"migrate needs --database-url (or ${DATABASE_URL_ENV})")
+    sealer = None
+    if args.key_encryption_key_file is not None:
+        sealer = KeySealer.from_files(args.key_encryption_key_file)
+    done = migrate_to_postgresql(args.data_dir, args.database_url, sealer=sealer)
+    print(f"migrated {args.data_dir} to {redact_url(args.database_url)}:")
+    for table, rows in done.rows.items():
+        print(f"  {table}: {rows}")
+    if done.kek_id is not None:
+        print(f"signing keys sealed with key-encryption key {done.kek_id}")
+    print("start auth-rpc serve with --database-url (and --key-encryption-key-file); keep "
+          f"{args.data_dir} as a backup, and do not serve from it again")
+
+
 def _run(args: argparse.Namespace) -> int:
     """The admin commands (everything but serve)."""
     command = args.command
+    if command == "new-kek":
+        _new_kek(args.file)
+        return 0
+    if command == "migrate":
+        _migrate(args)
+        return 0
     if command == "add-user":
         policy = _policy(args)
         password = _read_password(args.password_stdin)
@@ -837,6 +952,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"audiences of {kind} {args.name!r} set to {shown}")
         elif command == "rotate-key":
             _rotate(service, args)
+        elif command == "rewrap-keys":
+            done = service.rewrap_keys()
+            print(f"{done} signing key(s) sealed again under the key-encryption key given; "
+                  "the old key-encryption key is no longer needed")
         else:  # pragma: no cover - argparse allows only the commands above
             raise AssertionError(command)
     return 0

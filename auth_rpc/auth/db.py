@@ -228,6 +228,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX issued_access_tokens_client ON issued_access_tokens (client_id);
     CREATE INDEX issued_access_tokens_expires ON issued_access_tokens (expires_at);
     """,
+    # 10: signing keys sealed in the database (PostgreSQL replicas share them;
+    # auth_rpc.auth.keys.KeySealer). On SQLite the column stays NULL: the key
+    # is the file keys/<kid>.pem, as before.
+    """
+    ALTER TABLE signing_keys ADD COLUMN sealed_key BLOB;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

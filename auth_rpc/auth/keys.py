@@ -54,7 +54,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from auth_rpc.auth.changes import ChangeFeed, notify
 from auth_rpc.auth.db import AnyDatabase
+from auth_rpc.auth.sealing import KEK_NEEDED, KeyEncryptionKeyError, KeySealer
 from auth_rpc.errors import DependencyUnavailable
 from auth_rpc.serving.private_files import UnsafeFile, check_private, private_dir
 from auth_rpc.serving.sqlstore import POSTGRESQL
@@ -88,6 +90,9 @@ RETIRE_SLACK_S = 60
 #: ``max_key_age_s``) plus the time running services take to see the new key
 #: (``KeyManager`` re-reads the key table every 5 s) and a margin.
 KEY_ACTIVATION_DELAY_S = 360
+#: With a live change feed (PostgreSQL replicas), how often the key table is
+#: re-read anyway: notifications do the work, this is a safety net.
+FOLLOWED_RELOAD_INTERVAL_S = 60.0
 _KID_MAX = 128
 
 
@@ -181,6 +186,12 @@ class SigningKey:
         return cls(kid=kid, alg="HS256", private_key=bytes(secret))
 
     @classmethod
+    def from_der(cls, der: bytes, *, kid: str, alg: str) -> SigningKey:
+        """Load a PKCS #8 DER private key. Raises ``ValueError`` if it does not suit ``alg``."""
+        private = serialization.load_der_private_key(der, password=None)
+        return cls(kid=kid, alg=alg, private_key=private)
+
+    @classmethod
     def from_pem(cls, pem: bytes, *, kid: str, alg: str) -> SigningKey:
         """Load a PKCS #8 PEM private key. Raises ``ValueError`` if it does not suit ``alg``."""
         private = serialization.load_pem_private_key(pem, password=None)
@@ -207,6 +218,17 @@ class SigningKey:
             serialization.NoEncryption(),
         )
         return pem
+
+    def private_der(self) -> bytes:
+        """The private key as unencrypted PKCS #8 DER (what is sealed). ``ValueError`` for HS256."""
+        if self.symmetric:
+            raise ValueError("an HS256 secret has no DER form")
+        der: bytes = self.private_key.private_bytes(
+            serialization.Encoding.DER,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return der
 
     def public_pem(self) -> bytes:
         """The public key as SubjectPublicKeyInfo PEM (for a local verifier).
@@ -293,18 +315,37 @@ class KeyState:
 
 
 class KeyStore:
-    """Key files in ``keys_dir`` (0600) and their rows in ``signing_keys``."""
+    """The signing keys: rows of ``signing_keys``, each key's secret half in a file or sealed.
 
-    def __init__(self, db: AnyDatabase, keys_dir: Path) -> None:
+    On SQLite the private key is the file ``keys_dir/<kid>.pem`` (0600). On
+    PostgreSQL (:attr:`in_database`) it is the row's ``sealed_key``, sealed
+    with ``sealer``'s key-encryption key (:mod:`auth_rpc.auth.sealing`), so that
+    every replica has it; nothing is written to ``keys_dir``. Every change
+    notifies the other replicas (:mod:`auth_rpc.auth.changes`, topic ``keys``).
+    """
+
+    def __init__(
+        self, db: AnyDatabase, keys_dir: Path, *, sealer: KeySealer | None = None
+    ) -> None:
         self._db = db
         self.keys_dir = keys_dir
+        self.sealer = sealer
+        self.in_database = db.dialect == POSTGRESQL
+
+    def _need_sealer(self) -> KeySealer:
+        if self.sealer is None:
+            raise KeyEncryptionKeyError(KEK_NEEDED)
+        return self.sealer
 
     def ensure_dir(self) -> None:
         """Create ``keys_dir`` with mode 0700 (tightening it if it exists).
 
         Raises :class:`~auth_rpc.serving.private_files.UnsafeFile` if another
-        user owns it or group or others may write it, OSError.
+        user owns it or group or others may write it, OSError. Nothing to do
+        when the keys are in the database.
         """
+        if self.in_database:
+            return
         private_dir(self.keys_dir, "key directory")
 
     def unknown_files(self, *, grace_s: float = 30.0) -> list[Path]:
@@ -313,7 +354,7 @@ class KeyStore:
         A file written in the last ``grace_s`` seconds is left out: another
         process (``auth-rpc rotate-key``) writes the file just before its row.
         """
-        if not self.keys_dir.is_dir():
+        if self.in_database or not self.keys_dir.is_dir():
             return []
         known = {record.kid for record in self.records()}
         recent = time.time() - grace_s
@@ -332,7 +373,23 @@ class KeyStore:
         return [KeyRecord(*row) for row in rows]
 
     def load(self, record: KeyRecord) -> SigningKey:
-        """Read and parse one key file. Raises DependencyUnavailable if it is missing or bad."""
+        """Read and parse one key (its file, or its sealed row).
+
+        Raises DependencyUnavailable if it is missing or bad;
+        :class:`~auth_rpc.auth.sealing.KeyEncryptionKeyError` (one of them)
+        if its row is sealed and the KEK is missing or not the one it was
+        sealed with, or the row fails authentication.
+        """
+        if self.in_database:
+            with self._db.read() as conn:
+                row = conn.execute(
+                    "SELECT sealed_key FROM signing_keys WHERE kid = ?", (record.kid,)
+                ).fetchone()
+            if row is None:
+                raise DependencyUnavailable("signing key unavailable")
+            if row[0] is not None:
+                return self._unsealed(record, bytes(row[0]))
+            # A key made before keys were sealed: its file, as on SQLite.
         path = self._path(record.kid)
         try:
             st = check_private(path, "signing key file")  # UnsafeFile passes through
@@ -352,6 +409,29 @@ class KeyStore:
             )
         return key
 
+    def _unsealed(self, record: KeyRecord, sealed: bytes) -> SigningKey:
+        der = self._need_sealer().unseal(record.kid, record.alg, sealed)
+        try:
+            key = SigningKey.from_der(der, kid=record.kid, alg=record.alg)
+        except (ValueError, TypeError) as exc:
+            log.error("cannot load signing key %s: %s", record.kid, type(exc).__name__)
+            raise DependencyUnavailable("signing key unavailable") from exc
+        jwk = key.public_jwk()
+        if jwk is not None and _thumbprint(jwk) != record.kid:
+            raise KeyEncryptionKeyError(
+                f"signing key {record.kid}: the sealed key is not the one its kid names "
+                "(RFC 7638 thumbprint mismatch): refused"
+            )
+        return key
+
+    def transaction(self) -> Any:
+        """A transaction of the key table's database (a context manager)."""
+        return self._db.transaction()
+
+    def lock(self, conn: Any) -> None:
+        """Take the key table's lock (replicas starting together make one first key)."""
+        self._db.lock(conn, "signing_keys")
+
     def add(
         self,
         key: SigningKey,
@@ -361,22 +441,30 @@ class KeyStore:
         supersede: bool = True,
         activates_at: int | None = None,
     ) -> None:
-        """Write ``key`` (0600, fsynced) and record it; older signers become superseded.
+        """Store ``key`` and record it; older signers become superseded.
 
-        ``activates_at`` ``None``: the key signs at once, and every key not
-        yet superseded (a pending one too) is superseded at ``now``. Else it
-        signs from ``activates_at``, when the keys not yet superseded become
-        superseded. Raises DependencyUnavailable (database) or OSError (file).
+        On SQLite the key is written to its file (0600, fsynced) first; on
+        PostgreSQL it is sealed into its row (KeyEncryptionKeyError without
+        a KEK, before anything is written). ``activates_at`` ``None``: the
+        key signs at once, and every key not yet superseded (a pending one
+        too) is superseded at ``now``. Else it signs from ``activates_at``,
+        when the keys not yet superseded become superseded. Raises
+        DependencyUnavailable (database) or OSError (file).
         """
-        self.ensure_dir()
-        path = self._path(key.kid)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, key.private_pem())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _fsync_dir(self.keys_dir)
+        sealed: bytes | None = None
+        path: Path | None = None
+        if self.in_database:
+            sealed = self._need_sealer().seal(key.kid, key.alg, key.private_der())
+        else:
+            self.ensure_dir()
+            path = self._path(key.kid)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, key.private_pem())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _fsync_dir(self.keys_dir)
         try:
             with self._db.transaction() as conn:
                 if supersede and activates_at is None:
@@ -392,13 +480,40 @@ class KeyStore:
                     )
                 conn.execute(
                     "INSERT INTO signing_keys "
-                    "(kid, alg, created_at, superseded_at, max_ttl_s, activates_at) "
-                    "VALUES (?, ?, ?, NULL, ?, ?)",
-                    (key.kid, key.alg, now, max_ttl_s, activates_at),
+                    "(kid, alg, created_at, superseded_at, max_ttl_s, activates_at, sealed_key) "
+                    "VALUES (?, ?, ?, NULL, ?, ?, ?)",
+                    (key.kid, key.alg, now, max_ttl_s, activates_at, sealed),
                 )
+                notify(self._db, conn, "keys")
         except BaseException:
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
             raise
+
+    def rewrap(self) -> int:
+        """Seal every sealed key again under the sealer's KEK (a KEK rotation); how many.
+
+        In one transaction. Raises KeyEncryptionKeyError (a key sealed with a
+        KEK not given), DependencyUnavailable.
+        """
+        sealer = self._need_sealer()
+        done = 0
+        with self._db.transaction() as conn:
+            self.lock(conn)
+            rows = conn.execute(
+                "SELECT kid, alg, sealed_key FROM signing_keys WHERE sealed_key IS NOT NULL"
+            ).fetchall()
+            for kid, alg, blob in rows:
+                if sealer.sealed_with(bytes(blob)) == sealer.kek_id:
+                    continue
+                secret = sealer.unseal(kid, alg, bytes(blob))
+                conn.execute(
+                    "UPDATE signing_keys SET sealed_key = ? WHERE kid = ?",
+                    (sealer.seal(kid, alg, secret), kid),
+                )
+                done += 1
+            notify(self._db, conn, "keys")
+        return done
 
     def supersede_all(self, *, now: int) -> None:
         """Mark every current or pending signer superseded (switching to an HS256 secret)."""
@@ -408,6 +523,7 @@ class KeyStore:
                 "WHERE superseded_at IS NULL OR superseded_at > ?",
                 (now, now),
             )
+            notify(self._db, conn, "keys")
 
     def note_ttl(self, kid: str, ttl_s: int) -> None:
         """Record that ``kid`` signs tokens living up to ``ttl_s`` (keeps the maximum)."""
@@ -417,12 +533,14 @@ class KeyStore:
                 f"UPDATE signing_keys SET max_ttl_s = {larger}(max_ttl_s, ?) WHERE kid = ?",  # noqa: S608 - constant
                 (ttl_s, kid),
             )
+            notify(self._db, conn, "keys")
 
     def delete(self, kid: str) -> None:
         """Forget a retired key: its file, then its row (a file never outlives its row)."""
         self._path(kid).unlink(missing_ok=True)
         with self._db.transaction() as conn:
             conn.execute("DELETE FROM signing_keys WHERE kid = ?", (kid,))
+            notify(self._db, conn, "keys")
 
     def fingerprint(self) -> tuple[tuple[str, int | None, int | None], ...]:
         """A cheap summary that changes whenever keys are added, scheduled or superseded."""
@@ -533,6 +651,11 @@ class KeyManager:
         self._ring = KeyRing(None, {}, {}, ())
         self._checked_at = float("-inf")
         self._unknown_kid_at = float("-inf")
+        self._feed: ChangeFeed | None = None
+
+    @property
+    def store(self) -> KeyStore:
+        return self._store
 
     # -- loading ---------------------------------------------------------
 
@@ -547,28 +670,63 @@ class KeyManager:
         """
         now = int(self._clock())
         self._store.ensure_dir()
-        if create:
-            records = self._store.records()
-            current = [r for r in records if r.superseded_at is None]
-            if self.alg == "HS256":
-                if any(r.may_sign(now) for r in records):
-                    log.info("switching to HS256; current asymmetric keys retire")
-                    self._store.supersede_all(now=now)
-            elif not any(r.alg == self.alg for r in current):
-                key = SigningKey.generate(self.alg)
-                signing = any(r.alg in ASYMMETRIC and r.signs_at(now) for r in records)
-                activates_at = self._activation_time(now) if signing else None
-                self._store.add(
-                    key, now=now, max_ttl_s=self._access_ttl_s, activates_at=activates_at
-                )
-                if activates_at is None:
-                    log.info("made signing key %s (%s)", key.kid, key.alg)
-                else:
-                    log.info(
-                        "made signing key %s (%s); published now, signs in %d s",
-                        key.kid, key.alg, activates_at - now,
-                    )
+        # The keys there are first: a wrong key-encryption key is refused
+        # before anything is sealed with it.
         self.reload(force=True)
+        if create:
+            # Under the key table's lock: replicas starting together on a new
+            # database make one first key, not one each.
+            with self._store.transaction() as conn:
+                self._store.lock(conn)
+                self._create(now)
+            self.reload(force=True)
+
+    def _create(self, now: int) -> None:
+        records = self._store.records()
+        current = [r for r in records if r.superseded_at is None]
+        if self.alg == "HS256":
+            if any(r.may_sign(now) for r in records):
+                log.info("switching to HS256; current asymmetric keys retire")
+                self._store.supersede_all(now=now)
+        elif not any(r.alg == self.alg for r in current):
+            key = SigningKey.generate(self.alg)
+            signing = any(r.alg in ASYMMETRIC and r.signs_at(now) for r in records)
+            activates_at = self._activation_time(now) if signing else None
+            self._store.add(
+                key, now=now, max_ttl_s=self._access_ttl_s, activates_at=activates_at
+            )
+            if activates_at is None:
+                log.info("made signing key %s (%s)", key.kid, key.alg)
+            else:
+                log.info(
+                    "made signing key %s (%s); published now, signs in %d s",
+                    key.kid, key.alg, activates_at - now,
+                )
+
+    def follow(self, feed: ChangeFeed) -> None:
+        """Reload when another replica changes the keys (``feed``'s ``keys`` topic).
+
+        While the feed is live the key table is re-read only on a notification
+        (and every :data:`FOLLOWED_RELOAD_INTERVAL_S` as a safety net); while
+        it is not (its connection lost), on every use.
+        """
+        self._feed = feed
+        feed.subscribe("keys", self._changed)
+
+    def _changed(self, _name: str | None) -> None:
+        self._checked_at = float("-inf")
+        try:
+            # Forced: a change the fingerprint leaves out (a key's max_ttl_s) is
+            # read too; keys already unsealed are kept, not unsealed again.
+            self.reload(force=True)
+        except DependencyUnavailable as exc:
+            log.warning("key reload failed (%s); will retry on use", exc.message)
+
+    def _interval(self) -> float:
+        feed = self._feed
+        if feed is None:
+            return self._reload_interval_s
+        return FOLLOWED_RELOAD_INTERVAL_S if feed.live else 0.0
 
     def _activation_time(self, now: int, delay_s: float | None = None) -> int | None:
         delay = self._activation_delay_s if delay_s is None else delay_s
@@ -635,10 +793,12 @@ class KeyManager:
             log.warning("could not delete retired signing key %s", kid)
 
     def _maybe_reload(self) -> None:
-        if time.monotonic() - self._checked_at < self._reload_interval_s:
+        if time.monotonic() - self._checked_at < self._interval():
             return
         try:
             self.reload()
+        except KeyEncryptionKeyError as exc:
+            log.error("key reload failed: %s; keeping the loaded keys", exc.message)
         except DependencyUnavailable as exc:
             log.warning("key reload failed (%s); keeping the loaded keys", exc.message)
 

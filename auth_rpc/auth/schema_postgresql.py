@@ -142,4 +142,8 @@ PG_MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX issued_access_tokens_client ON issued_access_tokens (client_id);
     CREATE INDEX issued_access_tokens_expires ON issued_access_tokens (expires_at);
     """,
+    # 10: signing keys sealed with the key-encryption key (shared by every replica).
+    """
+    ALTER TABLE signing_keys ADD COLUMN sealed_key BYTEA;
+    """,
 )

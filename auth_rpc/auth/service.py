@@ -57,6 +57,7 @@ from auth_rpc.auth.accounts import (
     client_secret_digest,
     parse_scope,
 )
+from auth_rpc.auth.changes import ChangeFeed
 from auth_rpc.auth.db import AnyDatabase, NewDatabaseRefused, open_database
 from auth_rpc.auth.keys import (
     ALGORITHMS,
@@ -68,6 +69,7 @@ from auth_rpc.auth.keys import (
     read_hs256_secret,
 )
 from auth_rpc.auth.passwords import SecretHasher
+from auth_rpc.auth.sealing import KeySealer
 from auth_rpc.auth.status import (
     DEFAULT_STATUS_LIST_SIZE,
     StatusEntry,
@@ -148,9 +150,29 @@ class AuthSettings:
     #: ``postgresql://...``: the database of every replica (``None``: SQLite in
     #: ``data_dir``). Left out of ``repr()``: it may hold a password.
     database_url: str | None = field(default=None, repr=False)
+    #: With ``database_url``: the file of the key-encryption key that seals the
+    #: signing keys in the database (:mod:`auth_rpc.auth.sealing`; 32 bytes, 0600),
+    #: and old ones that only unseal (during a KEK rotation).
+    key_encryption_key_file: Path | None = None
+    old_key_encryption_key_files: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        if self.key_encryption_key_file is not None:
+            object.__setattr__(self, "key_encryption_key_file", Path(self.key_encryption_key_file))
+        object.__setattr__(
+            self, "old_key_encryption_key_files",
+            tuple(Path(p) for p in self.old_key_encryption_key_files),
+        )
+        if self.database_url is None and (
+            self.key_encryption_key_file is not None or self.old_key_encryption_key_files
+        ):
+            raise ValueError(
+                "a key-encryption key goes with a database URL (on SQLite the signing keys "
+                "are files in the data directory)"
+            )
+        if self.old_key_encryption_key_files and self.key_encryption_key_file is None:
+            raise ValueError("old key-encryption keys need the current one too")
         if self.hs256_secret_file is not None:
             object.__setattr__(self, "hs256_secret_file", Path(self.hs256_secret_file))
         if self.alg not in ALGORITHMS:
@@ -290,6 +312,7 @@ class AuthService:
         keys: KeyManager,
         hasher: SecretHasher,
         clock: Callable[[], float],
+        changes: ChangeFeed | None = None,
     ) -> None:
         self.settings = settings
         self.issuer = settings.issuer
@@ -328,8 +351,14 @@ class AuthService:
             clock=clock, what="client authentications", store=self._streaks
         )
         self._client_cache_key = secrets.token_bytes(32)
-        self._client_cache: dict[bytes, tuple[float, _ClientGrant]] = {}
+        self._client_cache: dict[bytes, tuple[float, _ClientGrant, str]] = {}
         self._client_cache_lock = threading.Lock()
+        #: Counts the changes of clients notified (and losses of the feed): an
+        #: authentication is remembered only if none came while it was checked.
+        self._client_generation = 0
+        self._changes = changes
+        if changes is not None:
+            changes.subscribe("client", self._client_changed)
         self._purged_at = float("-inf")
         self._purge_lock = threading.Lock()
         self._closed = False
@@ -343,6 +372,7 @@ class AuthService:
         create_key: bool = True,
         hasher: SecretHasher | None = None,
         init: bool = False,
+        listen: bool | None = None,
     ) -> AuthService:
         """Open the service on ``settings.data_dir``, making dir, database and key on first start.
 
@@ -351,6 +381,12 @@ class AuthService:
         new database beside an existing ``keys/`` directory, or key files the
         database does not know, unless ``init`` (``auth-rpc serve --init``:
         start afresh, unknown key files moved to ``keys-unknown-<time>/``).
+        With ``settings.database_url`` the signing keys are sealed in the
+        database with the KEK of ``settings.key_encryption_key_file``
+        (KeyEncryptionKeyError, a DependencyUnavailable, when it is needed and
+        missing, or is not the KEK that sealed them), and ``listen`` (default:
+        ``create_key``, i.e. a serving replica) follows the other replicas'
+        changes (:mod:`auth_rpc.auth.changes`).
         Refused (:class:`~auth_rpc.serving.private_files.UnsafeFile`): a data
         directory, key directory, key file or database that another user owns
         or that group or others may write, a key file whose kid is not its
@@ -363,10 +399,21 @@ class AuthService:
         if settings.alg == "HS256":
             assert settings.hs256_secret_file is not None  # AuthSettings checks it
             hs256_key = SigningKey.hs256(read_hs256_secret(settings.hs256_secret_file))
+        sealer = None
+        if settings.key_encryption_key_file is not None:
+            sealer = KeySealer.from_files(
+                settings.key_encryption_key_file, old=settings.old_key_encryption_key_files
+            )
         _prepare_data_dir(settings.data_dir)
         db = _open_database(settings.data_dir, init=init, database_url=settings.database_url)
+        changes: ChangeFeed | None = None
+        if listen is None:
+            listen = create_key
         try:
-            store = KeyStore(db, settings.data_dir / "keys")
+            if listen and settings.database_url is not None:
+                # Before the keys are read: a change after LISTEN is in force is seen.
+                changes = ChangeFeed(settings.database_url).start()
+            store = KeyStore(db, settings.data_dir / "keys", sealer=sealer)
             store.ensure_dir()
             _check_key_files(store, settings.data_dir, init=init, now=clock())
             if db.created and init:
@@ -379,9 +426,19 @@ class AuthService:
                 hs256_key=hs256_key,
                 activation_delay_s=settings.key_activation_delay_s,
             )
-            keys.start(create=create_key)
-            service = cls(settings, db=db, keys=keys, hasher=hasher or SecretHasher(), clock=clock)
+            if changes is not None:
+                keys.follow(changes)
+            if create_key or sealer is not None or not store.in_database:
+                keys.start(create=create_key)
+            # else: an admin command on PostgreSQL without the KEK: the keys are
+            # read only if it needs them (and then it fails, saying so).
+            service = cls(
+                settings, db=db, keys=keys, hasher=hasher or SecretHasher(), clock=clock,
+                changes=changes,
+            )
         except BaseException:
+            if changes is not None:
+                changes.stop()
             db.close()
             raise
         log.info("auth service open (alg %s, schema version %d)", settings.alg, db.schema_version)
@@ -587,12 +644,24 @@ class AuthService:
         digest = hmac.digest(
             self._client_cache_key, f"{client_id}\0{client_secret}".encode(), "sha256"
         )
+        # Read before the database: a change notified meanwhile forbids remembering.
+        generation = self._client_generation
+        changes = self._changes
+        trusted = changes is not None and changes.live
         cached = self._client_cache.get(digest)
         now = time.monotonic()
         if cached is not None and cached[0] > now:
-            # The row is read again (one lookup by key, no hashing), so that an
-            # admin command of another process (disable, remove, reset-secret,
-            # set-scope, set-audience) applies to the next call, not minutes later.
+            if trusted:
+                # PostgreSQL replicas: every change of a client (disable,
+                # remove, reset-secret, set-scope, set-audience, at any replica
+                # or admin command) is notified, and drops what is remembered
+                # of it (_client_changed): no database read.
+                if cached[0] - now < CLIENT_AUTH_CACHE_TTL_S - 1:
+                    self._remember_client(digest, cached[1], client_id, generation, now)
+                return cached[1]
+            # Otherwise the row is read again (one lookup by key, no hashing),
+            # so that an admin command of another process applies to the next
+            # call, not minutes later.
             client = self._accounts.get_client(client_id)
             if (
                 client is not None
@@ -603,17 +672,34 @@ class AuthService:
                     client.scopes, client.audiences, client.may_introspect, client.secret_hash
                 )
                 if cached[0] - now < CLIENT_AUTH_CACHE_TTL_S - 1 or grant != cached[1]:
-                    self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, grant)
+                    self._remember_client(digest, grant, client_id, generation, now)
                 return grant
             with self._client_cache_lock:
                 self._client_cache.pop(digest, None)
         grant = self._authenticate_client_slow(client_id, client_secret)
+        self._remember_client(digest, grant, client_id, generation, now)
+        return grant
+
+    def _remember_client(
+        self, digest: bytes, grant: _ClientGrant, client_id: str, generation: int, now: float
+    ) -> None:
         with self._client_cache_lock:
             self._client_cache.pop(digest, None)
+            if generation != self._client_generation:
+                return  # the client may have changed since it was read
             if len(self._client_cache) >= CLIENT_AUTH_CACHE_SIZE:
                 self._client_cache.pop(next(iter(self._client_cache)))
-            self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, grant)
-        return grant
+            self._client_cache[digest] = (now + CLIENT_AUTH_CACHE_TTL_S, grant, client_id)
+
+    def _client_changed(self, client_id: str | None) -> None:
+        """A client changed at some replica (``None``: any may have): forget it."""
+        with self._client_cache_lock:
+            self._client_generation += 1
+            if client_id is None:
+                self._client_cache.clear()
+                return
+            for digest in [d for d, v in self._client_cache.items() if v[2] == client_id]:
+                del self._client_cache[digest]
 
     def _authenticate_client_slow(self, client_id: str, client_secret: str) -> _ClientGrant:
         # A correct secret always gets through: throttling applies to failures,
@@ -1085,6 +1171,22 @@ class AuthService:
         log.info("audiences of %s %r set", kind, name)
         return kind
 
+    def rewrap_keys(self) -> int:
+        """Seal every signing key in the database again under the current KEK; how many.
+
+        The last step of a KEK rotation (the old KEK given as
+        ``old_key_encryption_key_files``). Raises ``ValueError`` on SQLite
+        (key files), KeyEncryptionKeyError, DependencyUnavailable.
+        """
+        self._check_open()
+        if not self._keys.store.in_database:
+            raise ValueError("the signing keys are files in the data directory (SQLite): "
+                             "nothing to rewrap")
+        done = self._keys.store.rewrap()
+        log.info("%d signing key(s) sealed again under key-encryption key %s",
+                 done, self._keys.store.sealer.kek_id.hex() if self._keys.store.sealer else "-")
+        return done
+
     def rotate_key(self, alg: str | None = None, *, activate_after_s: float | None = None) -> str:
         """Make a new signing key (``alg`` defaults to the current one's); returns its kid.
 
@@ -1115,6 +1217,8 @@ class AuthService:
         """Close the database and the hashing threads. Idempotent; later calls raise
         DependencyUnavailable."""
         self._closed = True
+        if self._changes is not None:
+            self._changes.stop()
         self._db.close()
         self._hasher.close()
 

@@ -377,17 +377,24 @@ class PostgresDatabase:
 
 
 class Listener:
-    """One connection ``LISTEN``-ing on ``channels``; ``callback(channel, payload)`` per
-    notification, on a daemon thread. Reconnects after a failure (every second),
-    then calls ``callback(channel, None)`` for every channel: what changed while
-    it was away is unknown, so the subscriber must assume everything did.
+    """One connection ``LISTEN``-ing on ``channels``, on a daemon thread of its own.
+
+    ``callback(channel, payload)`` per notification. Once ``LISTEN`` is in
+    force (the first time and after every reconnection) it calls
+    ``callback(channel, None)`` for every channel: what changed before, or
+    while it was away, is unknown, so the subscriber must assume everything
+    did. When the connection is lost (an error, or no answer to the
+    ``SELECT 1`` sent every ``heartbeat_s`` while idle), :attr:`listening`
+    turns false and ``on_lost()`` is called at once (a subscriber then reads
+    what it needs per request); it reconnects every ``retry_interval_s``. A
+    callback that raises is logged and the others go on. Generic: the Auth and
+    Posts stores each run one per process with their own channels.
 
     For a cache invalidated by notifications, :meth:`quiet` tells whether it
     may trust what it holds: the connection is up, has answered a round trip
-    (``SELECT 1`` every ``heartbeat_s`` while idle) within ``max_silence_s``,
-    and nothing has reached it that the callback has not been given yet (a
-    notification waiting in the socket while the thread waits for the GIL
-    counts as arrived).
+    within ``max_silence_s``, and nothing has reached it that the callback has
+    not been given yet (a notification waiting in the socket while the thread
+    waits for the GIL counts as arrived).
     """
 
     def __init__(
@@ -398,6 +405,9 @@ class Listener:
         *,
         name: str = "listener",
         heartbeat_s: float = 1.0,
+        on_lost: Callable[[], None] | None = None,
+        retry_interval_s: float = 1.0,
+        connect_timeout_s: int = 5,
     ) -> None:
         for channel in channels:
             if not channel.replace("_", "").isalnum():
@@ -406,6 +416,9 @@ class Listener:
         self._channels = tuple(channels)
         self._callback = callback
         self._heartbeat_s = heartbeat_s
+        self._on_lost = on_lost
+        self._retry_interval_s = retry_interval_s
+        self._connect_timeout_s = max(1, int(connect_timeout_s))
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._conn: Any = None
@@ -414,8 +427,9 @@ class Listener:
         self._fd = -1
         self._busy = False
         self._confirmed_at = float("-inf")
-        self._listened = False
         self._wake: tuple[int, int] | None = None
+        #: How many times the connection was lost (for tests and logs).
+        self.losses = 0
         self._thread = threading.Thread(target=self._run, name=f"pg-{name}", daemon=True)
 
     def start(self, *, timeout_s: float = 10.0) -> Listener:
@@ -428,6 +442,10 @@ class Listener:
     @property
     def listening(self) -> bool:
         return self._ready.is_set()
+
+    def wait_listening(self, timeout_s: float) -> bool:
+        """Wait until ``LISTEN`` is in force (again); whether it is."""
+        return self._ready.wait(timeout_s)
 
     def quiet(self, max_silence_s: float = 3.0) -> bool:
         """Whether every notification that reached this process was given to the callback.
@@ -450,43 +468,64 @@ class Listener:
         # the thread's hands until _busy drops, after its callbacks ran.
         return not pending and not self._busy and self._fd == fd
 
+    def _deliver(self, channel: str, payload: str | None) -> None:
+        try:
+            self._callback(channel, payload)
+        except Exception:  # a callback's bug must not stop the listener
+            log.exception("database listener callback failed")
+
     def _run(self) -> None:
         import psycopg
 
+        first = True
         while not self._stop.is_set():
             try:
                 with psycopg.connect(
-                    self._url, autocommit=True, connect_timeout=5, **_LIVENESS
+                    self._url,
+                    autocommit=True,
+                    connect_timeout=self._connect_timeout_s,
+                    **_LIVENESS,
                 ) as conn:
                     self._conn = conn
                     try:
-                        self._listen(conn)
+                        self._listen(conn, first)
                     finally:
                         # Before the connection closes: its descriptor may be reused.
                         self._fd = -1
-                        self._ready.clear()
-            except psycopg.Error as exc:
-                if self._stop.is_set():
-                    break
-                log.warning("database listener lost its connection: %s", _failure(exc))
-                self._stop.wait(1.0)
-            except Exception:  # a callback's bug must not stop the listener
-                log.exception("database listener callback failed")
-                self._stop.wait(1.0)
+                        first = False
+            except (psycopg.Error, OSError) as exc:
+                if not self._stop.is_set():
+                    log.warning("database listener lost its connection: %s", _failure(exc))
+            except Exception:  # never let the thread die: reconnect
+                log.exception("database listener failed")
             finally:
                 self._conn = None
+                self._lost()
+            if self._stop.is_set():
+                break
+            self._stop.wait(self._retry_interval_s)
 
-    def _listen(self, conn: Any) -> None:
+    def _lost(self) -> None:
+        was = self._ready.is_set()
+        self._ready.clear()
+        if not was:
+            return
+        self.losses += 1
+        if self._on_lost is not None and not self._stop.is_set():
+            try:
+                self._on_lost()
+            except Exception:
+                log.exception("database listener on_lost callback failed")
+
+    def _listen(self, conn: Any, first: bool) -> None:
         """LISTEN, then pass notifications on until stopped or the connection fails."""
-        callback = self._callback
         # Notifications read while a statement runs (LISTEN, the heartbeat) go
         # through this handler too, so that none is left in psycopg's backlog.
-        conn.add_notify_handler(lambda note: callback(note.channel, note.payload))
+        conn.add_notify_handler(lambda note: self._deliver(note.channel, note.payload))
         for channel in self._channels:
             conn.execute(f"LISTEN {channel}")  # checked in __init__
-        if self._listened:  # a reconnection: what changed meanwhile is unknown
-            for channel in self._channels:
-                callback(channel, None)
+        if not first:
+            log.info("database listener connected again")
         pgconn = conn.pgconn
         fd = conn.fileno()
         wake = self._wake
@@ -494,8 +533,14 @@ class Listener:
             return
         self._confirmed_at = monotonic()
         self._fd = fd
-        self._listened = True
         self._ready.set()
+        # What changed before LISTEN was in force is unknown.
+        self._busy = True
+        try:
+            for channel in self._channels:
+                self._deliver(channel, None)
+        finally:
+            self._busy = False
         while not self._stop.is_set():
             wait = max(0.0, self._confirmed_at + self._heartbeat_s - monotonic())
             ready = select.select((fd, wake[0]), (), (), wait)[0]
@@ -510,6 +555,8 @@ class Listener:
                 finally:
                     self._busy = False
             if monotonic() - self._confirmed_at >= self._heartbeat_s:
+                # A connection that died without a word (a partition, a proxy)
+                # would otherwise look idle forever.
                 self._busy = True
                 try:
                     conn.execute("SELECT 1")

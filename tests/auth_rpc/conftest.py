@@ -92,8 +92,17 @@ def database_url(backend: str, request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture
+def kek_file(database_url: str | None, request: pytest.FixtureRequest) -> Path | None:
+    """On PostgreSQL, the key-encryption key file of the services (``None`` on SQLite)."""
+    if database_url is None:
+        return None
+    path: Path = request.getfixturevalue("key_encryption_key_file")
+    return path
+
+
+@pytest.fixture
 def open_service(
-    data_dir: Path, clock: FakeClock, database_url: str | None
+    data_dir: Path, clock: FakeClock, database_url: str | None, kek_file: Path | None
 ) -> Iterator[Callable[..., AuthService]]:
     """Open AuthServices on ``data_dir`` (settings overridable); all closed at teardown."""
     opened: list[AuthService] = []
@@ -101,7 +110,7 @@ def open_service(
     def open_(create_key: bool = True, **overrides: Any) -> AuthService:
         fields: dict[str, Any] = {
             "data_dir": data_dir, "issuer": ISSUER, "audience": AUDIENCE,
-            "database_url": database_url,
+            "database_url": database_url, "key_encryption_key_file": kek_file,
         }
         fields.update(overrides)
         service = AuthService.open(AuthSettings(**fields), clock=clock, create_key=create_key)

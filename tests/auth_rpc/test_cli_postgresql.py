@@ -1,5 +1,5 @@
 """``auth-rpc`` on PostgreSQL (``--database-url`` / ``AUTH_RPC_DATABASE_URL``), as real
-processes; the data directory keeps the key files, the database everything else."""
+processes; the signing keys sealed in the database with the key-encryption key."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def run(
 
 
 def test_admin_commands_and_serve_share_a_postgresql_database(
-    tmp_path: Path, postgresql_url: str
+    tmp_path: Path, postgresql_url: str, key_encryption_key_file: Path
 ) -> None:
     data = tmp_path / "data"
     added = run(
@@ -58,7 +58,10 @@ def test_admin_commands_and_serve_share_a_postgresql_database(
             "SELECT version FROM schema_version WHERE component = 'auth'"
         ).fetchone() == (SCHEMA_VERSION,)
 
-    served = Served("--data-dir", str(data), "--database-url", postgresql_url)
+    # serve needs the key-encryption key (it seals the signing key in the
+    # database); the account commands above and below do not.
+    served = Served("--data-dir", str(data), "--database-url", postgresql_url,
+                    "--key-encryption-key-file", str(key_encryption_key_file))
     try:
         with contextlib.closing(open_client(auth_thrift.Auth, "127.0.0.1", served.port)) as client:
             pair = client.login("alice", "a long enough password")

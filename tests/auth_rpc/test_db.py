@@ -25,7 +25,8 @@ EXPECTED_SCHEMA = {
         "may_introspect",
         "disabled_at",
     ],
-    "signing_keys": ["kid", "alg", "created_at", "superseded_at", "max_ttl_s", "activates_at"],
+    "signing_keys": ["kid", "alg", "created_at", "superseded_at", "max_ttl_s", "activates_at",
+                     "sealed_key"],
     "refresh_families": [
         "family_id",
         "subject",

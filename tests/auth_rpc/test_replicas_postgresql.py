@@ -19,15 +19,18 @@ PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture
-def replicas(tmp_path: Path, postgresql_url: str) -> Iterator[tuple[AuthService, AuthService]]:
-    # The key files are shared through one data directory for now; everything
-    # else is in the database.
-    settings = AuthSettings(
-        data_dir=tmp_path / "data", issuer="https://auth.test", audience="posts",
-        database_url=postgresql_url,
+def replicas(
+    tmp_path: Path, postgresql_url: str, key_encryption_key_file: Path
+) -> Iterator[tuple[AuthService, AuthService]]:
+    # Nothing shared but the database (the signing keys sealed in it) and the
+    # key-encryption key file: a data directory each, as on two machines.
+    first, second = (
+        AuthService.open(AuthSettings(
+            data_dir=tmp_path / name, issuer="https://auth.test", audience="posts",
+            database_url=postgresql_url, key_encryption_key_file=key_encryption_key_file,
+        ))
+        for name in ("a", "b")
     )
-    first = AuthService.open(settings)
-    second = AuthService.open(settings)
     first.add_user("alice", PASSWORD, ["posts:read"])
     yield first, second
     first.close()

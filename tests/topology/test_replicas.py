@@ -2,8 +2,9 @@
 
 The replicas of both services share one PostgreSQL database (the plugin's
 ``postgresql_url``; the Auth and Posts schemas side by side, a row each in
-``schema_version``); the Auth replicas' signing keys are in one shared data
-directory, the Posts replicas have none (``--database-url`` only). Posts checks tokens in jwks mode
+``schema_version``): the Auth replicas' signing keys are sealed in it with the
+key-encryption key file they are given (a data directory each), the Posts
+replicas have no data directory (``--database-url`` only). Posts checks tokens in jwks mode
 with the keys and Token Status Lists the Auth replicas publish through the
 balancer (the issuer URL is the balancer's HTTP listener). HAProxy runs the
 repository's configuration (``deploy/haproxy.cfg``).
@@ -12,15 +13,18 @@ repository's configuration (``deploy/haproxy.cfg``).
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
@@ -60,7 +64,7 @@ def _add_user(data_dir: Path, database_url: str, name: str) -> None:
 @pytest.fixture
 def topology(
     spawn: Callable[..., Any], make_haproxy: Callable[..., Any], tmp_path: Path,
-    postgresql_url: str,
+    postgresql_url: str, key_encryption_key_file: Path,
 ) -> Topology:
     kinds = {listener.name: listener.kind for listener in DEPLOY_LISTENERS}
     proxy = make_haproxy({"auth": [None] * 2, "auth_http": [None] * 2, "posts": [None] * 2},
@@ -70,8 +74,9 @@ def topology(
     auth_dir = tmp_path / "auth-data"
     for name in ("alice", "bob"):
         _add_user(auth_dir, postgresql_url, name)
-    auth = [spawn("auth", "--data-dir", str(auth_dir), "--database-url", postgresql_url,
-                  "--issuer", issuer) for _ in range(2)]
+    auth = [spawn("auth", "--data-dir", str(tmp_path / f"auth{n}-data"), "--database-url",
+                  postgresql_url, "--key-encryption-key-file", str(key_encryption_key_file),
+                  "--issuer", issuer) for n in (1, 2)]
     posts = [
         spawn("posts", "--database-url", postgresql_url, "--verify", "jwks", "--issuer", issuer,
               "--jwks-url", f"{issuer}/.well-known/jwks.json")
@@ -237,6 +242,42 @@ def _a_post_written_at_one_replica_is_read_at_the_other(token: str, p1: Any, p2:
           f"{at_once} of {rounds} times; seen after median {delays[rounds // 2] * 1e3:.2f} ms, "
           f"max {delays[-1] * 1e3:.2f} ms")
     assert delays[-1] < 1.0, delays
+
+
+def _jwks(replica: Any) -> dict[str, Any]:
+    with urllib.request.urlopen(
+        f"http://127.0.0.1:{replica.http_port}/.well-known/jwks.json", timeout=10
+    ) as response:
+        jwks: dict[str, Any] = json.load(response)
+    return jwks
+
+
+def test_rotate_key_reaches_both_auth_replicas(
+    topology: Topology, tmp_path: Path, postgresql_url: str, key_encryption_key_file: Path
+) -> None:
+    first, second = topology.auth
+    assert _jwks(first) == _jwks(second) and len(_jwks(first)["keys"]) == 1
+    done = subprocess.run(  # our own command, fixed arguments
+        [sys.executable, "-m", "auth_rpc.auth.cli", "rotate-key", "--now", "--data-dir",
+         str(tmp_path / "admin"), "--database-url", postgresql_url,
+         "--key-encryption-key-file", str(key_encryption_key_file)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rotated_at = time.monotonic()
+    _poll(lambda: len(_jwks(first)["keys"]) == len(_jwks(second)["keys"]) == 2,
+          timeout_s=10, what="the new key published by both replicas")
+    print(f"\nrotate-key published by both Auth replicas after "
+          f"{(time.monotonic() - rotated_at) * 1000:.0f} ms")
+    assert _jwks(first) == _jwks(second)
+    new_kid = _jwks(first)["keys"][0]["kid"]  # the latest to sign first
+    # Each replica signs with the new key, and the other validates its tokens.
+    for signer, checker in ((first, second), (second, first)):
+        with _client(auth_thrift.Auth, signer.port) as auth:
+            token = auth.login("alice", PASSWORD, "").access_token
+        assert jwt.get_unverified_header(token)["kid"] == new_kid
+        with _client(auth_thrift.Auth, checker.port) as auth:
+            assert auth.validate(token).subject == "alice"
 
 
 def test_login_works_through_either_auth_replica(topology: Topology) -> None:
