@@ -240,8 +240,22 @@ def test_local_mode_with_an_exported_jwk_set_survives_a_rotation(tmp_path: Path)
         with process(posts_cmd, POSTS_READY) as posts_ready, contextlib.closing(
             open_client(posts_thrift.Posts, "127.0.0.1", int(posts_ready["port"]))
         ) as posts:
+            # posts-client login alice && posts-client create ... (free ports, so named)
+            client_env = {**os.environ, "POSTS_CLIENT_CONFIG_DIR": str(tmp_path / "client")}
+            addresses = ["--auth", f"127.0.0.1:{port}",
+                         "--posts", f"127.0.0.1:{posts_ready['port']}"]
+            for args, stdin in (
+                ([*addresses, "login", "alice", "--password-stdin"], PASSWORD + "\n"),
+                (["create", "--title", "Hello", "--body", "checked locally"], ""),
+            ):
+                done = subprocess.run(  # the real command, fixed arguments
+                    [sys.executable, "-m", "client.cli", *args], input=stdin, env=client_env,
+                    capture_output=True, text=True, timeout=60, check=False,
+                )
+                assert done.returncode == 0, (args, done.stdout, done.stderr)
+            assert done.stdout == "created post 1\n"
             old = _login(port)
-            assert posts.create_post(old, "Hello", "from local mode").author == "alice"
+            assert posts.list_posts(old, 10, 0).posts[0].author == "alice"
             # Rotate; the new key is exported while pending (the file is replaced: no restart).
             ok("rotate-key", "--data-dir", str(data), "--activate-after", "8")
             ok("export-public-key", "--data-dir", str(data), "--jwks", str(jwks))
