@@ -8,7 +8,7 @@ does, with one change: ``TCP_NODELAY`` is set on each accepted socket.
 thriftpy2's ``TServerSocket.accept`` leaves Nagle's algorithm on, and a page
 of 20 posts (~5 KiB) leaves in two writes, the second of which waits for the
 client's delayed ACK (~40 ms): without the option this server measures the
-kernel's ACK timer, not thriftpy2 (see ``/work/shared/MEASURING.md``).
+kernel's ACK timer, not thriftpy2 (docs/benchmarks.md, "What is measured").
 
 Run as ``python -m bench.bare [--port P]``; prints ``bench-ready port=P``.
 """

@@ -16,7 +16,7 @@ round trip to the Auth service; the JWKS keys themselves stay cached). "cached"
 is a cache hit (TTL 300 s). Each figure is the median over ``--rounds`` windows
 of ``--window`` seconds of a closed loop in this one thread, after a warm-up,
 with the spread (min..max) across rounds. By default the Auth service is pinned
-to CPU 0 and this process to CPU 1 (as MEASURING.md advises); ``--no-pin``
+to CPU 0 and this process to CPU 1 (as ``make bench`` pins, docs/benchmarks.md); ``--no-pin``
 leaves both to the scheduler. Every process started here is stopped at the end.
 """
 

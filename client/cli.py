@@ -49,9 +49,10 @@ Exit codes: 0 success; 1 other error (a server's internal error, an unusable
 token file); 2 usage; 3 unauthenticated (including not logged in); 4
 permission denied; 5 not found; 6 invalid argument; 7 unavailable (connection
 refused, timeout, TLS failure, or a dependency of the service down); 8 rate
-limited; 130 interrupted. Expected errors print one line on standard error:
-``posts-client: error: not found: post 42``; a refusal or failure of a server
-names it (``unauthenticated: invalid username or password (Auth service at
+limited; 9 connection lost after the request was sent (it may have been done:
+look before retrying); 130 interrupted. Expected errors print one line on
+standard error: ``posts-client: error: not found: post 42``; a refusal or
+failure of a server names it (``unauthenticated: invalid username or password (Auth service at
 127.0.0.1:9090)``). Usage errors print the usage of the command they are
 about. Tokens and passwords are never printed.
 """

@@ -65,6 +65,8 @@ class Served:
         self.port = int(match["port"])
         self.http = match["http"]
         self.issuer = match["issuer"]
+        self.tls = match["tls"]
+        self.framed = match["framed"]
 
     def stop(self) -> tuple[int, str]:
         self.proc.send_signal(signal.SIGTERM)
@@ -313,3 +315,43 @@ def test_rotate_key_is_refused_on_an_hs256_deployment(tmp_path: Path) -> None:
     finally:
         code, err = served.stop()
     assert code == 0, err
+
+
+@pytest.mark.parametrize("which", ["--port", "--http-port"])
+def test_a_port_in_use_is_one_line_naming_the_address(tmp_path: Path, which: str) -> None:
+    """Not ``[Errno 98] Address already in use``: which address, in words (issue 15)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        ports = {"--port": "0", "--http-port": "0", which: str(port)}
+        done = run("serve", "--data-dir", str(tmp_path / "d"),
+                   *(item for pair in ports.items() for item in pair))
+    assert done.returncode == 1
+    assert done.stdout == ""  # never ready
+    assert done.stderr.splitlines()[-1] == (
+        f"auth-rpc: error: cannot listen on 127.0.0.1:{port}: address already in use"
+    ), done.stderr
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr
+
+
+def test_the_ready_line_says_tls_and_framed(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(tmp_path / "cert.pem")
+    cert.private_key_pem.write_to_path(tmp_path / "key.pem")
+    data = str(tmp_path / "d")
+    for flags, expected in (
+        ([], ("off", "off")),
+        (["--framed"], ("off", "on")),
+        (["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem"),
+          "--framed"], ("on", "on")),
+    ):
+        served = Served("--data-dir", data, *flags)
+        try:
+            assert (served.tls, served.framed) == expected, flags
+            assert served.http.startswith("https://" if expected[0] == "on" else "http://")
+        finally:
+            code, err = served.stop()
+        assert code == 0, err

@@ -237,20 +237,38 @@ def test_local_mode_with_an_exported_jwk_set_survives_a_rotation(tmp_path: Path)
         posts_cmd = [sys.executable, "-m", "posts_rpc.cli", "serve", "--data-dir",
                      str(tmp_path / "posts-data"), "--port", "0", "--verify", "local",
                      "--jwks-file", str(jwks), "--issuer", issuer]
-        with process(posts_cmd, POSTS_READY) as posts_ready, contextlib.closing(
-            open_client(posts_thrift.Posts, "127.0.0.1", int(posts_ready["port"]))
-        ) as posts:
+        with process(posts_cmd, POSTS_READY) as posts_ready:
+            # posts-client login alice && posts-client create ... (free ports, so named)
+            client_env = {**os.environ, "POSTS_CLIENT_CONFIG_DIR": str(tmp_path / "client")}
+            addresses = ["--auth", f"127.0.0.1:{port}",
+                         "--posts", f"127.0.0.1:{posts_ready['port']}"]
+            for args, stdin in (
+                ([*addresses, "login", "alice", "--password-stdin"], PASSWORD + "\n"),
+                (["create", "--title", "Hello", "--body", "checked locally"], ""),
+            ):
+                done = subprocess.run(  # the real command, fixed arguments
+                    [sys.executable, "-m", "client.cli", *args], input=stdin, env=client_env,
+                    capture_output=True, text=True, timeout=60, check=False,
+                )
+                assert done.returncode == 0, (args, done.stdout, done.stderr)
+            assert done.stdout == "created post 1\n"
+            # A Thrift client from here on, opened once it has a call to send (a new connection
+            # must send its first within 10 s, and a login may take long on a busy machine).
             old = _login(port)
-            assert posts.create_post(old, "Hello", "from local mode").author == "alice"
-            # Rotate; the new key is exported while pending (the file is replaced: no restart).
-            ok("rotate-key", "--data-dir", str(data), "--activate-after", "8")
-            ok("export-public-key", "--data-dir", str(data), "--jwks", str(jwks))
-            old_kid = jwt.get_unverified_header(old)["kid"]
-            new = old
-            deadline = time.monotonic() + 60
-            while jwt.get_unverified_header(new)["kid"] == old_kid:
-                assert time.monotonic() < deadline, "the new key never signed"
-                threading.Event().wait(0.25)  # poll on the condition, bounded
-                new = _login(port)
-            assert posts.list_posts(new, 10, 0).posts[0].title == "Hello"
-            assert posts.list_posts(old, 10, 0).posts  # the old key still verifies
+            with contextlib.closing(
+                open_client(posts_thrift.Posts, "127.0.0.1", int(posts_ready["port"]))
+            ) as posts:
+                assert posts.list_posts(old, 10, 0).posts[0].author == "alice"
+                # Rotate; the new key is exported while pending (the file is replaced: no
+                # restart).
+                ok("rotate-key", "--data-dir", str(data), "--activate-after", "8")
+                ok("export-public-key", "--data-dir", str(data), "--jwks", str(jwks))
+                old_kid = jwt.get_unverified_header(old)["kid"]
+                new = old
+                deadline = time.monotonic() + 60
+                while jwt.get_unverified_header(new)["kid"] == old_kid:
+                    assert time.monotonic() < deadline, "the new key never signed"
+                    threading.Event().wait(0.25)  # poll on the condition, bounded
+                    new = _login(port)
+                assert posts.list_posts(new, 10, 0).posts[0].title == "Hello"
+                assert posts.list_posts(old, 10, 0).posts  # the old key still verifies

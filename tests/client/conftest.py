@@ -112,16 +112,20 @@ class Cli:
         self.config_dir = config_dir
         self.token_file = config_dir / "tokens.json"
 
-    def run(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("POSTS_CLIENT_")}
-        env["POSTS_CLIENT_CONFIG_DIR"] = str(self.config_dir)
+    def run(
+        self, *args: str, input: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``posts-client ARGS``; ``env`` adds variables (``POSTS_CLIENT_AUTH``, ...)."""
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("POSTS_CLIENT_")}
+        environ["POSTS_CLIENT_CONFIG_DIR"] = str(self.config_dir)
+        environ.update(env or {})
         return subprocess.run(
             [sys.executable, "-m", "client.cli", *args],
             input=input if input is not None else "",
             capture_output=True,
             text=True,
             timeout=60,
-            env=env,
+            env=environ,
             check=False,
         )
 

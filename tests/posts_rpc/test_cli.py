@@ -393,3 +393,26 @@ def test_log_format_json_one_object_per_line_with_access_fields(
         assert isinstance(r["latency_ms"], float) and r["latency_ms"] >= 0
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"])
     assert alice not in err and alice.rsplit(".", 1)[1][:20] not in err
+
+
+def test_a_port_in_use_is_one_line_naming_the_address(
+    tmp_path: Path, secret_file: Path, issuer_audience: tuple[str, str]
+) -> None:
+    """Not ``[Errno 98] Address already in use``: which address, in words (issue 15)."""
+    import socket
+
+    issuer, audience = issuer_audience
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        done = subprocess.run(  # the real command; fixed arguments
+            [sys.executable, "-m", "posts_rpc.cli", "serve", "--data-dir", str(tmp_path / "d"),
+             "--port", str(port), "--verify", "local", "--hs256-secret-file", str(secret_file),
+             "--status-list", "off", "--issuer", issuer, "--audience", audience],
+            capture_output=True, text=True, timeout=60, check=False,
+        )
+    assert done.returncode == 1
+    assert done.stdout == ""  # never ready
+    assert done.stderr.splitlines()[-1] == (
+        f"posts-rpc: error: cannot listen on 127.0.0.1:{port}: address already in use"
+    ), done.stderr
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr
