@@ -1,5 +1,6 @@
 """``posts-rpc``: run the Posts service.
 
+    posts-rpc migrate --data-dir DIR --database-url postgresql://...
     posts-rpc serve (--data-dir DIR | --database-url postgresql://...)
                     [--host H] [--port P] --verify MODE --issuer ISS
                     [--audience AUD] [--cache-ttl SECONDS] [--framed]
@@ -19,6 +20,8 @@
 Posts are kept in SQLite in ``DIR/posts.db``, or with ``--database-url`` (or
 the environment variable ``POSTS_RPC_DATABASE_URL``) in PostgreSQL, where
 several replicas share them; ``--database-url`` wins over ``--data-dir``.
+``migrate`` copies the posts of ``DIR/posts.db`` into an empty PostgreSQL
+database (ids kept; stop the service first).
 
 In the local and jwks modes every token must carry a Token Status List entry
 (``status`` claim) whose bit is read on every call from the list fetched from
@@ -76,7 +79,7 @@ from auth_rpc.serving.runner import (
     run_until_signal,
     run_workers,
 )
-from auth_rpc.serving.sqlstore import check_database_url
+from auth_rpc.serving.sqlstore import check_database_url, redact_url
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
 from auth_rpc.verify.introspect import IntrospectionVerifier
 from auth_rpc.verify.principal import TokenVerifier
@@ -126,6 +129,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    migrate = sub.add_parser(
+        "migrate",
+        help="copy the posts of a SQLite data directory into an empty PostgreSQL database",
+    )
+    migrate.add_argument("--data-dir", type=Path, required=True, help="where posts.db lives")
+    migrate.add_argument(
+        "--database-url",
+        type=_database_url,
+        default=os.environ.get(DATABASE_URL_ENV) or None,
+        help=f"postgresql://... (default: ${DATABASE_URL_ENV})",
+    )
     serve = sub.add_parser("serve", help="run the Posts service")
     serve.add_argument(
         "--data-dir", type=Path,
@@ -247,6 +261,10 @@ def _database_url(text: str) -> str:
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse a flag combination that does not fit ``--verify`` (argparse error, exit 2)."""
+    if args.command == "migrate":
+        if args.database_url is None:
+            parser.error(f"migrate needs --database-url URL (or ${DATABASE_URL_ENV})")
+        return
     if args.data_dir is None and args.database_url is None:
         parser.error(f"give --data-dir DIR or --database-url URL (or ${DATABASE_URL_ENV})")
     mode = args.verify
@@ -514,6 +532,18 @@ def _close(verifier: TokenVerifier, session: requests.Session | None) -> None:
         session.close()
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from posts_rpc.migrate import migrate_to_postgresql
+
+    configure_logging("WARNING")
+    copied = migrate_to_postgresql(args.data_dir, args.database_url)
+    print(
+        f"{copied} post{'' if copied == 1 else 's'} copied from {args.data_dir} to "
+        f"{redact_url(args.database_url)}; serve with --database-url from now on"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``posts-rpc``; returns the exit code (argparse exits 2 on a usage error)."""
     parser = _parser()
@@ -522,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "migrate":
+            return _migrate(args)
     except (AuthError, ValueError, OSError) as exc:
         return report_error("posts-rpc", exc)
     raise AssertionError(args.command)  # argparse only allows the commands above

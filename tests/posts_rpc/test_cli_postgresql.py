@@ -3,6 +3,7 @@ real PostgreSQL, two of them sharing its posts."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -133,3 +134,53 @@ def test_an_unreachable_database_is_one_error_line_without_the_password(
         assert done.stdout == ""
         assert "hunter2" not in done.stderr
         assert "posts-rpc: error:" in done.stderr
+
+
+def _migrate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(  # our own command, fixed arguments
+        [sys.executable, "-m", "posts_rpc.cli", "migrate", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+
+
+def test_migrate_moves_a_sqlite_data_dir_to_postgresql(
+    serve: Callable[..., tuple[subprocess.Popen[str], int]], postgresql_url: str,
+    mint: Callable[..., str], tmp_path: Path,
+) -> None:
+    data = tmp_path / "data"
+    old, port = serve("--data-dir", str(data))
+    token, bob = mint(), mint(sub="bob")
+    with contextlib.closing(_client(port)) as client:
+        posts = [client.create_post(token, f"post {i}", "body " * i) for i in range(5)]
+        posts.append(client.create_post(bob, "bob's", ""))
+        newest = client.create_post(token, "deleted before the move", "")
+        client.delete_post(token, newest.id)  # its id must not be given again
+    old.terminate()
+    assert old.communicate(timeout=30) is not None and old.returncode == 0
+
+    done = _migrate("--data-dir", str(data), "--database-url", postgresql_url)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("6 posts copied from "), done.stdout
+    # Into a database that holds posts: refused, nothing changed.
+    again = _migrate("--data-dir", str(data), "--database-url", postgresql_url)
+    assert again.returncode == 1 and "already holds 6 posts" in again.stderr, again.stderr
+
+    new, port = serve("--database-url", postgresql_url)
+    with contextlib.closing(_client(port)) as client:
+        assert client.list_posts(token, 100, 0).posts == sorted(
+            posts, key=lambda p: p.id, reverse=True
+        )  # ids, authors, titles, bodies and times as they were
+        with pytest.raises(common_thrift.PermissionDenied):
+            client.delete_post(token, posts[-1].id)  # still bob's
+        fresh = client.create_post(token, "after the move", "")
+        assert fresh.id == newest.id + 1  # past every id SQLite ever gave
+    new.terminate()
+    assert new.communicate(timeout=30) is not None and new.returncode == 0
+
+
+def test_migrate_usage_and_a_missing_database(tmp_path: Path, postgresql_url: str) -> None:
+    done = _migrate("--data-dir", str(tmp_path))
+    assert done.returncode == 2 and "migrate needs --database-url" in done.stderr
+    done = _migrate("--data-dir", str(tmp_path / "none"), "--database-url", postgresql_url)
+    assert done.returncode == 1, done.stderr
+    assert "no post database at" in done.stderr and "Traceback" not in done.stderr
