@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -257,3 +258,89 @@ def test_misconfiguration() -> None:
     for bad in ({"pool_size": 0}, {"timeout_s": 0}, {"issuer": ""}, {"host": ""}):
         with pytest.raises(ValueError):
             make(1, **bad)
+
+
+def test_pool_slots_waiting_and_exhaustion() -> None:
+    """The pool alone: a slot is given back on release and on a failed connect; a waiter is
+    woken by a release (not by its deadline); past its deadline it is told the pool is full."""
+    from auth_rpc.verify.thrift import _ClientPool
+
+    made: list[object] = []
+    fail = [False]
+
+    def factory() -> object:
+        if fail[0]:
+            raise OSError("refused")
+        made.append(object())
+        return made[-1]
+
+    pool = _ClientPool(factory, size=1, wait_s=5.0)
+    fail[0] = True
+    with pytest.raises(OSError):
+        pool.acquire()
+    fail[0] = False
+    client, reused = pool.acquire()  # the failed connect gave its slot back
+    assert not reused
+    got: list[float] = []
+
+    def waiter() -> None:
+        started = time.monotonic()
+        c, r = pool.acquire()
+        got.append(time.monotonic() - started)
+        assert c is client and r
+        pool.release(c, broken=False)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    deadline = time.monotonic() + 5
+    while not pool._waiting:  # the waiter is waiting for the only slot
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    pool.release(client, broken=False)
+    t.join(timeout=10)
+    assert got and got[0] < 4.0  # woken by the release, well before its 5 s deadline
+    quick = _ClientPool(factory, size=1, wait_s=0.1)
+    held, _ = quick.acquire()
+    with pytest.raises(DependencyUnavailable, match="pool exhausted"):
+        quick.acquire()
+    quick.release(held, broken=True)  # a broken one is closed, its slot freed
+    assert quick.idle == 0 and quick.acquire()[1] is False
+
+
+def test_a_hung_call_holding_the_only_connection_bounds_the_next_caller(
+    serve_thrift: Serve, stub: AuthStub
+) -> None:
+    stub.gate = threading.Event()
+    v = make(serve_thrift(auth_thrift.Auth, stub).port, timeout_s=0.3, pool_size=1)
+    results: list[str] = []
+
+    def call() -> None:
+        try:
+            v.verify("tok")
+            results.append("ok")
+        except DependencyUnavailable as exc:
+            results.append(str(exc))
+
+    try:
+        first = threading.Thread(target=call)
+        first.start()
+        deadline = time.monotonic() + 5
+        while stub.calls < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        started = time.monotonic()
+        call()  # waits for the only connection at most timeout_s
+        elapsed = time.monotonic() - started
+        first.join(timeout=10)
+        print(f"second caller answered after {elapsed:.2f} s (timeout 0.3 s)")
+        assert sorted(results) == ["auth service connection pool exhausted",
+                                   "auth service timed out"]
+        assert elapsed < 0.3 + 2.0  # loose: a busy machine
+    finally:
+        stub.gate.set()
+        v.close()
+    again = make(serve_thrift(auth_thrift.Auth, stub).port, cache_ttl_s=0)
+    try:
+        assert again.verify("tok").subject == "alice"  # and the service is fine after
+    finally:
+        again.close()
