@@ -113,6 +113,10 @@ class IntrospectionVerifier(CachingVerifier):
         self._require_audience = require_audience
         self._timeout_s = float(timeout_s)
         self._leeway_s = float(leeway_s)
+        # Concurrent misses of one token share one round trip (CachingVerifier); the
+        # others wait at most what a call of their own could take (connect, then the answer).
+        self._coalesce = True
+        self._miss_wait_s = 3 * self._timeout_s
         self._max_answer_bytes = max_answer_bytes
         # RFC 6749 §2.3.1: the client id and secret are form-encoded before Basic encoding.
         pair = f"{_form(client_id)}:{_form(client_secret)}".encode()

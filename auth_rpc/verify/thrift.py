@@ -161,6 +161,11 @@ class ThriftVerifier(CachingVerifier):
         self._require_issuer = require_issuer
         self._require_audience = require_audience
 
+        # Concurrent misses of one token share one round trip (CachingVerifier); the
+        # others wait at most what a call of their own could take.
+        self._coalesce = True
+        self._miss_wait_s = 3 * float(timeout_s)
+
         def connect() -> Any:
             return open_client(
                 auth_thrift.Auth,
