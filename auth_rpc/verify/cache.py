@@ -174,12 +174,15 @@ class VerifiedCache:
 
 
 class _Flight:
-    """One check of a token in progress, that concurrent callers of the same token wait for."""
+    """One check of a token in progress, that concurrent callers of the same token wait for.
 
-    __slots__ = ("done", "principal", "rejected", "unavailable")
+    The event is made by the first caller that waits (most checks have none).
+    """
+
+    __slots__ = ("event", "principal", "rejected", "unavailable")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.event: threading.Event | None = None
         self.principal: Principal | None = None
         self.rejected: str | None = None  # TokenRejected's message
         self.unavailable = "token check failed"  # what a waiter says otherwise
@@ -280,11 +283,15 @@ class CachingVerifier:
         """``_verify_uncached``, or the outcome of the same token's check in progress."""
         with self._flights_lock:
             flight = self._flights.get(key)
-            first = flight is None
             if flight is None:
                 flight = self._flights[key] = _Flight()
-        if not first:
-            if not flight.done.wait(self._miss_wait_s):
+                event = None
+            else:
+                if flight.event is None:
+                    flight.event = threading.Event()
+                event = flight.event
+        if event is not None:  # another caller is checking this token: wait for it
+            if not event.wait(self._miss_wait_s):
                 raise DependencyUnavailable("timed out waiting for the token's check")
             principal = flight.principal
             if principal is None:
@@ -307,7 +314,9 @@ class CachingVerifier:
         finally:
             with self._flights_lock:
                 del self._flights[key]
-            flight.done.set()
+                event = flight.event  # every waiter made it before the flight went
+            if event is not None:
+                event.set()
 
     def close(self) -> None:
         """Release what the verifier holds (connections); idempotent."""

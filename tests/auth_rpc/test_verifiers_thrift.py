@@ -379,7 +379,8 @@ def _release_when_waiting(stub: AuthStub, v: ThriftVerifier, waiters: int) -> No
 
 def _waiting(v: ThriftVerifier, n: int) -> bool:
     flights = list(v._flights.values())
-    return len(flights) == 1 and flights[0].done._cond._waiters.__len__() >= n  # type: ignore[attr-defined]
+    event = flights[0].event if len(flights) == 1 else None
+    return event is not None and len(event._cond._waiters) >= n  # type: ignore[attr-defined]
 
 
 def test_concurrent_misses_of_one_token_share_one_call(
