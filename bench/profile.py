@@ -54,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--py-spy", metavar="PATH", help="sample with this py-spy binary")
     args = parser.parse_args(argv)
     config = next((c for c in CONFIGS if c.id == args.config), None)
-    if config is None or not config.argv(_dummy_env()).count("bench.posts_sut"):
+    # A Posts configuration (bench.posts_sut): local, remote (needs the Auth service) or pyjwt.
+    if config is None or config.needs not in ("posts", "auth"):
         raise SystemExit(f"choose a Posts configuration: "
                          f"{', '.join(c.id for c in CONFIGS if c.needs in ('posts', 'auth'))}")
     cpus = sorted(all_cpus())
@@ -136,11 +137,6 @@ def _print_collapsed(path: Path, top: int) -> None:
         for frame, count in counter.most_common(top):
             print(f"  {count / samples:6.1%}  {frame}")
     print(f"\nCollapsed stacks: {path}")
-
-
-def _dummy_env() -> Env:
-    return Env(work=Path(), logs=Path(), server_cpus=None, client_cpus=None,
-               window_s=0, warmup_s=0)
 
 
 if __name__ == "__main__":

@@ -389,11 +389,12 @@ def _verifier(args: argparse.Namespace) -> tuple[TokenVerifier, requests.Session
     else:
         settings["auth_addr"] = args.auth_addr
         settings["framed"] = args.auth_framed
-        if args.auth_tls_ca:
-            settings["tls"] = TLSClientConfig(
-                ca_file=args.auth_tls_ca, cert_file=args.auth_tls_cert, key_file=args.auth_tls_key
-            )
-    if mode in ("local", "jwks", "introspect") and args.auth_tls_ca:
+    if mode in ("thrift", "introspect") and args.auth_tls_ca:
+        # Introspection has a connection pool of its own (not a requests session).
+        settings["tls"] = TLSClientConfig(
+            ca_file=args.auth_tls_ca, cert_file=args.auth_tls_cert, key_file=args.auth_tls_key
+        )
+    if mode in ("local", "jwks") and args.auth_tls_ca:
         session = _session(args.auth_tls_ca)
         if args.auth_tls_cert:
             session.cert = (args.auth_tls_cert, args.auth_tls_key)

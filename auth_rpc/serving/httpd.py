@@ -150,6 +150,23 @@ class _Channel(HTTPChannel):
                 self._body_began = now
         return result
 
+    def writable(self) -> bool:
+        # While a request's task runs, the task sends its own output (waitress's
+        # write_soon flushes at once) and pulls the loop's trigger when it ends;
+        # waitress's own answer here is "yes" as soon as any output is buffered,
+        # so each time the loop saw a response being written (header, then body)
+        # it asked poll() for POLLOUT, which is always ready, found the output
+        # locked by the task and went round again: a spin taking the CPU and the
+        # GIL from the task. Only when the task waits for the loop (its output
+        # over the high watermark), or the channel is closing, is it writable then.
+        if (
+            self.requests
+            and self.total_outbufs_len <= self.adj.outbuf_high_watermark
+            and not (self.will_close or self.close_when_flushed)
+        ):
+            return False
+        return bool(super().writable())
+
     def service(self) -> None:
         super().service()
         now = time.monotonic()
@@ -265,6 +282,11 @@ class _HandedOverServer(_Limited, BaseWSGIServer):
         return self._public[0], str(self._public[1])  # SERVER_NAME / SERVER_PORT
 
 
+def _loop_timeout_s(limits: HttpLimits) -> float:
+    """waitress's poll() timeout: often enough for the header deadline, at most 0.2 s."""
+    return max(0.02, min(0.2, limits.header_timeout_s / 8))
+
+
 class HttpServer:
     """waitress serving ``app`` on ``sock``, or (``sock=None``) only handed-over connections.
 
@@ -294,12 +316,17 @@ class HttpServer:
             # The idle timeout and the limits are _Limited's (to the tenth of a second).
             channel_timeout=max(1, round(limits.idle_timeout_s)),
             connection_limit=limits.connection_limit,
-            asyncore_loop_timeout=0.2,
             # poll(), not select(): select() fails once a descriptor passes 1023.
             asyncore_use_poll=True,
             max_request_body_size=1024 * 1024,
             clear_untrusted_proxy_headers=True,
         )
+        # How long waitress's loop waits in poll() when nothing happens: the deadlines
+        # are checked on its turns (_Limited.readable). Set after the fact, because
+        # Adjustments takes whole seconds only: ``asyncore_loop_timeout=0.2`` became 0,
+        # a loop polling without waiting, that kept a CPU busy (and the GIL from the
+        # request threads) even with no request at all.
+        adj.asyncore_loop_timeout = _loop_timeout_s(limits)  # type: ignore[assignment]
         dispatcher = ThreadedTaskDispatcher()
         dispatcher.set_thread_count(adj.threads)
         self._lock = threading.Lock()

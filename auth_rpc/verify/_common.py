@@ -7,15 +7,19 @@ import binascii
 import json
 import logging
 import math
+import ssl
 import time
 import urllib.parse
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
 import requests
+import requests.utils
+import urllib3
 from requests.adapters import HTTPAdapter
 
 from auth_rpc.errors import TokenRejected
+from auth_rpc.serving.transport import TLSClientConfig
 
 log = logging.getLogger("auth_rpc.verify")
 
@@ -89,6 +93,68 @@ def _read_body(resp: requests.Response, limit: int, deadline: float) -> bytes:
             raise _FetchError("answer too slow")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _read_raw_body(resp: urllib3.BaseHTTPResponse, limit: int, deadline: float) -> bytes:
+    """:func:`_read_body` for a urllib3 response read with ``preload_content=False``.
+
+    Reads one socket read at a time (``read1``), so the deadline is checked
+    after every read; the body is taken as sent (no ``Content-Encoding`` is
+    asked for nor decoded: an encoded answer is malformed).
+    """
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _FetchError("answer too large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = resp.read1(16384, decode_content=False)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise _FetchError("answer too large")
+        if time.monotonic() > deadline:
+            raise _FetchError("answer too slow")
+        chunks.append(chunk)
+
+
+def _http_pool(
+    url: str,
+    *,
+    pool_size: int,
+    timeout_s: float,
+    tls: TLSClientConfig | ssl.SSLContext | None,
+) -> urllib3.HTTPConnectionPool:
+    """A keep-alive urllib3 connection pool for ``url``'s scheme, host and port.
+
+    No retries, no redirects, no proxies or credentials from the environment.
+    For https the server's certificate and hostname are verified: with ``tls``
+    (a :class:`TLSClientConfig`: CA file, client certificate; or an
+    ``ssl.SSLContext``), else against the CA bundle ``requests`` trusts by
+    default. Up to ``pool_size`` idle connections are kept; more callers at
+    once get connections of their own, closed after use.
+    """
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    kw: dict[str, Any] = {
+        "maxsize": pool_size,
+        "block": False,
+        "retries": False,
+        "timeout": urllib3.Timeout(connect=timeout_s, read=timeout_s),
+    }
+    if parts.scheme == "https":
+        if isinstance(tls, ssl.SSLContext):
+            ctx = tls
+        else:
+            config = tls or TLSClientConfig(ca_file=requests.utils.DEFAULT_CA_BUNDLE_PATH)
+            ctx = config.context()
+            if config.server_hostname:
+                kw["server_hostname"] = config.server_hostname
+        return urllib3.HTTPSConnectionPool(
+            host, parts.port or 443, ssl_context=ctx, cert_reqs="CERT_REQUIRED", **kw
+        )
+    return urllib3.HTTPConnectionPool(host, parts.port or 80, **kw)
 
 
 def _new_session(pool_size: int) -> requests.Session:

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from auth_rpc.errors import TokenRejected
+from auth_rpc.errors import AuthError, DependencyUnavailable, TokenRejected
 from auth_rpc.verify.principal import Principal, StatusReference
 
 __all__ = [
@@ -173,6 +173,21 @@ class VerifiedCache:
         return key in self.entries
 
 
+class _Flight:
+    """One check of a token in progress, that concurrent callers of the same token wait for.
+
+    The event is made by the first caller that waits (most checks have none).
+    """
+
+    __slots__ = ("event", "principal", "rejected", "unavailable")
+
+    def __init__(self) -> None:
+        self.event: threading.Event | None = None
+        self.principal: Principal | None = None
+        self.rejected: str | None = None  # TokenRejected's message
+        self.unavailable = "token check failed"  # what a waiter says otherwise
+
+
 class CachingVerifier:
     """Base of the verifiers: the checks before parsing and the cache around them.
 
@@ -182,9 +197,19 @@ class CachingVerifier:
     its Status List, a revocation list), sets ``_recheck`` to a callable raising
     ``TokenRejected`` (or ``DependencyUnavailable``): a cached answer never
     hides a revocation.
+
+    A subclass whose check is a round trip (``_coalesce = True``: thrift,
+    introspect) has concurrent misses of one token share one check, while the
+    cache is on: the first caller asks, the others wait for its answer, at
+    most ``_miss_wait_s`` (then ``DependencyUnavailable``: never longer than
+    their own call could take), and get its outcome: the principal, the same
+    rejection, or ``DependencyUnavailable``. A gateway's burst of calls with a
+    new token costs one round trip instead of one each.
     """
 
     _recheck: Callable[[Principal], None] | None = None
+    _coalesce = False
+    _miss_wait_s = 0.0
 
     def __init__(
         self,
@@ -199,6 +224,8 @@ class CachingVerifier:
         self._max_token_bytes = max_token_bytes
         self._cache = VerifiedCache(max_entries=cache_size, ttl_s=cache_ttl_s)
         self._clock = clock
+        self._flights: dict[bytes, _Flight] = {}
+        self._flights_lock = threading.Lock()
 
     @property
     def cache(self) -> VerifiedCache:
@@ -240,7 +267,10 @@ class CachingVerifier:
                         recheck(entry[0])
                     return entry[0]
                 cache.get(key, now)  # drops the stale entry (under the lock)
-            principal = self._verify_uncached(token, now)
+            if self._coalesce:
+                principal = self._verify_shared(key, token, now)
+            else:
+                principal = self._verify_uncached(token, now)
             if recheck is not None:
                 recheck(principal)
             cache.put(key, principal, now, self._cache_bound(principal))
@@ -248,6 +278,45 @@ class CachingVerifier:
         if recheck is not None:
             recheck(principal)
         return principal
+
+    def _verify_shared(self, key: bytes, token: str, now: float) -> Principal:
+        """``_verify_uncached``, or the outcome of the same token's check in progress."""
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+                event = None
+            else:
+                if flight.event is None:
+                    flight.event = threading.Event()
+                event = flight.event
+        if event is not None:  # another caller is checking this token: wait for it
+            if not event.wait(self._miss_wait_s):
+                raise DependencyUnavailable("timed out waiting for the token's check")
+            principal = flight.principal
+            if principal is None:
+                if flight.rejected is not None:
+                    raise TokenRejected(flight.rejected)
+                raise DependencyUnavailable(flight.unavailable)
+            if principal.expires_at and principal.expires_at <= self._clock():
+                raise TokenRejected("token expired")
+            return principal
+        try:
+            principal = self._verify_uncached(token, now)
+            flight.principal = principal
+            return principal
+        except TokenRejected as exc:
+            flight.rejected = exc.message
+            raise
+        except AuthError as exc:
+            flight.unavailable = exc.message
+            raise
+        finally:
+            with self._flights_lock:
+                del self._flights[key]
+                event = flight.event  # every waiter made it before the flight went
+            if event is not None:
+                event.set()
 
     def close(self) -> None:
         """Release what the verifier holds (connections); idempotent."""

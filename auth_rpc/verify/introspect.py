@@ -6,14 +6,17 @@ import base64
 import json
 import logging
 import math
+import ssl
 import time
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
 import requests
+import urllib3
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
+from auth_rpc.serving.transport import TLSClientConfig
 from auth_rpc.verify._common import (
     DEFAULT_LEEWAY_S,
     DEFAULT_MAX_TOKEN_BYTES,
@@ -22,8 +25,9 @@ from auth_rpc.verify._common import (
     _check_settings,
     _check_url,
     _FetchError,
-    _new_session,
+    _http_pool,
     _read_body,
+    _read_raw_body,
     _remote_audience_ok,
     _remote_issuer_ok,
 )
@@ -39,8 +43,15 @@ class IntrospectionVerifier(CachingVerifier):
     """Asks an RFC 7662 introspection endpoint about each token (any server).
 
     POSTs ``token`` and ``token_type_hint=access_token`` with HTTP Basic client
-    authentication (RFC 6749 §2.3.1) over a keep-alive connection pool; no
-    redirects are followed. An answer is accepted only if ``active`` is the
+    authentication (RFC 6749 §2.3.1) over a keep-alive connection pool (up to
+    ``pool_size`` connections kept open); no redirects are followed. For an
+    https URL the server's certificate and hostname are checked, against
+    ``tls`` (a :class:`~auth_rpc.serving.transport.TLSClientConfig`: CA file,
+    client certificate for mutual TLS; or an ``ssl.SSLContext``) or else the
+    CA bundle ``requests`` trusts. The pool is urllib3's own: ``requests``'
+    per-request machinery cost about half the CPU of an introspection. A
+    ``requests.Session`` given as ``session`` is used instead (its settings, its
+    adapters), at that cost. An answer is accepted only if ``active`` is the
     JSON ``true``, it has a ``sub``, ``exp`` (when present) is in the future,
     ``iss`` (when present) equals ``issuer`` and ``aud`` contains ``audience``.
     RFC 7662 makes ``aud`` optional, but without it a token issued for another
@@ -75,6 +86,7 @@ class IntrospectionVerifier(CachingVerifier):
         cache_size: int = DEFAULT_CACHE_SIZE,
         cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
         session: requests.Session | None = None,
+        tls: TLSClientConfig | ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         _check_settings(issuer, audience, leeway_s)
@@ -83,6 +95,10 @@ class IntrospectionVerifier(CachingVerifier):
             raise ValueError("client_id and client_secret must be configured")
         if not 0 < timeout_s <= 30:
             raise ValueError("timeout_s must be in (0, 30]")
+        if pool_size < 1:
+            raise ValueError("pool_size must be at least 1")
+        if session is not None and tls is not None:
+            raise ValueError("give session or tls, not both (a session carries its own TLS)")
         super().__init__(
             max_token_bytes=max_token_bytes,
             cache_size=cache_size,
@@ -97,6 +113,10 @@ class IntrospectionVerifier(CachingVerifier):
         self._require_audience = require_audience
         self._timeout_s = float(timeout_s)
         self._leeway_s = float(leeway_s)
+        # Concurrent misses of one token share one round trip (CachingVerifier); the
+        # others wait at most what a call of their own could take (connect, then the answer).
+        self._coalesce = True
+        self._miss_wait_s = 3 * self._timeout_s
         self._max_answer_bytes = max_answer_bytes
         # RFC 6749 §2.3.1: the client id and secret are form-encoded before Basic encoding.
         pair = f"{_form(client_id)}:{_form(client_secret)}".encode()
@@ -104,8 +124,19 @@ class IntrospectionVerifier(CachingVerifier):
             "Authorization": "Basic " + base64.b64encode(pair).decode("ascii"),
             "Accept": "application/json",
         }
-        self._own_session = session is None
-        self._session = session if session is not None else _new_session(pool_size)
+        self._session = session
+        self._pool: urllib3.HTTPConnectionPool | None = None
+        self._raw_headers: dict[str, str] = {}
+        if session is None:
+            parts = urllib.parse.urlsplit(introspect_url)
+            self._target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            self._raw_headers = {
+                **self._headers,
+                "Content-Type": "application/x-www-form-urlencoded",
+            }
+            self._pool = _http_pool(
+                introspect_url, pool_size=pool_size, timeout_s=self._timeout_s, tls=tls
+            )
         self._credentials_rejected = False
 
     def _cache_bound(self, principal: Principal) -> float:
@@ -162,23 +193,7 @@ class IntrospectionVerifier(CachingVerifier):
         cannot be reached or answers otherwise (it may come up later). A 200
         answer, whatever it says about the dummy token, passes.
         """
-        deadline = time.monotonic() + 2 * self._timeout_s
-        try:
-            with self._session.post(
-                self.introspect_url,
-                data={"token": _PROBE_TOKEN, "token_type_hint": "access_token"},
-                headers=self._headers,
-                timeout=(self._timeout_s, self._timeout_s),
-                allow_redirects=False,
-                stream=True,
-            ) as resp:
-                status = resp.status_code
-                if status == 200:
-                    _read_body(resp, self._max_answer_bytes, deadline)
-        except requests.RequestException:
-            raise DependencyUnavailable("introspection endpoint unreachable") from None
-        except _FetchError as exc:
-            raise DependencyUnavailable(f"introspection endpoint {exc}") from None
+        status, _ = self._post(_PROBE_TOKEN)
         if status == 401:
             raise ValueError(
                 f"{self.introspect_url} refused the client credentials of {self.client_id} "
@@ -192,12 +207,47 @@ class IntrospectionVerifier(CachingVerifier):
         if status != 200:
             raise DependencyUnavailable(f"introspection endpoint answered HTTP {status}")
 
-    def _introspect(self, token: str) -> dict[str, Any]:
+    def _post(self, token: str) -> tuple[int, bytes]:
+        """POST ``token``: the status and (for 200) the body; ``DependencyUnavailable``
+        when the endpoint cannot be reached, is too slow or answers too much."""
         deadline = time.monotonic() + 2 * self._timeout_s
+        form = {"token": token, "token_type_hint": "access_token"}
+        if self._pool is None:
+            return self._post_with_session(form, deadline)
+        try:
+            resp = self._pool.urlopen(
+                "POST",
+                self._target,
+                body=urllib.parse.urlencode(form).encode("ascii"),
+                headers=self._raw_headers,
+                retries=False,
+                redirect=False,
+                assert_same_host=False,
+                preload_content=False,
+            )
+        except (urllib3.exceptions.HTTPError, OSError):
+            raise DependencyUnavailable("introspection endpoint unreachable") from None
+        complete = False
+        try:
+            status = resp.status
+            body = _read_raw_body(resp, self._max_answer_bytes, deadline) if status == 200 else b""
+            complete = status == 200
+        except (urllib3.exceptions.HTTPError, OSError):
+            raise DependencyUnavailable("introspection endpoint unreachable") from None
+        except _FetchError as exc:
+            raise DependencyUnavailable(f"introspection endpoint {exc}") from None
+        finally:
+            if not complete:
+                resp.close()  # the rest of the answer is not read: the connection goes
+            resp.release_conn()
+        return status, body
+
+    def _post_with_session(self, form: dict[str, str], deadline: float) -> tuple[int, bytes]:
+        assert self._session is not None
         try:
             with self._session.post(
                 self.introspect_url,
-                data={"token": token, "token_type_hint": "access_token"},
+                data=form,
                 headers=self._headers,
                 timeout=(self._timeout_s, self._timeout_s),
                 allow_redirects=False,
@@ -209,6 +259,10 @@ class IntrospectionVerifier(CachingVerifier):
             raise DependencyUnavailable("introspection endpoint unreachable") from None
         except _FetchError as exc:
             raise DependencyUnavailable(f"introspection endpoint {exc}") from None
+        return status, body
+
+    def _introspect(self, token: str) -> dict[str, Any]:
+        status, body = self._post(token)
         if status in (401, 403):
             # 403: the credentials are right, but the client was not given the
             # permission to introspect (auth-rpc add-client --introspect).
@@ -242,8 +296,8 @@ class IntrospectionVerifier(CachingVerifier):
 
     def close(self) -> None:
         super().close()
-        if self._own_session:
-            self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
 
 #: What :meth:`IntrospectionVerifier.check_credentials` asks about: no token of any server.

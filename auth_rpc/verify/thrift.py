@@ -32,43 +32,61 @@ class _ClientPool:
     """A small thread-safe pool of Thrift client connections.
 
     At most ``size`` connections are in use at once; a caller waits at most
-    ``wait_s`` for one. Idle connections are reused last-in first-out.
+    ``wait_s`` for one. Idle connections are reused last-in first-out. Taking
+    and giving back a connection is one lock's acquire and release (a
+    ``threading.Semaphore`` is a Python-level condition: several times that);
+    only a caller finding every connection in use waits, on a condition.
     """
 
     def __init__(self, factory: Callable[[], Any], size: int, wait_s: float) -> None:
         self._factory = factory
         self._idle: list[Any] = []
         self._lock = threading.Lock()
-        self._slots = threading.BoundedSemaphore(size)
+        self._freed = threading.Condition(self._lock)
+        self._free = size  # connections that may still be taken
+        self._waiting = 0
         self._wait_s = wait_s
         self._closed = False
         self.opened = 0
 
     def acquire(self) -> tuple[Any, bool]:
         """A client and whether it was reused; ``DependencyUnavailable``/``OSError`` on failure."""
-        if not self._slots.acquire(timeout=self._wait_s):
-            raise DependencyUnavailable("auth service connection pool exhausted")
         with self._lock:
+            if self._free <= 0:
+                deadline = time.monotonic() + self._wait_s
+                self._waiting += 1
+                try:
+                    while self._free <= 0:
+                        left = deadline - time.monotonic()
+                        if left <= 0 or (not self._freed.wait(left) and self._free <= 0):
+                            raise DependencyUnavailable("auth service connection pool exhausted")
+                finally:
+                    self._waiting -= 1
+            self._free -= 1
             client = self._idle.pop() if self._idle else None
         if client is not None:
             return client, True
         try:
             client = self._factory()
         except BaseException:
-            self._slots.release()
+            self._give_back(None)
             raise
         self.opened += 1
         return client, False
 
     def release(self, client: Any, *, broken: bool) -> None:
-        try:
-            if broken or self._closed:
-                _close_quietly(client)
-            else:
-                with self._lock:
-                    self._idle.append(client)
-        finally:
-            self._slots.release()
+        if broken or self._closed:
+            _close_quietly(client)
+            client = None
+        self._give_back(client)
+
+    def _give_back(self, client: Any) -> None:
+        with self._lock:
+            if client is not None:
+                self._idle.append(client)
+            self._free += 1
+            if self._waiting:
+                self._freed.notify()
 
     @property
     def idle(self) -> int:
@@ -143,6 +161,11 @@ class ThriftVerifier(CachingVerifier):
         self._require_issuer = require_issuer
         self._require_audience = require_audience
 
+        # Concurrent misses of one token share one round trip (CachingVerifier); the
+        # others wait at most what a call of their own could take.
+        self._coalesce = True
+        self._miss_wait_s = 3 * float(timeout_s)
+
         def connect() -> Any:
             return open_client(
                 auth_thrift.Auth,
@@ -152,6 +175,7 @@ class ThriftVerifier(CachingVerifier):
                 tls=tls,
                 timeout_s=timeout_s,
                 connect_timeout_s=timeout_s,
+                kernel_timeouts=True,
             )
 
         self._pool = _ClientPool(connect, pool_size, timeout_s)
@@ -208,7 +232,7 @@ class ThriftVerifier(CachingVerifier):
                 if is_server_busy(exc) and reused and attempt == 1:
                     continue
                 raise DependencyUnavailable("auth service failed") from None
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # Python's timeout, or the kernel's (EAGAIN)
                 raise DependencyUnavailable("auth service timed out") from None
             except Exception:
                 # A pooled connection may have been closed by the server (idle timeout,

@@ -365,3 +365,51 @@ def test_plain_http_requests_carry_no_identity(pki: dict[str, str]) -> None:
         assert r.json() == {"identity": None, "scheme": "http"}
     finally:
         listener.stop()
+
+
+def test_introspection_over_mutual_tls_checks_the_server_and_presents_the_client(
+    make_auth_server: Any, pki: dict[str, str]
+) -> None:
+    """The introspect verifier's own connection pool (not requests): CA, hostname, client cert."""
+    from auth_rpc.errors import DependencyUnavailable
+    from auth_rpc.testing import TokenFactory
+    from auth_rpc.verify.verifiers import IntrospectionVerifier
+
+    auth = make_auth_server(settings=_settings(pki, mutual=True))
+    secret = auth.service.add_client("posts-intro", (), introspect=True)
+    token = TokenFactory.for_auth_server(auth, scopes=("posts:read",)).mint()
+    with_cert = TLSClientConfig(
+        ca_file=pki["ca.pem"], cert_file=pki["client.pem"], key_file=pki["client.key"]
+    )
+
+    def verifier(tls: Any) -> IntrospectionVerifier:
+        return IntrospectionVerifier(
+            introspect_url=f"{auth.http_url}/introspect", client_id="posts-intro",
+            client_secret=secret, issuer=auth.service.settings.issuer,
+            audience=auth.service.settings.audience, tls=tls,
+            timeout_s=2.0, cache_ttl_s=0,
+        )
+
+    good = verifier(with_cert)
+    try:
+        for _ in range(3):  # kept alive: the handshake is not paid again
+            assert "posts:read" in good.verify(token).scopes
+    finally:
+        good.close()
+    refused = [
+        TLSClientConfig(ca_file=pki["ca.pem"]),  # no client certificate
+        TLSClientConfig(ca_file=pki["other-ca.pem"], cert_file=pki["client.pem"],
+                        key_file=pki["client.key"]),  # the server's CA is not trusted
+        TLSClientConfig(ca_file=pki["ca.pem"], cert_file=pki["client.pem"],
+                        key_file=pki["client.key"], server_hostname="auth.example"),  # wrong name
+        TLSClientConfig(ca_file=pki["ca.pem"], cert_file=pki["stranger.pem"],
+                        key_file=pki["stranger.key"]),  # a certificate of another CA
+        None,  # the default CA bundle does not know this CA
+    ]
+    for tls in refused:
+        v = verifier(tls)
+        try:
+            with pytest.raises(DependencyUnavailable, match="unreachable"):
+                v.verify(token)
+        finally:
+            v.close()

@@ -7,7 +7,9 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -357,3 +359,161 @@ def test_make_verifier_reads_the_secret_file(server: IntrospectionServer, tmp_pa
     )
     assert v.verify("tok").subject == "alice"
     v.close()
+
+
+class _RawServer:
+    """Answers every request on a connection with ``reply(conn)`` (bytes written by hand)."""
+
+    def __init__(self, reply: Any) -> None:
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.reply = reply
+        self.requests = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}/introspect"
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with contextlib.suppress(OSError), conn:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = int(dict(
+                    line.split(b": ", 1) for line in head.split(b"\r\n")[1:]
+                ).get(b"Content-Length", b"0"))
+                while len(data) < length:
+                    data += conn.recv(65536)
+                data = data[length:]
+                self.requests += 1
+                self.reply(conn)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _raw_verifier(url: str, **kw: Any) -> IntrospectionVerifier:
+    settings: dict[str, Any] = {
+        "introspect_url": url, "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+        "issuer": ISS, "audience": AUD, "timeout_s": 0.5, "clock": Clock(),
+    }
+    settings.update(kw)
+    return IntrospectionVerifier(**settings)
+
+
+def test_an_oversized_answer_is_refused_declared_or_not() -> None:
+    big = json.dumps({**active(), "pad": "x" * 70_000}).encode()
+    declared = _RawServer(lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big))
+    chunked = _RawServer(lambda c: c.sendall(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in (big[:40_000], big[40_000:]))
+        + b"0\r\n\r\n"))
+    try:
+        for srv in (declared, chunked):
+            v = _raw_verifier(srv.url)
+            with pytest.raises(DependencyUnavailable, match="answer too large"):
+                v.verify("tok")
+            v.close()
+    finally:
+        declared.close()
+        chunked.close()
+
+
+def test_a_dripping_answer_is_cut_at_the_deadline() -> None:
+    # Each byte comes within the read timeout (0.5 s): only the total deadline cuts it.
+    body = json.dumps(active()).encode()
+
+    def drip(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for byte in body:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.05)
+
+    srv = _RawServer(drip)
+    v = _raw_verifier(srv.url)
+    try:
+        started = time.monotonic()
+        with pytest.raises(DependencyUnavailable, match="answer too slow"):
+            v.verify("tok")
+        elapsed = time.monotonic() - started
+        print(f"dripping answer cut after {elapsed:.2f} s (deadline 1.0 s)")
+        assert elapsed < 1.0 + 2.0  # 2 x timeout_s, and loose for a busy machine
+    finally:
+        v.close()
+        srv.close()
+
+
+def test_an_error_answer_does_not_leave_its_body_on_a_kept_connection() -> None:
+    # A 500 with a body, then a good answer: the body of the first must not be read as
+    # the answer to the second (the connection it came on is dropped, not reused).
+    answers = [
+        b"HTTP/1.1 500 Oops\r\nContent-Length: 30\r\n\r\n" + b"HTTP/1.1 200 OK\r\n\r\n{}".ljust(30),
+        b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(json.dumps(active()).encode()), json.dumps(active()).encode()),
+    ]
+    srv = _RawServer(lambda c: c.sendall(answers.pop(0)))
+    v = _raw_verifier(srv.url, cache_ttl_s=0)
+    try:
+        with pytest.raises(DependencyUnavailable, match="HTTP 500"):
+            v.verify("tok")
+        assert v.verify("tok").subject == "alice"
+    finally:
+        v.close()
+        srv.close()
+
+
+def test_a_requests_session_given_is_used(server: IntrospectionServer) -> None:
+    import requests
+
+    server.answers["tok"] = active()
+    with requests.Session() as session:
+        session.trust_env = False
+        v = make(server, session=session, cache_ttl_s=0)
+        for _ in range(3):
+            assert v.verify("tok").subject == "alice"
+        assert server.hits == 3 and server.connections == 1
+        v.close()
+        with pytest.raises(ValueError, match="session or tls"):
+            make(server, session=session, tls=ssl.create_default_context())
+
+
+def test_concurrent_callers_share_the_pool(server: IntrospectionServer) -> None:
+    for i in range(16):
+        server.answers[f"tok{i}"] = active(jti=f"j{i}")
+    # More callers than pooled connections: the extra ones get connections of their own.
+    # (16: the test server's listen backlog is 5, and a dropped SYN waits 1 s.)
+    v = make(server, pool_size=4, timeout_s=5.0)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            results.append(v.verify(f"tok{i}").token_id)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    v.close()
+    assert not errors and sorted(results) == sorted(f"j{i}" for i in range(16))
+    assert server.hits == 16
