@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from thriftpy2.protocol import TCyBinaryProtocol, TCyBinaryProtocolFactory
-from thriftpy2.thrift import TApplicationException, TMessageType, TProcessor
+from thriftpy2.thrift import TApplicationException, TMessageType, TProcessor, TType
 from thriftpy2.transport import (
     TCyBufferedTransport,
     TCyFramedTransportFactory,
@@ -371,7 +371,40 @@ class Preencoded:
 
 
 class _SafeProcessor(TProcessor):
-    """A processor that keeps the connection on undeclared handler errors."""
+    """A processor that keeps the connection on undeclared handler errors.
+
+    ``process_in`` looks each method's argument and result structs up once,
+    at construction, instead of on every call (thriftpy2's own searches the
+    service's method list and its argument spec each time).
+    """
+
+    def __init__(self, service: Any, handler: object) -> None:
+        super().__init__(service, handler)
+        self._methods: dict[str, tuple[Any, Any, tuple[str, ...]]] = {}
+        for api in service.thrift_services:
+            args_cls = getattr(service, f"{api}_args")
+            names = tuple(item[1] for item in args_cls.thrift_spec.values())
+            self._methods[api] = (args_cls, getattr(service, f"{api}_result"), names)
+
+    def process_in(self, iprot: Any) -> tuple[str, int, Any, Callable[[], Any] | None]:
+        """Decode one call: ``(method, seqid, result struct, call)``, as thriftpy2's does."""
+        api, _, seqid = iprot.read_message_begin()
+        entry = self._methods.get(api)
+        if entry is None:
+            iprot.skip(TType.STRUCT)
+            iprot.read_message_end()
+            return api, seqid, TApplicationException(TApplicationException.UNKNOWN_METHOD), None
+        args_cls, result_cls, names = entry
+        args = args_cls()
+        args.read(iprot)
+        iprot.read_message_end()
+        values = args.__dict__
+        handler = self._handler
+
+        def call() -> Any:
+            return getattr(handler, api)(*[values[name] for name in names])
+
+        return api, seqid, result_cls(), call
 
     def process_call(
         self,
@@ -387,7 +420,8 @@ class _SafeProcessor(TProcessor):
         Raises ``OSError`` or ``TTransportException`` when the reply cannot be
         sent (the caller closes the connection).
         """
-        started = time.perf_counter()
+        logged = access_log.isEnabledFor(logging.INFO)
+        started = time.perf_counter() if logged else 0.0
         outcome = "ok"
         reply_exc: TApplicationException | None = None
         token = _current.set(ctx)
@@ -428,7 +462,7 @@ class _SafeProcessor(TProcessor):
             outcome = f"{outcome}+reply_failed"
             raise
         finally:
-            if access_log.isEnabledFor(logging.INFO):
+            if logged:
                 access_log.info(
                     "call method=%s outcome=%s latency_ms=%.3f subject=%s request_id=%s",
                     api,
@@ -804,14 +838,18 @@ class RpcServer:
             budget=self._budget,
         )
         first = True
-        otrans = self._trans_factory.get_transport(TSocket(sock=sock))
+        otrans = self._trans_factory.get_transport(
+            _ReplySink(sock, reader) if reader.kernel_timeouts else TSocket(sock=sock)
+        )
         oprot = self._proto_factory.get_protocol(otrans)
         mem = TCyMemoryBuffer()
         iprot = self._decoder(mem)
         processor = self._processor
         peer = conn.peer if isinstance(conn.peer, tuple) else None
+        host = _host(conn)
+        closing = self._closing
         try:
-            while not self._closing.is_set():
+            while not closing.is_set():
                 try:
                     message = reader.read_message()
                 except BufferBudgetExceeded as exc:
@@ -846,7 +884,7 @@ class RpcServer:
                         return
                     conn.busy = True
                 try:
-                    self._handle(message, mem, iprot, oprot, peer, peer_cert, host=_host(conn))
+                    self._handle(message, mem, iprot, oprot, peer, peer_cert, host=host)
                 finally:
                     with conn.lock:
                         conn.busy = False
@@ -898,6 +936,56 @@ class RpcServer:
             peer_cert=peer_cert,
         )
         processor.process_call(api, seqid, result, call, oprot, ctx)
+
+
+class _ReplySink:
+    """The socket end of a connection's reply transport, with kernel timeouts.
+
+    Each reply must leave within the timeout in force when it is sent, as
+    with a Python socket timeout (``sendall`` under one deadline): one
+    ``send`` takes a reply that fits the socket buffer; a reply that does not
+    is sent in pieces, each with what is left of the time.
+    """
+
+    __slots__ = ("_reader", "_sock")
+
+    def __init__(self, sock: socket.socket, reader: MessageReader) -> None:
+        self._sock = sock
+        self._reader = reader
+
+    def write(self, data: bytes) -> None:
+        try:
+            sent = self._sock.send(data)
+        except BlockingIOError:  # SO_SNDTIMEO expired
+            raise TimeoutError("reply not sent within the timeout") from None
+        if sent != len(data):
+            self._send_rest(memoryview(data)[sent:])
+
+    def _send_rest(self, rest: memoryview) -> None:
+        reader = self._reader
+        timeout = reader.timeout or 0.0
+        deadline = time.monotonic() + timeout
+        with rest:
+            while rest:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("reply not sent within the timeout")
+                if remaining < timeout:
+                    reader.set_timeout(remaining)  # the next read sets its own again
+                try:
+                    sent = self._sock.send(rest)
+                except BlockingIOError:
+                    raise TimeoutError("reply not sent within the timeout") from None
+                rest = rest[sent:]
+
+    def flush(self) -> None:
+        pass
+
+    def is_open(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass  # the connection's owner closes the socket
 
 
 _REUSE_DECODE_BUFFER = 128 * 1024
