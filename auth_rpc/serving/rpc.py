@@ -954,17 +954,18 @@ class _ReplySink:
         self._reader = reader
 
     def write(self, data: bytes) -> None:
+        started = time.monotonic()
         try:
             sent = self._sock.send(data)
         except BlockingIOError:  # SO_SNDTIMEO expired
             raise TimeoutError("reply not sent within the timeout") from None
         if sent != len(data):
-            self._send_rest(memoryview(data)[sent:])
+            self._send_rest(memoryview(data)[sent:], started)
 
-    def _send_rest(self, rest: memoryview) -> None:
+    def _send_rest(self, rest: memoryview, started: float) -> None:
         reader = self._reader
         timeout = reader.timeout or 0.0
-        deadline = time.monotonic() + timeout
+        deadline = started + timeout
         with rest:
             while rest:
                 remaining = deadline - time.monotonic()
