@@ -463,14 +463,112 @@ class _SafeProcessor(TProcessor):
             raise
         finally:
             if logged:
-                access_log.info(
-                    "call method=%s outcome=%s latency_ms=%.3f subject=%s request_id=%s",
-                    api,
-                    outcome,
-                    (time.perf_counter() - started) * 1000.0,
-                    ctx.subject or "-",
-                    ctx.request_id,
+                log_access(
+                    (
+                        api,
+                        outcome,
+                        (time.perf_counter() - started) * 1000.0,
+                        ctx.subject or "-",
+                        ctx.request_id,
+                    )
                 )
+
+
+#: The access line of a call (logger ``auth_rpc.access``, INFO).
+ACCESS_MESSAGE = "call method=%s outcome=%s latency_ms=%.3f subject=%s request_id=%s"
+#: The text format of ``configure_logging`` (:mod:`auth_rpc.serving.runner`).
+TEXT_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+
+def _direct_handlers(logger: logging.Logger) -> list[logging.StreamHandler[Any]] | None:
+    """The handlers an INFO record of ``logger`` reaches, when the line can be written directly.
+
+    That is when every handler it reaches (following propagation, as
+    ``Logger.callHandlers`` does) is a plain ``logging.StreamHandler`` without
+    filters whose formatter is a plain ``logging.Formatter`` with
+    :data:`TEXT_LOG_FORMAT` and the default time format, no logger on the way
+    has a filter, and records are ``logging.LogRecord``: then the line
+    :func:`log_access` builds is byte for byte what logging would write.
+    ``None`` otherwise (and when no handler is reached: logging's last resort).
+    """
+    if logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    if logging.getLevelName(logging.INFO) != "INFO":
+        return None
+    found: list[logging.StreamHandler[Any]] = []
+    reached = 0
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters:
+            return None
+        for handler in current.handlers:
+            reached += 1
+            if handler.level > logging.INFO:
+                continue  # writes nothing for this record
+            formatter = handler.formatter
+            if (
+                handler.__class__ is not logging.StreamHandler
+                or handler.filters
+                or formatter is None
+                or formatter.__class__ is not logging.Formatter
+                or formatter._fmt != TEXT_LOG_FORMAT
+                or formatter._style.__class__ is not logging.PercentStyle
+                or formatter.datefmt is not None
+                or formatter.converter is not time.localtime
+                or formatter.default_time_format != "%Y-%m-%d %H:%M:%S"
+                or formatter.default_msec_format != "%s,%03d"
+            ):
+                return None
+            found.append(handler)
+        current = current.parent if current.propagate else None
+    return found if reached else None
+
+
+_asctime_cache: tuple[int, str] = (-1, "")
+
+
+def _asctime(now: float) -> str:
+    """``Formatter.formatTime`` of a record made at ``now``, default formats (cached per second)."""
+    global _asctime_cache
+    second = int(now)
+    cached_second, text = _asctime_cache
+    if cached_second != second:
+        text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
+        _asctime_cache = (second, text)
+    return "%s,%03d" % (text, int((now - second) * 1000))  # noqa: UP031 - logging's own format
+
+
+def log_access(args: tuple[Any, ...], *, now: float | None = None) -> None:
+    """Log a call's access line (:data:`ACCESS_MESSAGE` with ``args``) on ``auth_rpc.access``.
+
+    With the text format of ``configure_logging`` the line is written to the
+    handlers' streams directly, as ``StreamHandler.emit`` does (under each
+    handler's lock, then flushed), without a ``LogRecord``: about 3 us
+    instead of 10. Any other configuration (other handlers or formatters,
+    filters, the JSON format, tests capturing records) goes through
+    ``Logger.info``. The caller has checked that INFO is enabled. ``now``
+    (``time.time()`` by default) is for tests.
+    """
+    handlers = _direct_handlers(access_log)
+    if handlers is None:
+        access_log.info(ACCESS_MESSAGE, *args)
+        return
+    created = time.time() if now is None else now
+    line = f"{_asctime(created)} INFO {access_log.name} {ACCESS_MESSAGE % args}"
+    for handler in handlers:
+        handler.acquire()
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            record = access_log.makeRecord(
+                access_log.name, logging.INFO, "(unknown file)", 0, ACCESS_MESSAGE, args, None
+            )
+            handler.handleError(record)
+        finally:
+            handler.release()
 
 
 def _internal_error(ctx: CallContext) -> TApplicationException:
