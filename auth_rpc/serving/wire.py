@@ -490,6 +490,8 @@ class Message:
 
 _INITIAL_BUFFER = 16 * 1024
 _TIMEOUT_SLACK_S = 0.25
+#: How long a buffer grown for a message is kept for the next one before it shrinks.
+_SHRINK_AFTER_S = 0.05
 _TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
@@ -522,8 +524,7 @@ def set_kernel_timeout(sock: socket.socket, timeout_s: float) -> None:
     value = _TIMEVAL.pack(max(0, seconds), micros)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
-#: How long a buffer grown for a message is kept for the next one before it shrinks.
-_SHRINK_AFTER_S = 0.05
+
 
 
 class MessageReader:
