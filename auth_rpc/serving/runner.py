@@ -23,6 +23,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from auth_rpc.serving.rpc import ACCESS_MESSAGE, TEXT_LOG_FORMAT
+
 __all__ = [
     "ACCESS_FIELDS",
     "LOG_FORMATS",
@@ -111,7 +113,7 @@ LOG_FORMATS = ("text", "json")
 #: The access lines' messages (``auth_rpc.access``, ``auth_rpc.access.http``) and
 #: the names of their arguments, which :class:`JsonFormatter` gives as fields.
 ACCESS_FIELDS: dict[str, tuple[str, ...]] = {
-    "call method=%s outcome=%s latency_ms=%.3f subject=%s request_id=%s": (
+    ACCESS_MESSAGE: (
         "method", "outcome", "latency_ms", "subject", "request_id",
     ),
     "http method=%s path=%s status=%d latency_ms=%.3f client=%s subject=%s peer=%s": (
@@ -171,7 +173,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 

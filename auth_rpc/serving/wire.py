@@ -42,6 +42,7 @@ __all__ = [
     "WireError",
     "WireLimits",
     "peek_call_header",
+    "set_kernel_timeout",
 ]
 
 #: Longest method name accepted in a message header.
@@ -491,6 +492,39 @@ _INITIAL_BUFFER = 16 * 1024
 _TIMEOUT_SLACK_S = 0.25
 #: How long a buffer grown for a message is kept for the next one before it shrinks.
 _SHRINK_AFTER_S = 0.05
+_TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
+
+
+def _kernel_timeouts_possible(sock: socket.socket) -> bool:
+    """Whether ``sock``'s timeouts can be the kernel's (``SO_RCVTIMEO``/``SO_SNDTIMEO``).
+
+    Only a plain stream socket (not TLS) on a platform with both options.
+    """
+    return (
+        type(sock) is socket.socket
+        and hasattr(socket, "SO_RCVTIMEO")
+        and hasattr(socket, "SO_SNDTIMEO")
+        and sock.type == socket.SOCK_STREAM
+    )
+
+
+def set_kernel_timeout(sock: socket.socket, timeout_s: float) -> None:
+    """Bound each blocking ``recv`` and ``send`` on ``sock`` by ``timeout_s`` in the kernel.
+
+    The socket stays in blocking mode (Python timeout ``None``): a receive or
+    send then costs one system call, where a Python timeout polls before
+    each. A call that times out fails with ``BlockingIOError`` (``EAGAIN``)
+    instead of ``TimeoutError``; a send may have sent part of its bytes.
+    Raises ``OSError`` when the options cannot be set.
+    """
+    seconds = int(timeout_s)
+    micros = min(999_999, int((timeout_s - seconds) * 1_000_000))
+    if seconds <= 0 and micros <= 0:
+        micros = 1  # 0 would mean "no timeout"
+    value = _TIMEVAL.pack(max(0, seconds), micros)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
 
 
 class MessageReader:
@@ -501,6 +535,12 @@ class MessageReader:
     most ``idle_timeout_s`` for the first byte (see :meth:`set_idle_timeout`);
     once a message has begun it must be complete within ``message_timeout_s``
     however slowly its bytes arrive.
+
+    On a plain (not TLS) socket the timeouts are the kernel's
+    (:func:`set_kernel_timeout`): the socket is put in blocking mode, and a
+    reply sent on it is bounded by the timeout in force (``sendall`` then
+    fails with ``BlockingIOError``). Set ``kernel_timeouts=False`` to keep
+    Python's socket timeouts.
 
     The receive buffer starts at 16 KiB and grows with the bytes received; its
     growth is reserved from ``budget`` (when given) and given back when the
@@ -518,8 +558,18 @@ class MessageReader:
         idle_timeout_s: float = 300.0,
         message_timeout_s: float = 10.0,
         budget: BufferBudget | None = None,
+        kernel_timeouts: bool = True,
     ) -> None:
         self._sock = sock
+        self._kernel_timeouts = False
+        if kernel_timeouts and _kernel_timeouts_possible(sock):
+            try:
+                sock.settimeout(None)
+                set_kernel_timeout(sock, idle_timeout_s)
+            except OSError:
+                sock.settimeout(idle_timeout_s)
+            else:
+                self._kernel_timeouts = True
         self._limits = limits
         self._framed = framed
         self._idle_timeout_s = idle_timeout_s
@@ -529,17 +579,38 @@ class MessageReader:
         self._view = memoryview(self._buf)
         self._start = 0  # first byte of the next message
         self._end = 0  # end of the bytes received
-        self._timeout: float | None = None
+        self._timeout: float | None = idle_timeout_s if self._kernel_timeouts else None
         self._deadline = 0.0
         self._budget = budget
         self._reserved = 0  # bytes of ``budget`` this reader holds
         self._grown = False  # the buffer is bigger than _INITIAL_BUFFER
 
     def set_timeout(self, timeout_s: float) -> None:
-        """Set the socket's timeout (skipped when it is already set)."""
+        """Set the socket's timeout, for receiving and sending (skipped when already set)."""
         if timeout_s != self._timeout:
-            self._sock.settimeout(timeout_s)
+            if self._kernel_timeouts:
+                set_kernel_timeout(self._sock, timeout_s)
+            else:
+                self._sock.settimeout(timeout_s)
             self._timeout = timeout_s
+
+    @property
+    def timeout(self) -> float | None:
+        """The socket's timeout in force (``None`` before one is set)."""
+        return self._timeout
+
+    @property
+    def kernel_timeouts(self) -> bool:
+        """Whether the socket's timeouts are the kernel's (see :func:`set_kernel_timeout`)."""
+        return self._kernel_timeouts
+
+    def _recv_into(self, view: memoryview) -> int:
+        """``recv_into`` whose timeout raises ``TimeoutError`` with either kind of timeout."""
+        try:
+            received: int = self._sock.recv_into(view)
+        except BlockingIOError:  # SO_RCVTIMEO expired
+            raise TimeoutError("timed out") from None
+        return received
 
     def set_idle_timeout(self, timeout_s: float) -> None:
         """How long to wait for the first byte of each following message."""
@@ -579,7 +650,7 @@ class MessageReader:
             else:
                 if self._timeout != self._idle_timeout_s:
                     self.set_timeout(self._idle_timeout_s)
-                received = self._sock.recv_into(self._view)
+                received = self._recv_into(self._view)
             if received == 0:
                 return None
             self._end = received
@@ -649,14 +720,12 @@ class MessageReader:
         delay = min(_SHRINK_AFTER_S, self._idle_timeout_s / 2)
         self.set_timeout(delay)
         try:
-            received: int = self._sock.recv_into(self._view)
-            return received
+            return self._recv_into(self._view)
         except TimeoutError:
             pass
         self._resize(_INITIAL_BUFFER)
         self.set_timeout(self._idle_timeout_s - delay)
-        received = self._sock.recv_into(self._view)
-        return received
+        return self._recv_into(self._view)
 
     def _resize(self, capacity: int) -> None:
         """Move the buffered bytes to a buffer of ``capacity`` bytes.
@@ -704,8 +773,7 @@ class MessageReader:
             if self._timeout is None or self._timeout > remaining + _TIMEOUT_SLACK_S:
                 # Each recv may wait only until the message's deadline (with a
                 # little slack, to spare a system call per recv).
-                self._sock.settimeout(remaining)
-                self._timeout = remaining
+                self.set_timeout(remaining)
             try:
                 received = self._recv()
             except TimeoutError:
@@ -725,11 +793,11 @@ class MessageReader:
         if end == capacity:
             self._resize(max(min(2 * capacity, self._limits.max_message_bytes + 4), end + 1))
         if end == 0:
-            received: int = self._sock.recv_into(self._view)
+            received = self._recv_into(self._view)
         else:
             view = self._view[end:]
             try:
-                received = self._sock.recv_into(view)
+                received = self._recv_into(view)
             finally:
                 view.release()
         self._end = end + received

@@ -88,6 +88,45 @@ def test_idle_connection_is_closed_after_the_idle_timeout(wire: Any, make_server
     assert wire.wait_for(lambda: server.connection_count == 0)
 
 
+def test_a_client_reading_its_reply_too_slowly_is_cut_at_the_timeout(
+    wire: Any, make_server: Any
+) -> None:
+    """A reply must leave whole within the timeout in force, however the client trickles.
+
+    Plain connections keep their timeouts in the kernel (SO_SNDTIMEO bounds one
+    send, not a reply sent in pieces): the server must still give up on a reply
+    that a client reads a kilobyte at a time.
+    """
+    server = make_server(idle_timeout_s=0.5)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window
+        sock.settimeout(10.0)
+        sock.connect(("127.0.0.1", server.port))
+        item = wire.echo_thrift.Item(id=1, name="n", tags=["x" * 1_000_000] * 3, counts={})
+        sock.sendall(wire.encode_call("item", wire.echo_thrift.Echo.item_args(item=item)))
+        started = time.monotonic()
+        received = 0
+        while server.connection_count and time.monotonic() - started < 10.0:
+            chunk = sock.recv(1024)
+            if not chunk:
+                break
+            received += len(chunk)
+            time.sleep(0.01)  # about 100 kB/s: the 3 MB reply would take 30 s
+        elapsed = time.monotonic() - started
+        print(f"\nslow reader cut after {elapsed:.2f} s, {received:,} bytes of the reply read")
+        assert wire.wait_for(lambda: server.connection_count == 0)
+        assert elapsed < 4.0
+        assert received < 3_000_000
+    finally:
+        sock.close()
+    client = wire.client_of(server)  # the server goes on serving
+    try:
+        assert client.add(1, 2) == 3
+    finally:
+        client.close()
+
+
 def assert_server_busy(wire: Any, data: bytes, *, framed: bool = False) -> tuple[str, int]:
     """``data`` is one "server busy" answer; returns its method name and seqid."""
     from auth_rpc.serving.rpc import is_server_busy

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import struct
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -160,3 +162,99 @@ def test_reply_message_is_not_served(wire: Any, server: Any) -> None:
         assert wire.read_until_closed(sock) == b""
     finally:
         sock.close()
+
+
+@pytest.fixture
+def text_logging() -> Iterator[Callable[[], tuple[logging.StreamHandler[Any], io.StringIO]]]:
+    """``install()``: the access logger's records then reach only a handler set up as
+    ``configure_logging`` does (called in the test: pytest adds its capture handlers
+    to the logger when the test begins)."""
+    from auth_rpc.serving.rpc import TEXT_LOG_FORMAT
+
+    access = logging.getLogger("auth_rpc.access")
+    saved = (access.handlers[:], access.propagate, access.level)
+
+    def install() -> tuple[logging.StreamHandler[Any], io.StringIO]:
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter(TEXT_LOG_FORMAT))
+        access.handlers[:] = [handler]
+        access.propagate = False
+        access.setLevel(logging.INFO)
+        return handler, stream
+
+    try:
+        yield install
+    finally:
+        access.handlers[:], access.propagate = saved[0], saved[1]
+        access.setLevel(saved[2])
+
+
+@pytest.mark.parametrize("now", [1_765_000_000.0, 1_765_000_000.999_9, 1_765_012_345.0625])
+def test_direct_access_line_is_what_logging_writes(
+    text_logging: Callable[[], tuple[logging.StreamHandler[Any], io.StringIO]], now: float
+) -> None:
+    """The access line written without a LogRecord is byte for byte logging's own."""
+    from auth_rpc.serving.rpc import ACCESS_MESSAGE, _direct_handlers, log_access
+
+    handler, stream = text_logging()
+    access = logging.getLogger("auth_rpc.access")
+    assert _direct_handlers(access) == [handler]  # the direct path is taken
+    args = ("list_posts", "ok", 0.1234, "alice", "0a1b2c3d00000001")
+    log_access(args, now=now)
+    log_access(args, now=now + 1.5)  # another second: the cached time moves on
+    record = access.makeRecord(access.name, logging.INFO, __file__, 1, ACCESS_MESSAGE, args, None)
+    expected = []
+    for created in (now, now + 1.5):
+        record.created = created
+        record.msecs = int((created - int(created)) * 1000) + 0.0
+        expected.append(handler.format(record) + "\n")
+    assert stream.getvalue() == "".join(expected)
+
+
+def test_access_line_goes_through_logging_when_it_cannot_be_written_directly(
+    text_logging: Callable[[], tuple[logging.StreamHandler[Any], io.StringIO]],
+) -> None:
+    """Another formatter, a filter or another kind of handler: logging writes the line."""
+    from auth_rpc.serving.rpc import _direct_handlers, log_access
+    from auth_rpc.serving.runner import JsonFormatter
+
+    handler, stream = text_logging()
+    access = logging.getLogger("auth_rpc.access")
+    args = ("list_posts", "ok", 0.5, "-", "r1")
+    handler.setFormatter(JsonFormatter())
+    assert _direct_handlers(access) is None
+    log_access(args)
+    assert '"request_id":"r1"' in stream.getvalue()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(funcName)s %(message)s"))
+    assert _direct_handlers(access) is None
+    handler.addFilter(lambda record: False)
+    assert _direct_handlers(access) is None
+    log_access(args)  # filtered out by logging, as before
+    assert "funcName" not in stream.getvalue() and stream.getvalue().count("\n") == 1
+    access.addHandler(logging.NullHandler())
+    try:
+        assert _direct_handlers(access) is None
+    finally:
+        access.removeHandler(access.handlers[-1])
+
+
+def test_calls_write_their_access_lines_directly(
+    wire: Any,
+    server: Any,
+    text_logging: Callable[[], tuple[logging.StreamHandler[Any], io.StringIO]],
+) -> None:
+    _, stream = text_logging()
+    client = wire.client_of(server)
+    try:
+        assert client.add(1, 2) == 3
+        assert client.echo("x") == "x"
+    finally:
+        client.close()
+    assert wire.wait_for(lambda: stream.getvalue().count("\n") >= 2)
+    lines = stream.getvalue().splitlines()
+    line = re.compile(
+        r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO auth_rpc\.access call method=(add|echo) "
+        r"outcome=ok latency_ms=\d+\.\d{3} subject=- request_id=[0-9a-f]{16}$"
+    )
+    assert len(lines) == 2 and all(line.match(text) for text in lines), lines
