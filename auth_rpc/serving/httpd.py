@@ -294,12 +294,16 @@ class HttpServer:
             # The idle timeout and the limits are _Limited's (to the tenth of a second).
             channel_timeout=max(1, round(limits.idle_timeout_s)),
             connection_limit=limits.connection_limit,
-            asyncore_loop_timeout=0.2,
             # poll(), not select(): select() fails once a descriptor passes 1023.
             asyncore_use_poll=True,
             max_request_body_size=1024 * 1024,
             clear_untrusted_proxy_headers=True,
         )
+        # waitress converts asyncore_loop_timeout with int(): 0.2 became 0, a poll()
+        # that never waits (an idle listener burned ~25 % of a core). Set after the
+        # conversion: poll() then waits up to 200 ms, and the deadlines are checked
+        # at least that often.
+        adj.asyncore_loop_timeout = 0.2  # type: ignore[assignment]
         dispatcher = ThreadedTaskDispatcher()
         dispatcher.set_thread_count(adj.threads)
         self._lock = threading.Lock()
