@@ -493,6 +493,7 @@ class ServiceMetrics:
         """Publish this worker's snapshot every ``interval_s`` from a thread (with a board)."""
         if self._board is None or self._thread is not None:
             return
+        self.publish()  # at once: a restarted worker replaces its predecessor's gauges
 
         def run() -> None:
             while not self._stop.wait(interval_s):

@@ -270,9 +270,14 @@ class GuardedHandler:
         #: The guard's own refusals (no token, too large, no subject), for the metrics.
         self.token_checks = TokenCheckCounts()
 
-    def _refuse(self, message: str) -> TokenRejected:
-        """A refusal by the guard itself, counted (see :meth:`metrics_snapshot`)."""
-        self.token_checks.refusal(message)
+    def _guard_refusal(self, message: str) -> TokenRejected:
+        """A refusal by the guard itself, counted (see :meth:`metrics_snapshot`).
+
+        A subclass whose ``__init__`` skipped this class's still refuses (uncounted).
+        """
+        counts = getattr(self, "token_checks", None)
+        if isinstance(counts, TokenCheckCounts):
+            counts.refusal(message)
         return TokenRejected(message)
 
     def metrics_snapshot(self) -> Snapshot:
@@ -410,14 +415,14 @@ def _bind_guarded(
             # information [...], the resource server SHOULD NOT include
             # an error code or other error information."
             if not token or token.__class__ is not str:
-                raise self._refuse("missing access token")
+                raise self._guard_refusal("missing access token")
             if len(token) > MAX_TOKEN_CHARS:
-                raise self._refuse("access token too large")
+                raise self._guard_refusal("access token too large")
             principal = self._verify(token)
             if not principal.subject:
                 # Ownership is decided by the subject: a verifier (perhaps a
                 # user's own) that returns none must not make resources ownerless.
-                raise self._refuse("token has no subject")
+                raise self._guard_refusal("token has no subject")
             call = current_call()
             if call is not None:
                 call.subject = principal.subject
