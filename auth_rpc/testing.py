@@ -275,9 +275,14 @@ def _auth_settings(data_dir: Path, **overrides: Any) -> Any:
 def make_auth_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Callable[..., AuthServer]]:
-    """Start Auth servers: ``make_auth_server(alg=..., framed=..., **auth_settings)``."""
+    """Start Auth servers: ``make_auth_server(alg=..., framed=..., **auth_settings)``.
+
+    ``metrics=False`` starts one without metrics (``/metrics`` 404), as
+    ``auth-rpc serve --no-metrics``; by default it counts and serves them.
+    """
     from auth_rpc.auth.server import AuthServer
     from auth_rpc.auth.service import AuthService
+    from auth_rpc.serving.metrics import ServiceMetrics
     from auth_rpc.serving.rpc import ServerSettings
     from auth_rpc.serving.runner import bind_socket
 
@@ -290,6 +295,7 @@ def make_auth_server(
         settings: ServerSettings | None = None,
         port: int = 0,
         http_port: int = 0,
+        metrics: bool = True,
         **auth_settings: Any,
     ) -> AuthServer:
         directory = data_dir or tmp_path_factory.mktemp("auth-data")
@@ -307,7 +313,11 @@ def make_auth_server(
             http_sock.close()
             raise
         server = AuthServer(
-            service, port=port, http_sock=http_sock, settings=server_settings
+            service,
+            port=port,
+            http_sock=http_sock,
+            settings=server_settings,
+            metrics=ServiceMetrics() if metrics else None,
         ).start()
         started.append((server, service))
         return server

@@ -8,6 +8,7 @@
                     [--max-connections N] [--max-connections-per-peer N]
                     [--idle-timeout SECONDS] [--max-message-bytes N]
                     [--workers N] [--log-level LEVEL] [--log-format text|json]
+                    [--metrics-port P]
       MODE local:      --public-key FILE | --jwks-file FILE | --hs256-secret-file FILE
                        [--auth-tls-ca F]
       MODE jwks:       --jwks-url URL [--auth-tls-ca F]
@@ -42,6 +43,12 @@ credentials refused (401/403), or a ``--jwks-url`` answering something not a
 JWK Set, is one error line and exit 1; an endpoint only unreachable is a
 warning. ``--log-format json`` logs one JSON object per line.
 
+``--metrics-port P`` (off by default; 0 = any free port) serves the metrics
+in the Prometheus text format at ``http://HOST:P/metrics`` (``HOST`` is
+``--host``), plain HTTP without authentication: keep it reachable by the
+monitoring system only. With ``--workers N`` every worker answers for the
+whole service (see :mod:`auth_rpc.serving.metrics`).
+
 Prints one ready line (``posts-rpc ready: thrift=HOST:PORT verify=MODE ...``)
 once it serves; stops cleanly on SIGTERM and SIGINT (stops accepting,
 finishes calls in flight) and exits 0. Exit codes: 0 success, 1 could not
@@ -54,6 +61,7 @@ There is deliberately no flag to switch token checks off (see
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -67,6 +75,7 @@ from requests.adapters import HTTPAdapter
 
 from auth_rpc import __version__
 from auth_rpc.errors import AuthError, DependencyUnavailable
+from auth_rpc.serving.metrics import MetricsListener, ServiceMetrics, SharedBoard
 from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
@@ -78,6 +87,7 @@ from auth_rpc.serving.runner import (
     report_error,
     run_until_signal,
     run_workers,
+    worker_number,
 )
 from auth_rpc.serving.sqlstore import check_database_url, redact_url
 from auth_rpc.serving.transport import TLSClientConfig, parse_hostport
@@ -248,6 +258,14 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="pre-forked processes sharing the listening socket (default 1)",
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="P",
+        help="serve metrics (Prometheus text format) at http://HOST:P/metrics, HOST being "
+        "--host; plain HTTP for anyone who can connect: not for a public address "
+        "(default: off; 0 = any free port)",
+    )
     add_logging_arguments(serve)
     return parser
 
@@ -320,6 +338,8 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         parser.error("--auth-tls-cert needs --auth-tls-ca")
     if not 0 <= args.port < 65536:
         parser.error("--port must be 0..65535")
+    if args.metrics_port is not None and not 0 <= args.metrics_port < 65536:
+        parser.error("--metrics-port must be 0..65535")
     if args.workers < 1:
         parser.error("--workers must be at least 1")
 
@@ -428,17 +448,30 @@ def _serve(args: argparse.Namespace) -> int:
             private_dir(directory, "data directory")
             SqlitePostStore.open(directory / DB_FILE_NAME).close()
     sock = bind_socket(args.host, args.port)
+    metrics_sock = None
+    if args.metrics_port is not None:
+        try:
+            metrics_sock = bind_socket(args.host, args.metrics_port)
+        except BaseException:
+            sock.close()
+            raise
+    # Pre-forked workers add up their counts through shared memory mapped now.
+    board = SharedBoard(args.workers) if metrics_sock is not None and args.workers > 1 else None
     if args.workers == 1:
         try:
             checked = _verifier(args)
         except BaseException:
             sock.close()
+            if metrics_sock is not None:
+                metrics_sock.close()
             raise
         try:
             _startup_check(checked[0])
         except BaseException:
             _close(*checked)
             sock.close()
+            if metrics_sock is not None:
+                metrics_sock.close()
             raise
     else:
         # The check runs in the parent, with a verifier of its own closed
@@ -452,6 +485,8 @@ def _serve(args: argparse.Namespace) -> int:
                 _close(probe, probe_session)
         except BaseException:
             sock.close()
+            if metrics_sock is not None:
+                metrics_sock.close()
             raise
 
     def start() -> Callable[[], None]:
@@ -459,20 +494,35 @@ def _serve(args: argparse.Namespace) -> int:
             verifier, session = checked
         else:
             verifier, session = _verifier(args)
+        metrics = None
+        listener = None
+        if metrics_sock is not None:
+            metrics = ServiceMetrics(board=board, slot=worker_number())
         try:
             if isinstance(verifier, JwksVerifier) and args.workers > 1:
                 _check_jwks(verifier)  # each worker its own keys (checked once before forking)
             server = PostsServer(
                 data_dir=None if args.database_url else args.data_dir,
                 database_url=args.database_url, verifier=verifier, host=args.host, sock=sock,
-                settings=settings,
+                settings=settings, metrics=metrics,
             ).start()
+            if metrics is not None and metrics_sock is not None:
+                try:
+                    listener = MetricsListener(metrics, metrics_sock).start()
+                    metrics.start_publishing()
+                except BaseException:
+                    server.stop()
+                    raise
         except BaseException:
             _close(verifier, session)
             raise
 
         def stop() -> None:
+            if listener is not None:
+                listener.stop()
             server.stop()
+            if metrics is not None:
+                metrics.stop()
             _close(verifier, session)
 
         return stop
@@ -483,7 +533,9 @@ def _serve(args: argparse.Namespace) -> int:
         f"tls={'on' if tls else 'off'} framed={'on' if args.framed else 'off'} "
         f"issuer={args.issuer} audience={args.audience} workers={args.workers}"
     )
-    with sock:  # closed however serving ends
+    if metrics_sock is not None:
+        ready += f" metrics=http://{host}:{metrics_sock.getsockname()[1]}/metrics"
+    with sock, metrics_sock or contextlib.nullcontext():  # closed however serving ends
         if args.workers == 1:
             return run_until_signal(ready, start())
         return run_workers(args.workers, ready, start)

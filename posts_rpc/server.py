@@ -28,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from auth_rpc.idl import posts_thrift
+from auth_rpc.serving.metrics import CallCounts, ServiceMetrics
 from auth_rpc.serving.private_files import private_dir
 from auth_rpc.serving.rpc import RpcServer, ServerSettings
 from auth_rpc.verify.principal import Principal, TokenVerifier
@@ -57,6 +58,12 @@ class PostsServer:
     accepting, lets calls in flight finish, and closes the store it opened.
     Usable as a context manager.
 
+    ``metrics`` (a :class:`~auth_rpc.serving.metrics.ServiceMetrics`) turns
+    on the counts it exposes: calls by method and outcome, latencies,
+    connections, token checks (the handler's guard and the verifier); serve
+    ``metrics.render()`` where it may be scraped (``posts-rpc serve
+    --metrics-port``). Without it, calls and connections are not counted.
+
     Raises ``ValueError`` for a bad combination of arguments and
     :class:`~auth_rpc.errors.DependencyUnavailable` when the store cannot
     be opened (:class:`~auth_rpc.serving.private_files.UnsafeFile`, one of
@@ -76,6 +83,7 @@ class PostsServer:
         settings: ServerSettings | None = None,
         clock: Callable[[], float] = time.time,
         sock: socket.socket | None = None,
+        metrics: ServiceMetrics | None = None,
         _unsafe_skip_auth_for_benchmarks: bool = False,
     ) -> None:
         if sum(x is not None for x in (data_dir, store, database_url)) != 1:
@@ -105,10 +113,15 @@ class PostsServer:
                 settings=settings,
                 name="posts",
                 sock=sock,
+                counts=CallCounts() if metrics is not None else None,
             )
         except BaseException:
             self._close_store()
             raise
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.add_source(self.rpc.metrics_snapshot)
+            metrics.add_source(self.handler.metrics_snapshot)
 
     def start(self) -> PostsServer:
         """Bind and serve; raises ``OSError`` if the address cannot be bound."""

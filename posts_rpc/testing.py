@@ -12,11 +12,13 @@ Fixtures:
 
 ``make_posts_server``
     ``make_posts_server(mode="jwks", *, auth=None, data_dir=None, database_url=None,
-    framed=False, settings=None, port=0, **verifier_settings)``: ``mode`` is one of
+    framed=False, settings=None, port=0, metrics=False, **verifier_settings)``: ``mode`` is one of
     :data:`auth_rpc.testing.VERIFIER_MODES`; ``verifier_settings`` go to
     ``make_verifier`` (``cache_ttl_s=0``, ``audience=...``, ``timeout_s=...``,
     ``clock=...``); in ``introspect`` mode the service client is
-    ``posts-service`` unless ``client_id=`` says otherwise.
+    ``posts-service`` unless ``client_id=`` says otherwise. With
+    ``metrics=True`` the server counts (``server.metrics.render()`` is the
+    exposition ``posts-rpc serve --metrics-port`` serves).
 ``posts_server``
     A started Posts service verifying ``auth_server``'s tokens in ``jwks`` mode.
 
@@ -56,12 +58,13 @@ def make_posts_server(
     """Start Posts servers checking ``auth_server``'s (or ``auth=``'s) tokens.
 
     ``make_posts_server(mode="jwks", *, auth=None, data_dir=None, database_url=None,
-    framed=False, settings=None, port=0, **verifier_settings)`` (``database_url``:
+    framed=False, settings=None, port=0, metrics=False, **verifier_settings)`` (``database_url``:
     the posts in that PostgreSQL database, e.g. ``postgresql_url``'s, instead of a
     fresh data directory); the verifier comes from
     ``make_verifier(mode, auth=auth, **verifier_settings)`` and is closed at
     teardown after the server has stopped.
     """
+    from auth_rpc.serving.metrics import ServiceMetrics
     from auth_rpc.serving.rpc import ServerSettings
     from posts_rpc.server import PostsServer
 
@@ -76,6 +79,7 @@ def make_posts_server(
         framed: bool = False,
         settings: ServerSettings | None = None,
         port: int = 0,
+        metrics: bool = False,
         **verifier_settings: Any,
     ) -> PostsServer:
         verifier_settings.setdefault("client_id", POSTS_INTROSPECT_CLIENT_ID)
@@ -86,6 +90,7 @@ def make_posts_server(
             database_url=database_url,
             port=port,
             settings=settings or ServerSettings(framed=framed),
+            metrics=ServiceMetrics() if metrics else None,
         ).start()
         started.append(server)
         return server

@@ -100,6 +100,7 @@ from auth_rpc.auth.server import AuthServer
 from auth_rpc.auth.service import AuthService, AuthSettings
 from auth_rpc.errors import AuthError
 from auth_rpc.serving.httpd import HttpLimits
+from auth_rpc.serving.metrics import ServiceMetrics, SharedBoard
 from auth_rpc.serving.rpc import ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import (
     add_listener_arguments,
@@ -110,6 +111,7 @@ from auth_rpc.serving.runner import (
     report_error,
     run_until_signal,
     run_workers,
+    worker_number,
 )
 from auth_rpc.serving.sqlstore import check_database_url, redact_url
 
@@ -257,6 +259,12 @@ def _parser() -> argparse.ArgumentParser:
         help="pre-forked processes sharing the listening sockets (default 1)",
     )
     add_logging_arguments(serve)
+    serve.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="do not count nor serve GET /metrics (the Prometheus text format) on the HTTP "
+        "port; by default it is served there to anyone who reaches that port",
+    )
     serve.add_argument(
         "--init",
         action="store_true",
@@ -540,8 +548,13 @@ def _serve(args: argparse.Namespace) -> int:
         idle_timeout_s=args.http_idle_timeout,
     )
 
+    # Pre-forked workers add up their counts through shared memory mapped now:
+    # whichever worker answers GET /metrics reports the whole service.
+    board = SharedBoard(args.workers) if args.workers > 1 and not args.no_metrics else None
+
     def start() -> Callable[[], None]:
         service = AuthService.open(_settings(args, issuer), init=args.init)
+        metrics = None if args.no_metrics else ServiceMetrics(board=board, slot=worker_number())
         try:
             server = AuthServer(
                 service,
@@ -550,13 +563,18 @@ def _serve(args: argparse.Namespace) -> int:
                 http_sock=http_sock,
                 settings=settings,
                 http_limits=http_limits,
+                metrics=metrics,
             ).start()
         except BaseException:
             service.close()
             raise
+        if metrics is not None:
+            metrics.start_publishing()
 
         def stop() -> None:
             server.stop()
+            if metrics is not None:
+                metrics.stop()
             service.close()
 
         return stop

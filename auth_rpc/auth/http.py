@@ -15,7 +15,9 @@ Endpoints (the contract's "HTTP endpoints of the Auth service"):
   ``application/statuslist+jwt``, with ``ETag`` (``If-None-Match`` gives 304) and
   gzip when accepted; 404 for a list unknown or retired;
 - ``GET /statuslists`` -- the Status List Aggregation (``{"status_lists": [uri...]}``);
-- ``GET /healthz`` -- 200 when the service can serve, else 503.
+- ``GET /healthz`` -- 200 when the service can serve, else 503;
+- ``GET /metrics`` -- the Prometheus text format, when built with ``metrics``
+  (:mod:`auth_rpc.serving.metrics`; requests are counted by endpoint and status).
 
 The app calls only the :class:`auth_rpc.auth.service.AuthService` facade: it
 compares no secret itself and keeps no state. Internal errors become OAuth
@@ -67,6 +69,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
 
 from auth_rpc import errors
+from auth_rpc.serving.metrics import CONTENT_TYPE as METRICS_TYPE
+from auth_rpc.serving.metrics import HttpCounts, ServiceMetrics, Snapshot
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -100,6 +104,7 @@ TOKEN_PATH = "/token"  # noqa: S105  # a URL path, not a password
 INTROSPECT_PATH = "/introspect"
 REVOKE_PATH = "/revoke"
 HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
 STATUS_LISTS_PATH = "/statuslists"
 STATUS_LIST_TYPE = "application/statuslist+jwt"
 #: How long a client may cache the aggregation (the lists themselves say ``ttl``).
@@ -282,8 +287,17 @@ class _Route:
 class AuthHttpApp:
     """The WSGI application; build it with :func:`make_app`."""
 
-    def __init__(self, service: AuthService, *, base_url: str | None, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        service: AuthService,
+        *,
+        base_url: str | None,
+        max_body_bytes: int,
+        metrics: ServiceMetrics | None = None,
+    ) -> None:
         self._service = service
+        self._metrics = metrics
+        self._counts = HttpCounts() if metrics is not None else None
         self._base_url = base_url
         self._max_body_bytes = max_body_bytes
         get = ("GET", "HEAD")
@@ -303,6 +317,9 @@ class AuthHttpApp:
         issuer_path = urlsplit(service.issuer).path.rstrip("/")
         if issuer_path:
             self._routes[METADATA_PATH + issuer_path] = _Route(get, self._metadata)
+        if metrics is not None:
+            self._routes[METRICS_PATH] = _Route(get, self._metrics_text)
+            metrics.add_source(self._counts_snapshot)
 
     # -- WSGI entry -------------------------------------------------------
 
@@ -329,6 +346,9 @@ class AuthHttpApp:
         try:
             return _send(start_response, method, response)
         finally:
+            counts = self._counts
+            if counts is not None:
+                counts.record(self._endpoint(path), response.status, time.perf_counter() - started)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "http method=%s path=%s status=%d latency_ms=%.3f client=%s subject=%s "
@@ -341,6 +361,24 @@ class AuthHttpApp:
                     note.subject,
                     _log_value(environ.get("REMOTE_ADDR", "")),
                 )
+
+    def _endpoint(self, path: str) -> str:
+        """The metrics' ``endpoint`` label: a route of ours, or ``other`` (never the path)."""
+        if path in self._routes:
+            return path
+        if path.startswith(STATUS_LISTS_PATH + "/") and _LIST_SEGMENT.match(
+            path[len(STATUS_LISTS_PATH) + 1 :]
+        ):
+            return STATUS_LISTS_PATH + "/{id}"
+        return "other"
+
+    def _counts_snapshot(self) -> Snapshot:
+        return self._counts.snapshot() if self._counts is not None else {}
+
+    def _metrics_text(self, environ: WSGIEnvironment) -> _Response:
+        assert self._metrics is not None
+        # The service's own counts are a source too (added by the server).
+        return _Response(200, {}, raw=self._metrics.render(), content_type=METRICS_TYPE)
 
     def _loggable_path(self, path: str) -> str:
         """``path`` if it is one of ours or harmless (see ``_LOGGABLE_PATH``), else ``?``."""
@@ -851,7 +889,11 @@ def _send(start_response: StartResponse, method: str, response: _Response) -> li
 
 
 def make_app(
-    service: AuthService, *, base_url: str | None = None, max_body_bytes: int = 64 * 1024
+    service: AuthService,
+    *,
+    base_url: str | None = None,
+    max_body_bytes: int = 64 * 1024,
+    metrics: ServiceMetrics | None = None,
 ) -> WSGIApplication:
     """The WSGI application of the Auth service's HTTP endpoints.
 
@@ -859,6 +901,9 @@ def make_app(
     ``https``, no query or fragment), used to build the metadata's endpoint
     URLs; without it they are built from each request's ``Host``.
     ``max_body_bytes`` bounds a request body (larger ones get 413 unread).
+    With ``metrics``, requests are counted into it and ``GET /metrics``
+    answers its exposition (the Prometheus text format); without, ``/metrics``
+    is 404.
 
     Raises:
         ValueError: ``base_url`` is not an absolute http(s) URL, or
@@ -877,4 +922,6 @@ def make_app(
         ):
             raise ValueError("base_url must be an absolute http(s) URL without query")
         base_url = base_url.rstrip("/")
-    return AuthHttpApp(service, base_url=base_url, max_body_bytes=max_body_bytes)
+    return AuthHttpApp(
+        service, base_url=base_url, max_body_bytes=max_body_bytes, metrics=metrics
+    )

@@ -133,6 +133,9 @@ class HashAdmission:
         self._by_source: dict[str, int] = {}
         self._refused = 0
         self._reported_at = float("-inf")
+        #: Refusals since start, for the metrics: (too many from one source, all busy).
+        self.refused_source = 0
+        self.refused_busy = 0
 
     def acquire(self, source: str | None) -> str:
         """Take a slot for ``source``, waiting briefly if all are busy. Raises Throttled."""
@@ -140,6 +143,7 @@ class HashAdmission:
         with self._cond:
             held = self._by_source.get(key, 0)
             if held >= self.per_source:
+                self.refused_source += 1
                 self._refuse()
                 raise Throttled(SOURCE_BUSY, RETRY_AFTER_MS)
             if self._busy < self.slots and not self._queue:
@@ -147,6 +151,7 @@ class HashAdmission:
                 self._by_source[key] = held + 1
                 return key
             if len(self._queue) >= self.max_waiting:
+                self.refused_busy += 1
                 self._refuse()
                 raise Throttled(BUSY, RETRY_AFTER_MS)
             ticket = object()
@@ -159,6 +164,7 @@ class HashAdmission:
                     self._queue.remove(ticket)
                     self._drop(key)
                     self._cond.notify_all()
+                    self.refused_busy += 1
                     self._refuse()
                     raise Throttled(BUSY, RETRY_AFTER_MS)
                 self._cond.wait(remaining)

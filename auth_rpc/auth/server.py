@@ -19,6 +19,7 @@ from auth_rpc.auth.http import make_app
 from auth_rpc.auth.service import AuthService
 from auth_rpc.idl import auth_thrift
 from auth_rpc.serving.httpd import HttpLimits, HttpServer
+from auth_rpc.serving.metrics import CallCounts, ServiceMetrics
 from auth_rpc.serving.rpc import RpcServer, ServerSettings, TLSServerConfig
 from auth_rpc.serving.runner import bind_socket
 from auth_rpc.serving.tls_front import TlsFront
@@ -121,6 +122,11 @@ class AuthServer:
     background threads; ``stop()`` stops both gracefully. The caller owns the
     :class:`AuthService` and closes it after ``stop()``. ``http_limits`` are
     the HTTP listener's (:class:`HttpLimits`; ``settings`` are the Thrift one's).
+
+    ``metrics`` (a :class:`~auth_rpc.serving.metrics.ServiceMetrics`) turns on
+    counting (Thrift calls and connections, HTTP requests, token checks,
+    throttling) and ``GET /metrics`` on the HTTP port; without it nothing is
+    counted and ``/metrics`` is 404.
     """
 
     def __init__(
@@ -135,9 +141,11 @@ class AuthServer:
         sock: socket.socket | None = None,
         settings: ServerSettings | None = None,
         http_limits: HttpLimits | None = None,
+        metrics: ServiceMetrics | None = None,
     ) -> None:
         self.service = service
         self.host = host
+        self.metrics = metrics
         self._rpc = RpcServer(
             auth_thrift.Auth,
             AuthHandler(service),
@@ -146,14 +154,18 @@ class AuthServer:
             settings=settings,
             name="auth",
             sock=sock,
+            counts=CallCounts() if metrics is not None else None,
         )
+        if metrics is not None:
+            metrics.add_source(self._rpc.metrics_snapshot)
+            metrics.add_source(service.metrics_snapshot)
         http_host = http_host or host
         self._http_sock = http_sock if http_sock is not None else bind_socket(http_host, http_port)
         tls = settings.tls if settings is not None else None
         scheme = "https" if tls is not None else "http"
         base = f"{scheme}://{http_host}:{self._http_sock.getsockname()[1]}"
         self._http = HttpListener(
-            make_app(service, base_url=base),
+            make_app(service, base_url=base, metrics=metrics),
             host=http_host,
             sock=self._http_sock,
             tls=tls,
@@ -179,6 +191,10 @@ class AuthServer:
     @property
     def http_url(self) -> str:
         return self._http.url
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.http_url}/metrics"
 
     @property
     def jwks_url(self) -> str:

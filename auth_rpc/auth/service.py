@@ -101,7 +101,9 @@ from auth_rpc.errors import (
     NotFoundError,
     TokenRejected,
 )
+from auth_rpc.serving.metrics import Snapshot
 from auth_rpc.serving.private_files import private_dir
+from auth_rpc.verify.counts import TokenCheckCounts
 from auth_rpc.verify.principal import Principal
 
 __all__ = ["DB_FILENAME", "USER_CLIENT_ID", "AuthService", "AuthSettings", "IssuedTokens"]
@@ -362,6 +364,8 @@ class AuthService:
         self._purged_at = float("-inf")
         self._purge_lock = threading.Lock()
         self._closed = False
+        #: Access tokens refused by validate and introspect, by reason (the metrics).
+        self.token_checks = TokenCheckCounts()
 
     @classmethod
     def open(
@@ -851,8 +855,30 @@ class AuthService:
         long, bad signature, unknown key, expired, wrong type, issuer or
         audience, revoked, a refresh token), DependencyUnavailable.
         """
-        self._check_open()
-        return self._checker.check(token)
+        try:
+            self._check_open()
+            return self._checker.check(token)
+        except TokenRejected as exc:
+            self.token_checks.refusal(exc.message)
+            raise
+        except DependencyUnavailable:
+            self.token_checks.unavailable += 1
+            raise
+
+    def metrics_snapshot(self) -> Snapshot:
+        """Token checks refused by reason, attempts throttled by reason (for the metrics)."""
+        admission = self._hasher.admission
+        throttled: dict[tuple[str, ...], Any] = {
+            ("login_failures",): self._login_throttle.refused_failures,
+            ("login_concurrent",): self._login_throttle.refused_concurrent,
+            ("client_failures",): self._client_throttle.refused_failures,
+            ("client_concurrent",): self._client_throttle.refused_concurrent,
+            ("hashing_source_busy",): admission.refused_source,
+            ("hashing_busy",): admission.refused_busy,
+        }
+        snapshot = self.token_checks.snapshot()
+        snapshot["auth_throttled"] = throttled
+        return snapshot
 
     #: :class:`auth_rpc.verify.principal.TokenVerifier` compatibility.
     def verify(self, token: str) -> Principal:
@@ -872,7 +898,8 @@ class AuthService:
         try:
             self._check_open()
             claims = self._checker.decode(token)
-        except TokenRejected:
+        except TokenRejected as exc:
+            self.token_checks.refusal(exc.message)
             return {"active": False}
         principal = principal_from_claims(claims)
         body: dict[str, object] = {

@@ -152,6 +152,10 @@ class Throttle:
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._store = store
+        #: Attempts refused since start, for the metrics: waiting after failures, too
+        #: many at once.
+        self.refused_failures = 0
+        self.refused_concurrent = 0
 
     def delay_s(self, failures: int) -> float:
         """The wait after the last failure when ``failures`` happened within the window."""
@@ -195,6 +199,7 @@ class Throttle:
         if failures >= self.limit:
             wait = last + self.delay_s(failures) - now
             if wait > 0:
+                self.refused_failures += 1
                 raise Throttled(f"too many failed {self._what}; retry later",
                                 max(1, math.ceil(wait * 1000)))
 
@@ -204,6 +209,7 @@ class Throttle:
             failures = 0
         self._refuse_if_waiting(failures, last, now)
         if in_flight >= max(1, self.limit - failures):
+            self.refused_concurrent += 1
             raise Throttled(f"too many concurrent {self._what}; retry later", 1000)
 
     @contextmanager

@@ -68,6 +68,7 @@ from thriftpy2.transport import (
     TTransportException,
 )
 
+from auth_rpc.serving.metrics import CallCounts, Snapshot
 from auth_rpc.serving.wire import (
     BufferBudget,
     BufferBudgetExceeded,
@@ -406,6 +407,9 @@ class _SafeProcessor(TProcessor):
 
         return api, seqid, result_cls(), call
 
+    #: Where calls are counted (:class:`~auth_rpc.serving.metrics.CallCounts`), or None.
+    counts: CallCounts | None = None
+
     def process_call(
         self,
         api: str,
@@ -421,7 +425,8 @@ class _SafeProcessor(TProcessor):
         sent (the caller closes the connection).
         """
         logged = access_log.isEnabledFor(logging.INFO)
-        started = time.perf_counter() if logged else 0.0
+        counts = self.counts
+        started = time.perf_counter() if logged or counts is not None else 0.0
         outcome = "ok"
         reply_exc: TApplicationException | None = None
         token = _current.set(ctx)
@@ -462,16 +467,12 @@ class _SafeProcessor(TProcessor):
             outcome = f"{outcome}+reply_failed"
             raise
         finally:
-            if logged:
-                log_access(
-                    (
-                        api,
-                        outcome,
-                        (time.perf_counter() - started) * 1000.0,
-                        ctx.subject or "-",
-                        ctx.request_id,
-                    )
-                )
+            if counts is not None or logged:
+                elapsed = time.perf_counter() - started
+                if counts is not None:
+                    counts.record(api, outcome, elapsed)
+                if logged:
+                    log_access((api, outcome, elapsed * 1000.0, ctx.subject or "-", ctx.request_id))
 
 
 #: The access line of a call (logger ``auth_rpc.access``, INFO).
@@ -587,6 +588,12 @@ class RpcServer:
 
     ``buffer_budget`` shares one receive-buffer budget between listeners of a
     process (default: a budget of ``settings.max_buffered_bytes`` of its own).
+
+    ``counts`` (a :class:`~auth_rpc.serving.metrics.CallCounts`) turns on
+    counting: calls by method and outcome, latencies, connections accepted
+    and refused, messages refused; :meth:`metrics_snapshot` reads them for a
+    :class:`~auth_rpc.serving.metrics.ServiceMetrics`. Without it nothing is
+    counted.
     """
 
     def __init__(
@@ -600,6 +607,7 @@ class RpcServer:
         name: str = "thrift",
         sock: socket.socket | None = None,
         buffer_budget: BufferBudget | None = None,
+        counts: CallCounts | None = None,
     ) -> None:
         self.service = service
         self.handler = handler
@@ -608,6 +616,8 @@ class RpcServer:
         self.settings = settings or ServerSettings()
         self.name = name
         self._processor = _SafeProcessor(service, handler)
+        self.counts = counts
+        self._processor.counts = counts
         # A reply bigger than the write buffer leaves in two sends: 16 KiB holds
         # a page of posts in one.
         self._trans_factory = (
@@ -679,6 +689,14 @@ class RpcServer:
     def connection_count(self) -> int:
         with self._lock:
             return len(self._connections)
+
+    def metrics_snapshot(self) -> Snapshot:
+        """The listener's counts (needs ``counts``), with the connections open now."""
+        if self.counts is None:
+            return {}
+        snapshot = self.counts.snapshot()
+        snapshot["thrift_connections_open"] = {(): self.connection_count}
+        return snapshot
 
     @property
     def buffered_bytes(self) -> int:
@@ -765,6 +783,16 @@ class RpcServer:
                 conn = _Connection(sock, peer, host)
                 self._connections.add(conn)
                 self._per_peer[host] = self._per_peer.get(host, 0) + 1
+        counts = self.counts
+        if counts is not None:
+            if refusal is None:
+                counts.connections += 1
+                if victim is not None:
+                    counts.refused.add("evicted_idle")
+            elif refusal:
+                counts.refused.add(
+                    "peer_limit" if refusal.endswith("this address") else "connection_limit"
+                )
         if refusal is not None:
             if refusal:
                 self._report("refused", f"refusing connections ({refusal})", host)
@@ -792,6 +820,8 @@ class RpcServer:
                         threading.stack_size(previous)
         except RuntimeError:  # cannot start a thread: out of resources
             log.warning("cannot start a connection thread; refusing %s", host)
+            if counts is not None:
+                counts.refused.add("no_thread")
             with self._lock:
                 self._forget_locked(conn)
             self._refuse(sock, "cannot start a connection thread")
@@ -951,6 +981,8 @@ class RpcServer:
                 try:
                     message = reader.read_message()
                 except BufferBudgetExceeded as exc:
+                    if self.counts is not None:
+                        self.counts.refused_messages.add("busy")
                     # Busy, not malformed: the client may send it again later.
                     conn.notice = _busy_notice(
                         exc.method, exc.seqid, f"{exc.reason}; the request was not run",
@@ -959,6 +991,8 @@ class RpcServer:
                     conn.linger_s = _LINGER_S  # let it finish sending, then read the answer
                     raise
                 except WireError as exc:
+                    if self.counts is not None:
+                        self.counts.refused_messages.add("wire_limit")
                     if exc.method is not None and exc.seqid is not None:
                         reader.set_timeout(_REFUSAL_WRITE_TIMEOUT_S)
                         _answer_refusal(processor, oprot, exc.method, exc.seqid, exc.reason)
@@ -1014,6 +1048,8 @@ class RpcServer:
         except Exception as exc:
             # The message is well framed (validated), so the connection can
             # stay: e.g. a string field that is not UTF-8.
+            if self.counts is not None:
+                self.counts.refused_messages.add("undecodable")
             reason = f"undecodable arguments ({type(exc).__name__})"
             log.info("refused call %s from %s: %s", message.method, host, reason)
             _answer_refusal(processor, oprot, message.method, message.seqid, reason)
@@ -1025,6 +1061,8 @@ class RpcServer:
         # until the cyclic GC runs, and a 4 MiB buffer with it.
         mem = iprot = None
         if isinstance(result, TApplicationException) or call is None:
+            if self.counts is not None:
+                self.counts.refused_messages.add("unknown_method")
             processor.send_exception(oprot, api, result, seqid)
             return
         ctx = CallContext(

@@ -38,9 +38,19 @@ __all__ = [
     "report_error",
     "run_until_signal",
     "run_workers",
+    "worker_number",
 ]
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+_worker_number = 0
+
+
+def worker_number() -> int:
+    """This process's worker number under :func:`run_workers` (0..N-1); 0 when not pre-forked.
+
+    A restarted worker takes the number of the one it replaces.
+    """
+    return _worker_number
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -249,6 +259,8 @@ def run_workers(
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             raise
         if pid == 0:  # the child
+            global _worker_number
+            _worker_number = number
             code = 1
             try:
                 child_stopping = threading.Event()

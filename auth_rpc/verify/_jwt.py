@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from auth_rpc.errors import AuthError, DependencyUnavailable, TokenRejected
+from auth_rpc.serving.metrics import Snapshot
 from auth_rpc.verify._common import (
     _AT_JWT_TYPES,
     _EC_ALG_BY_CURVE,
@@ -181,6 +182,16 @@ class _JwtVerifier(CachingVerifier):
             self._recheck = checks[0]
         elif checks:
             self._recheck = self._check_all
+
+    def metrics_snapshot(self) -> Snapshot:
+        """As the base class's, with the age of the Token Status Lists held."""
+        snapshot = super().metrics_snapshot()
+        if self._status is not None:
+            ages = self._status.list_ages()
+            snapshot["token_status_lists_held"] = {(): len(ages)}
+            if ages:
+                snapshot["token_status_list_age_seconds"] = {(): max(ages)}
+        return snapshot
 
     @property
     def status_checker(self) -> StatusListChecker | None:

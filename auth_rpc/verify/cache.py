@@ -30,6 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from auth_rpc.errors import AuthError, DependencyUnavailable, TokenRejected
+from auth_rpc.serving.metrics import Snapshot
+from auth_rpc.verify.counts import TokenCheckCounts
 from auth_rpc.verify.principal import Principal, StatusReference
 
 __all__ = [
@@ -205,6 +207,10 @@ class CachingVerifier:
     their own call could take), and get its outcome: the principal, the same
     rejection, or ``DependencyUnavailable``. A gateway's burst of calls with a
     new token costs one round trip instead of one each.
+
+    Counts for the metrics (:meth:`metrics_snapshot`): ``cache_hits``,
+    ``cache_misses`` (plain integers; with the cache off, every check is
+    neither) and :attr:`checks` (refusals by reason, undecidable checks).
     """
 
     _recheck: Callable[[Principal], None] | None = None
@@ -226,6 +232,9 @@ class CachingVerifier:
         self._clock = clock
         self._flights: dict[bytes, _Flight] = {}
         self._flights_lock = threading.Lock()
+        self.cache_hits = 0
+        self.cache_misses = 0
+        self.checks = TokenCheckCounts()
 
     @property
     def cache(self) -> VerifiedCache:
@@ -245,39 +254,55 @@ class CachingVerifier:
         acceptable and :class:`auth_rpc.errors.DependencyUnavailable` when the
         verifier cannot decide now (the caller must refuse the call).
         """
-        # Before any parsing or hashing: present, bounded, ASCII (every JWT and
-        # every RFC 6750 bearer token is).
-        if type(token) is not str or not token:
-            raise TokenRejected("missing token")
-        if len(token) > self._max_token_bytes:
-            raise TokenRejected("token too large")
-        if not token.isascii():
-            raise TokenRejected("malformed token")
-        now = self._clock()
-        cache = self._cache
-        recheck = self._recheck
-        if cache.ttl_s <= 0:
-            principal = self._verify_uncached(token, now)
-        else:
-            key = _sha256(token.encode()).digest()
-            entry = cache.entries.get(key)
-            if entry is not None:
-                if now < entry[1]:
-                    if recheck is not None:
-                        recheck(entry[0])
-                    return entry[0]
-                cache.get(key, now)  # drops the stale entry (under the lock)
-            if self._coalesce:
-                principal = self._verify_shared(key, token, now)
-            else:
+        try:
+            # Before any parsing or hashing: present, bounded, ASCII (every JWT and
+            # every RFC 6750 bearer token is).
+            if type(token) is not str or not token:
+                raise TokenRejected("missing token")
+            if len(token) > self._max_token_bytes:
+                raise TokenRejected("token too large")
+            if not token.isascii():
+                raise TokenRejected("malformed token")
+            now = self._clock()
+            cache = self._cache
+            recheck = self._recheck
+            if cache.ttl_s <= 0:
                 principal = self._verify_uncached(token, now)
+            else:
+                key = _sha256(token.encode()).digest()
+                entry = cache.entries.get(key)
+                if entry is not None:
+                    if now < entry[1]:
+                        self.cache_hits += 1
+                        if recheck is not None:
+                            recheck(entry[0])
+                        return entry[0]
+                    cache.get(key, now)  # drops the stale entry (under the lock)
+                self.cache_misses += 1
+                if self._coalesce:
+                    principal = self._verify_shared(key, token, now)
+                else:
+                    principal = self._verify_uncached(token, now)
+                if recheck is not None:
+                    recheck(principal)
+                cache.put(key, principal, now, self._cache_bound(principal))
+                return principal
             if recheck is not None:
                 recheck(principal)
-            cache.put(key, principal, now, self._cache_bound(principal))
             return principal
-        if recheck is not None:
-            recheck(principal)
-        return principal
+        except TokenRejected as exc:
+            self.checks.refusal(exc.message)
+            raise
+        except DependencyUnavailable:
+            self.checks.unavailable += 1
+            raise
+
+    def metrics_snapshot(self) -> Snapshot:
+        """Cache hits and misses, refusals by reason, undecidable checks (for the metrics)."""
+        snapshot = self.checks.snapshot()
+        snapshot["token_cache_hits"] = {(): self.cache_hits}
+        snapshot["token_cache_misses"] = {(): self.cache_misses}
+        return snapshot
 
     def _verify_shared(self, key: bytes, token: str, now: float) -> Principal:
         """``_verify_uncached``, or the outcome of the same token's check in progress."""

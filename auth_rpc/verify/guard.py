@@ -109,7 +109,9 @@ from typing import Any, ClassVar, Concatenate, ParamSpec, TypeVar
 from thriftpy2.thrift import TType
 
 from auth_rpc.errors import AuthError, DependencyUnavailable, Forbidden, TokenRejected
+from auth_rpc.serving.metrics import Snapshot, merge
 from auth_rpc.serving.rpc import current_call
+from auth_rpc.verify.counts import TokenCheckCounts
 from auth_rpc.verify.principal import Principal, TokenVerifier
 from auth_rpc.verify.rpc_errors import (
     ERROR_NAMES,
@@ -265,6 +267,31 @@ class GuardedHandler:
         self.verifier = verifier
         # Bound once: the hot path does one attribute lookup, not two.
         self._verify = verifier.verify
+        #: The guard's own refusals (no token, too large, no subject), for the metrics.
+        self.token_checks = TokenCheckCounts()
+
+    def _guard_refusal(self, message: str) -> TokenRejected:
+        """A refusal by the guard itself, counted (see :meth:`metrics_snapshot`).
+
+        A subclass whose ``__init__`` skipped this class's still refuses (uncounted).
+        """
+        counts = getattr(self, "token_checks", None)
+        if isinstance(counts, TokenCheckCounts):
+            counts.refusal(message)
+        return TokenRejected(message)
+
+    def metrics_snapshot(self) -> Snapshot:
+        """The token checks' counts: the guard's refusals and the verifier's own counts.
+
+        A verifier counts when it has a ``metrics_snapshot()`` (every verifier
+        of :mod:`auth_rpc.verify` does: cache hits and misses, refusals by
+        reason, undecidable checks, status list age).
+        """
+        snapshot = self.token_checks.snapshot()
+        own = getattr(self.verifier, "metrics_snapshot", None)
+        if callable(own):
+            merge(snapshot, own())
+        return snapshot
 
 
 # -- class definition: check every method, then bind it ---------------------------
@@ -388,14 +415,14 @@ def _bind_guarded(
             # information [...], the resource server SHOULD NOT include
             # an error code or other error information."
             if not token or token.__class__ is not str:
-                raise TokenRejected("missing access token")
+                raise self._guard_refusal("missing access token")
             if len(token) > MAX_TOKEN_CHARS:
-                raise TokenRejected("access token too large")
+                raise self._guard_refusal("access token too large")
             principal = self._verify(token)
             if not principal.subject:
                 # Ownership is decided by the subject: a verifier (perhaps a
                 # user's own) that returns none must not make resources ownerless.
-                raise TokenRejected("token has no subject")
+                raise self._guard_refusal("token has no subject")
             call = current_call()
             if call is not None:
                 call.subject = principal.subject

@@ -421,6 +421,11 @@ class StatusListChecker:
         if value:
             raise TokenRejected(_REFUSALS.get(value, "token status not valid"))
 
+    def list_ages(self) -> list[float]:
+        """Seconds since each list held was last confirmed by the issuer (for the metrics)."""
+        now = self._clock()
+        return [max(0.0, now - held.confirmed_at) for held in list(self._held.values())]
+
     def allowed(self, uri: str) -> bool:
         """Whether ``uri`` is one this checker may fetch (the prefix and one path segment)."""
         prefix = self.uri_prefix

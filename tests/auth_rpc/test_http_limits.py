@@ -10,6 +10,7 @@ legitimate client's /healthz and /token answer promptly.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import select
 import signal
@@ -361,3 +362,43 @@ def test_http_limits_refuse_nonsense() -> None:
     for kwargs in ({"connection_limit": 0}, {"per_peer_limit": 0}, {"idle_timeout_s": 0.0}):
         with pytest.raises(ValueError):
             HttpLimits(**kwargs)  # type: ignore[arg-type]
+
+
+def test_an_idle_http_listener_waits_in_poll() -> None:
+    """Regression: waitress made the 0.2 s loop timeout int(0.2) = 0, a poll() that never
+    waited: every idle HTTP listener (the Auth port) burned a quarter of a core."""
+    from auth_rpc.serving.httpd import HttpServer
+    from auth_rpc.serving.runner import bind_socket
+
+    def app(environ: object, start_response: Callable[..., object]) -> list[bytes]:
+        start_response("204 No Content", [])
+        return [b""]
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = HttpServer(app, sock=sock, public=("127.0.0.1", sock.getsockname()[1]))
+    native_id: list[int] = []
+
+    def run() -> None:
+        native_id.append(threading.get_native_id())
+        server.run()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert server._server.adj.asyncore_loop_timeout == 0.2
+        assert requests.get(f"http://127.0.0.1:{sock.getsockname()[1]}/", timeout=10).ok
+        stat = Path(f"/proc/self/task/{native_id[0]}/stat")
+        if not stat.exists():
+            return  # not Linux: the setting above is the check
+        def ticks() -> int:
+            fields = stat.read_text().rpartition(")")[2].split()
+            return int(fields[11]) + int(fields[12])  # utime + stime
+
+        before = ticks()
+        threading.Event().wait(1.0)
+        used_s = (ticks() - before) / os.sysconf("SC_CLK_TCK")
+        print(f"idle HTTP loop: {used_s:.3f} s CPU in 1 s")
+        assert used_s < 0.1
+    finally:
+        server.close()
+        thread.join(10)
