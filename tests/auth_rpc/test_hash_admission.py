@@ -121,7 +121,10 @@ def test_source_keys(source: str | None, key: str) -> None:
 
 def test_hashes_run_on_the_pool_threads_only() -> None:
     """At most max_concurrent threads (glibc arenas) ever touch the 19 MiB buffers."""
-    hasher = SecretHasher(max_concurrent=2)
+    # A wait for a slot long enough for a loaded machine: eight verifications two at a
+    # time take a few seconds when both cores are busy, and a refusal (Throttled) after
+    # the default 2 s is admission doing its job, not what this test is about.
+    hasher = SecretHasher(max_concurrent=2, acquire_timeout_s=60.0)
     seen: set[str] = set()
     real = hasher._check
 
@@ -131,16 +134,21 @@ def test_hashes_run_on_the_pool_threads_only() -> None:
 
     hasher._check = spy  # type: ignore[method-assign]
     stored = hasher.hash(PASSWORD)
-    threads = [
-        threading.Thread(
-            target=hasher.verify, args=(stored, PASSWORD), kwargs={"source": f"10.0.0.{i}"}
-        )
-        for i in range(8)
-    ]
+    results: list[bool | Exception] = []
+
+    def verify(i: int) -> None:
+        try:
+            results.append(hasher.verify(stored, PASSWORD, source=f"10.0.0.{i}"))
+        except Exception as exc:  # reported by the assertion below
+            results.append(exc)
+
+    threads = [threading.Thread(target=verify, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert results == [True] * 8, results  # every verification ran, and on the pool
     assert seen and all(name.startswith("argon2") for name in seen), seen
     assert len(seen) <= 2
     hasher.close()
@@ -177,28 +185,36 @@ def test_a_login_waiting_for_a_slot_holds_none_of_the_names_attempts(
     )
     service.add_user("alice", PASSWORD, ["posts:read"])
     blocker = service._hasher.admission.acquire("192.0.2.1")  # the only slot, taken
-    outcomes: list[str] = []
+    outcomes: dict[int, str] = {}
 
     def login(i: int, password: str) -> None:
         try:
             service.login("alice", password, source=f"10.0.0.{i}")
-            outcomes.append("ok")
+            outcomes[i] = "ok"
         except (InvalidCredentials, Throttled) as exc:
-            outcomes.append(type(exc).__name__)
+            outcomes[i] = type(exc).__name__
 
+    # Queued one at a time, so that the order of arrival (served in that order, see
+    # test_waiters_are_served_in_order_of_arrival) is known: four wrong passwords, then
+    # alice's. Threads started together may reach the queue in any order.
     waiting = [threading.Thread(target=login, args=(i, "wrong password")) for i in range(4)]
     waiting.append(threading.Thread(target=login, args=(9, PASSWORD)))
-    for t in waiting:
+    for n, t in enumerate(waiting, start=1):
         t.start()
-    _wait_for(lambda: service._hasher.admission.snapshot()[1] == 5, "five logins waiting")
+        _wait_for(lambda n=n: service._hasher.admission.snapshot()[1] == n, f"{n} logins waiting")
     with sqlite3.connect(data_dir / DB_FILENAME) as conn:
         assert conn.execute("SELECT COUNT(*) FROM throttle_reservations").fetchone()[0] == 0
     service._hasher.admission.release(blocker)
     for t in waiting:
         t.join(timeout=60)
+    assert not any(t.is_alive() for t in waiting)
     # Each got the slot in turn, then its reservation: four failures, then alice is in.
-    assert outcomes == ["InvalidCredentials"] * 4 + ["ok"], outcomes
-
+    assert outcomes == {0: "InvalidCredentials", 1: "InvalidCredentials",
+                        2: "InvalidCredentials", 3: "InvalidCredentials", 9: "ok"}, outcomes
+    # ... in that order: alice's success, last, ended the streak of four failures.
+    with contextlib.closing(sqlite3.connect(data_dir / DB_FILENAME)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM throttle_streaks").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM throttle_reservations").fetchone()[0] == 0
 
 
 @pytest.mark.parametrize("tls", [False, True])

@@ -57,6 +57,10 @@ class Ledger:
     lock: threading.Lock = field(default_factory=threading.Lock)
     enough: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
+    # Set just before the SIGKILL (stop only after it): a call the kill breaks may wake
+    # its thread before the main thread gets to set ``stop``; an error after this is set
+    # is the kill's doing, not a bug.
+    killing: threading.Event = field(default_factory=threading.Event)
     acks: int = 0
     posts: dict[int, tuple[str, str, str]] = field(default_factory=dict)  # id -> author,title,body
     attempted_posts: set[tuple[str, str]] = field(default_factory=set)
@@ -89,26 +93,37 @@ def _auth_from_own_address(port: int) -> Any:
     return TClient(auth_thrift.Auth, TCyBinaryProtocolFactory().get_protocol(trans))
 
 
-def _login(port: int, user: str) -> Any:
-    # Should the service still be saturated: like any client, wait as told
-    # (retry_after_ms) and ask again.
+def _login(port: int, user: str, stop: threading.Event) -> Any:
+    """A token pair for ``user``, or ``None`` if the load ends (``stop``) first.
+
+    Should the service be saturated (RateLimited: hashing admission) or refuse
+    under load (Unavailable: fail closed), like any client: wait as told
+    (``retry_after_ms``, else briefly) and ask again. Nothing is acknowledged
+    until a pair arrives. A broken connection (the kill) raises, as any call does.
+    """
     deadline = time.monotonic() + 60
     with contextlib.closing(_auth_from_own_address(port)) as auth:
         while True:
             try:
                 return auth.login(user, PASSWORD)
-            except common_thrift.RateLimited as exc:
+            except (common_thrift.RateLimited, common_thrift.Unavailable) as exc:
                 if time.monotonic() > deadline:
                     raise
-                threading.Event().wait(exc.retry_after_ms / 1000)
+                retry_after_ms = getattr(exc, "retry_after_ms", None) or 100
+            if stop.wait(retry_after_ms / 1000):
+                return None
 
 
 def poster(ledger: Ledger, auth_port: int, posts_port: int, n: int) -> None:
     user = f"writer{n}"
-    token = _login(auth_port, user).access_token
-    posts = open_client(posts_thrift.Posts, "127.0.0.1", posts_port)
+    posts = None
     i = 0
     try:
+        pair = _login(auth_port, user, ledger.stop)
+        if pair is None:
+            return  # the load ended first: nothing attempted
+        token = pair.access_token
+        posts = open_client(posts_thrift.Posts, "127.0.0.1", posts_port)
         while not ledger.stop.is_set():
             title, body = f"post {n}-{i}", f"body of {n}-{i} " + "x" * (i % 50) + " é✓"
             with ledger.lock:
@@ -126,20 +141,26 @@ def poster(ledger: Ledger, auth_port: int, posts_port: int, n: int) -> None:
             ledger.ack()
             i += 1
     except Exception as exc:  # the kill: the connection breaks
-        if not ledger.stop.is_set():
-            ledger.errors.append(f"{user}: {type(exc).__name__}")
+        if not ledger.killing.is_set():
+            ledger.errors.append(f"{user}: {type(exc).__name__}: {exc}")
     finally:
-        posts.close()
+        if posts is not None:
+            posts.close()
 
 
 def rotator(ledger: Ledger, auth_port: int, n: int) -> None:
-    pair = _login(auth_port, "rotor")
-    with ledger.lock:
-        ledger.chains[n] = [pair.refresh_token]
-        ledger.newest_access[n] = pair.access_token
-        ledger.in_flight[n] = False
-    auth = open_client(auth_thrift.Auth, "127.0.0.1", auth_port)
+    auth = None
     try:
+        # The login too may meet the load (retried in _login) or the kill (raises, like
+        # any call here): nothing of this chain is acknowledged until the pair arrives.
+        pair = _login(auth_port, "rotor", ledger.stop)
+        if pair is None:
+            return  # the load ended first: no chain
+        with ledger.lock:
+            ledger.chains[n] = [pair.refresh_token]
+            ledger.newest_access[n] = pair.access_token
+            ledger.in_flight[n] = False
+        auth = open_client(auth_thrift.Auth, "127.0.0.1", auth_port)
         while not ledger.stop.is_set():
             ledger.in_flight[n] = True
             try:
@@ -151,38 +172,41 @@ def rotator(ledger: Ledger, auth_port: int, n: int) -> None:
                 ledger.newest_access[n] = new.access_token
                 ledger.in_flight[n] = False
             ledger.ack()
-    except Exception as exc:
-        if not ledger.stop.is_set():
-            ledger.errors.append(f"rotator {n}: {type(exc).__name__}")
+    except Exception as exc:  # the kill: the connection breaks
+        if not ledger.killing.is_set():
+            ledger.errors.append(f"rotator {n}: {type(exc).__name__}: {exc}")
     finally:
-        auth.close()
+        if auth is not None:
+            auth.close()
 
 
 def revoker(ledger: Ledger, auth_port: int) -> None:
-    auth = _auth_from_own_address(auth_port)
+    auth = None
     i = 0
     try:
+        auth = _auth_from_own_address(auth_port)
         while not ledger.stop.is_set():
             try:
                 pair = auth.login("victim", PASSWORD)
             except (common_thrift.Unavailable, common_thrift.RateLimited):
                 continue  # refused under load (nothing to check)
-            if i % 2:
-                auth.revoke(pair.refresh_token)  # the family, and its access token
-                with ledger.lock:
+            try:
+                # i odd: the refresh token (the family, and its access token)
+                auth.revoke(pair.refresh_token if i % 2 else pair.access_token)
+            except common_thrift.Unavailable:
+                continue  # refused under load: not acknowledged, nothing to check
+            with ledger.lock:
+                if i % 2:
                     ledger.revoked_refresh.append(pair.refresh_token)
-                    ledger.revoked_access.append(pair.access_token)
-            else:
-                auth.revoke(pair.access_token)
-                with ledger.lock:
-                    ledger.revoked_access.append(pair.access_token)
+                ledger.revoked_access.append(pair.access_token)
             ledger.ack()
             i += 1
-    except Exception as exc:
-        if not ledger.stop.is_set():
-            ledger.errors.append(f"revoker: {type(exc).__name__}")
+    except Exception as exc:  # the kill: the connection breaks
+        if not ledger.killing.is_set():
+            ledger.errors.append(f"revoker: {type(exc).__name__}: {exc}")
     finally:
-        auth.close()
+        if auth is not None:
+            auth.close()
 
 
 def integrity(path: Path) -> str:
@@ -216,6 +240,7 @@ def test_sigkill_mid_load_loses_nothing_acknowledged(
         t.start()
     reached = ledger.enough.wait(timeout=LOAD_DEADLINE_S)
     # Kill both at once, mid-load: the threads have calls in flight right now.
+    ledger.killing.set()
     auth.proc.kill()
     posts.proc.kill()
     ledger.stop.set()
