@@ -1092,6 +1092,7 @@ class AuthService:
             families, tokens = self._revoke_account_tokens(kind, name, now)
         log.info("%s %r disabled (%d families, %d access tokens revoked)",
                  kind, name, families, tokens)
+        self._client_changed(name)  # this process forgets at once
         return kind, families, tokens
 
     def enable(self, name: str) -> str:
@@ -1102,6 +1103,7 @@ class AuthService:
         kind = self._kind(name)
         self._accounts.set_disabled(kind, name, None)
         log.info("%s %r enabled", kind, name)
+        self._client_changed(name)  # this process forgets at once
         return kind
 
     def remove(self, name: str) -> tuple[str, int, int]:
@@ -1119,6 +1121,7 @@ class AuthService:
                 raise NotFoundError(f"no user or client named {name!r}")
         log.info("%s %r removed (%d families, %d access tokens revoked)",
                  kind, name, families, tokens)
+        self._client_changed(name)  # this process forgets at once
         return kind, families, tokens
 
     def set_password(
@@ -1167,6 +1170,7 @@ class AuthService:
                 raise NotFoundError(f"no client named {client_id!r}")
             families, tokens = self._revoke_account_tokens("client", client_id, now)
         log.info("secret of client %r reset; its tokens revoked", client_id)
+        self._client_changed(client_id)  # this process forgets at once
         return secret, families, tokens
 
     def set_scopes(self, name: str, scopes: Iterable[str] | str) -> str:
@@ -1182,6 +1186,7 @@ class AuthService:
         if not self._accounts.set_scopes(kind, name, granted):
             raise NotFoundError(f"no user or client named {name!r}")
         log.info("scopes of %s %r set", kind, name)
+        self._client_changed(name)  # this process forgets at once
         return kind
 
     def set_audiences(self, name: str, audiences: Iterable[str] | None) -> str:
@@ -1196,6 +1201,7 @@ class AuthService:
         if not self._accounts.set_audiences(kind, name, allowed):
             raise NotFoundError(f"no user or client named {name!r}")
         log.info("audiences of %s %r set", kind, name)
+        self._client_changed(name)  # this process forgets at once
         return kind
 
     def rewrap_keys(self) -> int:
