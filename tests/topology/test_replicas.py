@@ -154,9 +154,12 @@ def test_a_session_keeps_working_while_a_posts_replica_is_killed(topology: Topol
     print(f"\nfailover: {len(failures)} of {total + len(failures)} calls failed while a Posts "
           f"replica was SIGKILLed under load ({threads_n} writers): "
           f"{[type(e).__name__ for e in failures]}")
-    # At most the call in flight on each connection fails, and only with ConnectionLost.
+    # Only the calls the kill caught fail, and only with ConnectionLost: the call in flight
+    # on each connection, and (seen once with both cores busy) the next one when HAProxy's
+    # reconnection landed in the dying process's listen backlog before the kernel reset it.
     assert all(isinstance(exc, ConnectionLost) for exc in failures), failures
-    assert all(len(per) <= 1 for per in failed), failed
+    assert all(len(per) <= 2 for per in failed), failed
+    assert len(failures) <= threads_n + 1, failed
     # Every acknowledged write is there (read through the balancer: the survivor).
     stored: set[int] = set()
     before = 0
