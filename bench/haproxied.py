@@ -6,8 +6,10 @@ one shared data directory) and HAProxy in front of them with the repository's
 configuration (:func:`auth_rpc.serving.haproxy.render_config`, Thrift-level
 health checks), waits until every replica has passed its check, prints
 ``bench-ready port=P replicas=N`` (the balancer's port) and stops everything on
-SIGTERM/SIGINT. Every process is a child of this one, so the bench's CPU
-figure for it (user+sys of the process tree) is the replicas' and HAProxy's.
+SIGTERM/SIGINT, also one that arrives while it is still starting them (the
+bench stops a server that is not ready in time). Every process is a child of
+this one, so the bench's CPU figure for it (user+sys of the process tree) is
+the replicas' and HAProxy's.
 
 ``--postgresql``: the replicas keep their posts in PostgreSQL instead: a
 throw-away server started here (the test plugin's
@@ -22,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from auth_rpc.serving.haproxy import HAProxy, Listener
@@ -32,6 +36,22 @@ from auth_rpc.serving.runner import run_until_signal
 from bench.procs import ServerProcess, stop_all
 
 PY = sys.executable
+
+
+def _stop_while_starting(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM/SIGINT before the ready line: unwind, so that ``finally`` stops what was started.
+
+    The default action would end the process at once and leave PostgreSQL
+    (its own session), HAProxy and the replicas running. Further signals are
+    ignored while cleaning up (the bench kills after its grace period).
+    """
+    _set_stop_handler(signal.SIG_IGN)
+    raise SystemExit(128 + signum)
+
+
+def _set_stop_handler(handler: Any) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     serve_args = [a for a in args.serve_args if a != "--"]
     if args.no_haproxy and args.replicas != 1:
         parser.error("--no-haproxy runs one replica")
+    _set_stop_handler(_stop_while_starting)
     work = Path(tempfile.mkdtemp(prefix="bench-haproxied-"))
     proxy: HAProxy | None = None
     database: Any = None
@@ -78,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_until_signal(f"bench-ready port={port} replicas={args.replicas}", stop)
     finally:
+        _set_stop_handler(signal.SIG_IGN)
         if proxy is not None:
             proxy.stop()
         stop_all()
@@ -95,8 +117,9 @@ def _seeded_postgresql() -> Any:
     bindir = find_postgresql_bindir()
     if bindir is None:
         raise SystemExit("PostgreSQL is not installed (apt-get install postgresql)")
-    server = PostgresServer(bindir).start()
+    server = PostgresServer(bindir)
     try:
+        server.start()
         server.create_database("bench")
         store = PostgresPostStore.open(server.url("bench"), cache=False)
         try:
