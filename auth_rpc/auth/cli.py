@@ -97,7 +97,7 @@ from auth_rpc.auth.keys import KEY_ACTIVATION_DELAY_S
 from auth_rpc.auth.migrate import migrate_to_postgresql
 from auth_rpc.auth.sealing import KeySealer, new_kek_file
 from auth_rpc.auth.server import AuthServer
-from auth_rpc.auth.service import AuthService, AuthSettings
+from auth_rpc.auth.service import DB_FILENAME, AuthService, AuthSettings
 from auth_rpc.errors import AuthError
 from auth_rpc.serving.httpd import HttpLimits
 from auth_rpc.serving.metrics import ServiceMetrics, SharedBoard
@@ -625,10 +625,23 @@ def _read_password(from_stdin: bool) -> str:
     return password  # the policy is checked by the service (one place for the rules)
 
 
-def _admin_service(args: argparse.Namespace) -> AuthService:
+def _admin_service(args: argparse.Namespace, *, create: bool = False) -> AuthService:
+    """The service on the data directory (or database) given, for one admin command.
+
+    Only ``add-user`` and ``add-client`` (``create``) may start a new SQLite
+    data directory: any other command on a directory without a database (a
+    mistyped ``--data-dir``) is refused, where it used to create one and, for
+    ``list``, show an empty table as if every account were gone.
+    """
+    store = _store_settings(args)
+    if not create and args.database_url is None and not (args.data_dir / DB_FILENAME).exists():
+        raise ValueError(
+            f"no Auth database in {args.data_dir} ({DB_FILENAME} is missing): check "
+            "--data-dir (add-user, add-client and serve make a new one)"
+        )
     # Admin commands need no issuer: they do not mint tokens.
     return AuthService.open(
-        AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin", **_store_settings(args)),
+        AuthSettings(data_dir=args.data_dir, issuer="urn:auth-rpc:admin", **store),
         create_key=False,
     )
 
@@ -898,7 +911,7 @@ def _run(args: argparse.Namespace) -> int:
     if command == "add-user":
         policy = _policy(args)
         password = _read_password(args.password_stdin)
-        with _admin_service(args) as service:
+        with _admin_service(args, create=True) as service:
             service.add_user(
                 args.name, password, args.scope.split(), audiences=args.audiences,
                 password_policy=policy,
@@ -917,7 +930,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if command in ("add-client", "reset-secret"):
         name = args.client_id
-        with _admin_service(args) as service:
+        with _admin_service(args, create=command == "add-client") as service:
             secret_file = _open_secret_file(args)
             try:
                 if command == "add-client":

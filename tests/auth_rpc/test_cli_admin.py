@@ -269,3 +269,38 @@ def test_reset_secret_refuses_the_old_secret_at_once(data: Path, tmp_path: Path)
         assert auth.client_token("reporting", printed[-1], "").access_token
     assert "is a user" in failed("reset-secret", "alice", "--data-dir", str(data))
     assert "no user or client" in failed("reset-secret", "nobody", "--data-dir", str(data))
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["list"],
+        ["keys"],
+        ["disable", "alice"],
+        ["enable", "alice"],
+        ["remove", "alice"],
+        ["set-scope", "alice", "posts:read"],
+        ["set-audience", "alice", "notes"],
+        ["set-password", "alice", "--password-stdin"],
+        ["reset-secret", "reporting", "--secret-file", "SECRET"],
+        ["export-public-key"],
+        ["rotate-key"],
+    ],
+    ids=lambda command: command[0],
+)
+@pytest.mark.parametrize("exists", [False, True], ids=["missing", "empty"])
+def test_a_mistyped_data_dir_is_refused_and_left_alone(
+    command: list[str], exists: bool, tmp_path: Path
+) -> None:
+    """Only add-user, add-client and serve make a new data directory: any other command
+    on one without a database names the path and creates nothing (``list`` used to make
+    an empty database there and show an empty table, as if every account were gone)."""
+    typo = tmp_path / "auth-dta"
+    if exists:
+        typo.mkdir(mode=0o700)
+    argv = [str(tmp_path / "secret") if arg == "SECRET" else arg for arg in command]
+    message = failed(*argv, "--data-dir", str(typo), stdin=PASSWORD + "\n")
+    assert f"no Auth database in {typo}" in message and "--data-dir" in message
+    assert not exists or list(typo.iterdir()) == []
+    assert exists or not typo.exists()
+    assert not (tmp_path / "secret").exists()
