@@ -6,10 +6,11 @@ import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
+from _http_stub import QuietHandler, StubServer
 
 
 @dataclass
@@ -34,33 +35,16 @@ def attacker_site() -> Iterator[AttackerSite]:
     seen: list[str] = []
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
             with lock:
                 seen.append(self.path)
-            data = pem if self.path.endswith(".pem") else body
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            self.reply(200, pem if self.path.endswith(".pem") else body, content_type=None)
 
         do_POST = do_GET
 
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, name="attacker-site", daemon=True)
-    thread.start()
-    site = AttackerSite(url=f"http://127.0.0.1:{httpd.server_address[1]}", key=key, jwks=jwks,
-                        requests=seen)
-    try:
-        yield site
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    with StubServer(Handler) as http:
+        yield AttackerSite(url=http.url, key=key, jwks=jwks, requests=seen)
 
 
 class FakeClock:

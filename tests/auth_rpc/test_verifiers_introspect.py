@@ -12,13 +12,14 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.verify.verifiers import IntrospectionVerifier, make_verifier
+
+from _http_stub import QuietHandler, StubServer
 
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"
@@ -27,7 +28,7 @@ CLIENT_ID = "posts-rs"
 CLIENT_SECRET = "s3cret+/=&"  # characters that RFC 6749 §2.3.1 form-encodes
 
 
-class IntrospectionServer:
+class IntrospectionServer(StubServer):
     """An RFC 7662 endpoint: HTTP Basic client auth, answers from ``self.answers``."""
 
     def __init__(self) -> None:
@@ -38,18 +39,9 @@ class IntrospectionServer:
         self.connections = 0
         self.forms: list[dict[str, list[str]]] = []
         self.open_sockets: set[socket.socket] = set()
-        self.port = 0
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/introspect"
-
-    def start(self) -> IntrospectionServer:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"  # keep-alive
 
             def setup(self) -> None:
@@ -63,14 +55,14 @@ class IntrospectionServer:
                 form = urllib.parse.parse_qs(self.rfile.read(length).decode())
                 server.forms.append(form)
                 if not self._client_ok():
-                    self._send(401, b'{"error": "invalid_client"}')
+                    self.reply(401, b'{"error": "invalid_client"}')
                 elif server.status != 200:
-                    self._send(server.status, b'{"error": "server_error"}')
+                    self.reply(server.status, b'{"error": "server_error"}')
                 elif server.raw_body is not None:
-                    self._send(200, server.raw_body)
+                    self.reply(200, server.raw_body)
                 else:
                     answer = server.answers.get(form.get("token", [""])[0], {"active": False})
-                    self._send(200, json.dumps(answer).encode())
+                    self.reply(200, json.dumps(answer).encode())
 
             def _client_ok(self) -> bool:
                 scheme, _, value = self.headers.get("Authorization", "").partition(" ")
@@ -82,32 +74,14 @@ class IntrospectionServer:
                     CLIENT_SECRET,
                 )
 
-            def _send(self, status: int, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+        super().__init__(Handler)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
+    @property
+    def url(self) -> str:
+        return f"{super().url}/introspect"
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            assert self._thread is not None
-            self._thread.join()
-            self._httpd = None
+        super().stop()
         for sock in self.open_sockets:  # end kept-alive connections too
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -6,7 +6,6 @@ import itertools
 import json
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -16,12 +15,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.verify.verifiers import JwksVerifier, make_verifier
 
+from _http_stub import QuietHandler, StubServer
+
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"
 AUD = "posts"
 
 
-class JwksServer:
+class JwksServer(StubServer):
     """Serves ``self.document`` at /jwks.json; ``stop()`` then ``start()`` reuses the port."""
 
     def __init__(self) -> None:
@@ -29,47 +30,21 @@ class JwksServer:
         self.status = 200
         self.location = ""
         self.hits = 0
-        self.port = 0
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        server = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:
+                server.hits += 1
+                self.reply(
+                    server.status, json.dumps(server.document).encode(),
+                    headers={"Location": server.location} if server.location else None,
+                )
+
+        super().__init__(Handler)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/jwks.json"
-
-    def start(self) -> JwksServer:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.hits += 1
-                body = json.dumps(server.document).encode()
-                self.send_response(server.status)
-                if server.location:
-                    self.send_header("Location", server.location)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            assert self._thread is not None
-            self._thread.join()
-            self._httpd = None
+        return f"{super().url}/jwks.json"
 
     def publish(self, *keys: tuple[str, Any], **extra: Any) -> None:
         self.document = {"keys": [jwk_of(kid, key, **extra) for kid, key in keys]}

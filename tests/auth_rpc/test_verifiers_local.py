@@ -6,9 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -19,6 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.verify.principal import Principal
 from auth_rpc.verify.verifiers import LocalVerifier, make_verifier
+
+from _http_stub import QuietHandler, StubServer
 
 NOW = 1_800_000_000
 ISS = "https://issuer.test"
@@ -277,28 +277,16 @@ class _CountingServer:
         self.hits = 0
         counter = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 counter.hits += 1
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(200, body, content_type=None)
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
+        self._http = StubServer(Handler).start()
+        self.url = self._http.url
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join()
+        self._http.stop()
 
 
 @pytest.fixture

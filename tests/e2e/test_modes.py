@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -22,6 +20,8 @@ from auth_rpc.auth.keys import SigningKey
 from auth_rpc.idl import auth_thrift, common_thrift, posts_thrift
 from auth_rpc.serving.transport import open_client
 from auth_rpc.testing import TokenFactory
+
+from _http_stub import QuietHandler, StubServer
 
 MODES = ["local", "jwks", "introspect", "thrift"]
 REMOTE = ["introspect", "thrift"]
@@ -245,36 +245,18 @@ def test_jwks_mode_picks_up_a_key_rotation(
         posts.list_posts(before, 0, 0)  # the old key still verifies
 
 
-class _JwksHandler(BaseHTTPRequestHandler):
-    body = b"{}"
-
-    def do_GET(self) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.body)))
-        self.end_headers()
-        self.wfile.write(self.body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
 def independent_issuer() -> Iterator[tuple[str, SigningKey]]:
     """A key set made in the test and served from a small in-process HTTP server."""
     key = SigningKey.generate("ES256", kid="independent-1")
-    handler = type(
-        "H", (_JwksHandler,), {"body": json.dumps({"keys": [key.public_jwk()]}).encode()}
-    )
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/jwks.json", key
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    body = json.dumps({"keys": [key.public_jwk()]}).encode()
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:
+            self.reply(200, body)
+
+    with StubServer(Handler) as http:
+        yield f"{http.url}/jwks.json", key
 
 
 def test_independent_issuer_in_jwks_mode(

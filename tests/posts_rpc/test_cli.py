@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import re
@@ -11,7 +10,6 @@ import signal
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from thriftpy2.transport import TTransportException
 from auth_rpc.idl import common_thrift, posts_thrift
 from auth_rpc.serving.transport import TLSClientConfig, open_client
 from posts_rpc import cli
+
+from _http_stub import QuietHandler, StubServer
 
 Mint = Callable[..., str]
 
@@ -188,30 +188,17 @@ def https_jwks(tmp_path: Path) -> Iterator[tuple[str, str, Ed25519PrivateKey]]:
     jwk.update(kid="test-ed25519", use="sig", alg="EdDSA")
     body = json.dumps({"keys": [jwk]}).encode()
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
+            self.reply(200, body)
 
     ca = trustme.CA()
     ca_file = tmp_path / "jwks-ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"https://127.0.0.1:{httpd.server_address[1]}/jwks.json", str(ca_file), key
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(10)
+    with StubServer(Handler, tls=ctx) as http:
+        yield f"{http.url}/jwks.json", str(ca_file), key
 
 
 def test_jwks_mode_over_https_with_auth_tls_ca(

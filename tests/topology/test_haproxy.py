@@ -9,10 +9,8 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +27,8 @@ from auth_rpc.serving.haproxy import (
 )
 from auth_rpc.serving.rpc import RpcServer
 from auth_rpc.serving.transport import open_client
+
+from _http_stub import QuietHandler, StubServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,27 +74,14 @@ def test_a_live_thrift_server_answers_the_check_without_running_anything(
 
 @contextlib.contextmanager
 def _http_server() -> Iterator[int]:
-    class Hello(BaseHTTPRequestHandler):
+    class Hello(QuietHandler):
         def do_GET(self) -> None:
             self.send_response(200)
             self.end_headers()
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    class Quiet(ThreadingHTTPServer):
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            pass  # HAProxy's check resets the connection: expected
-
-    httpd = Quiet(("127.0.0.1", 0), Hello)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield httpd.server_address[1]
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    # HAProxy's check resets the connection: expected, no traceback.
+    with StubServer(Hello, quiet_errors=True) as http:
+        yield http.port
 
 
 def test_a_listener_that_does_not_speak_thrift_is_down(

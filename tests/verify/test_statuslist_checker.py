@@ -9,9 +9,7 @@ calls ``refresh()`` (the background refresher is off), nothing sleeps.
 from __future__ import annotations
 
 import hashlib
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import jwt
@@ -22,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from auth_rpc.errors import DependencyUnavailable, TokenRejected
 from auth_rpc.verify.local import LocalVerifier
 from auth_rpc.verify.statuslist import MIN_REFRESH_S, StatusList, StatusListChecker
+
+from _http_stub import QuietHandler, StubServer
 
 T0 = 1_800_000_000.0
 ISS = "https://issuer.test"
@@ -36,7 +36,7 @@ class Clock:
         return self.now
 
 
-class StatusServer:
+class StatusServer(StubServer):
     """Serves Status List Tokens by path, with ETags; ``stop()`` then ``start()`` keeps the port."""
 
     def __init__(self) -> None:
@@ -45,61 +45,35 @@ class StatusServer:
         self.location = ""
         self.hits = 0
         self.conditional = 0
-        self.port = 0
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def prefix(self) -> str:
-        return f"http://127.0.0.1:{self.port}/statuslists/"
-
-    def start(self) -> StatusServer:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:
                 server.hits += 1
                 token = server.lists.get(self.path)
                 if server.status is not None or token is None:
-                    self.send_response(server.status or 404)
-                    if server.location:
-                        self.send_header("Location", server.location)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self.reply(
+                        server.status or 404, content_type=None,
+                        headers={"Location": server.location} if server.location else None,
+                    )
                     return
                 etag = '"' + hashlib.sha256(token.encode()).hexdigest()[:16] + '"'
                 if self.headers.get("If-None-Match") == etag:
                     server.conditional += 1
-                    self.send_response(304)
+                    self.send_response(304)  # no Content-Length: RFC 9110 section 8.6
                     self.send_header("ETag", etag)
                     self.end_headers()
                     return
-                body = token.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/statuslist+jwt")
-                self.send_header("ETag", etag)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.reply(
+                    200, token.encode(), content_type="application/statuslist+jwt",
+                    headers={"ETag": etag},
+                )
 
-            def log_message(self, *args: Any) -> None:
-                pass
+        super().__init__(Handler)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            assert self._thread is not None
-            self._thread.join()
-            self._httpd = None
+    @property
+    def prefix(self) -> str:
+        return f"{self.url}/statuslists/"
 
     def publish(self, k: int, token: str) -> None:
         self.lists[f"/statuslists/{k}"] = token
