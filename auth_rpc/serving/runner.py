@@ -23,6 +23,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from auth_rpc.serving.proxy_protocol import parse_networks
 from auth_rpc.serving.rpc import ACCESS_MESSAGE, TEXT_LOG_FORMAT
 
 __all__ = [
@@ -358,6 +359,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _network(text: str) -> str:
+    try:
+        parse_networks([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_listener_arguments(
     parser: argparse.ArgumentParser,
     *,
@@ -390,6 +399,13 @@ def add_listener_arguments(
         "--max-message-bytes", type=_at_least_one, default=max_message_bytes, metavar="N",
         help=f"largest Thrift message accepted (default {max_message_bytes}{message_help})",
     )  # fmt: skip
+    parser.add_argument(
+        "--proxy-protocol-from", type=_network, action="append", default=[],
+        metavar="ADDRESS[/BITS]",
+        help="a TCP proxy in front (HAProxy with send-proxy-v2): its Thrift connections "
+        "begin with a PROXY protocol header naming the client, whose address the service "
+        "then sees; connections from it without one are closed. Repeatable",
+    )  # fmt: skip
 
 
 def listener_limits(args: argparse.Namespace) -> dict[str, Any]:
@@ -399,4 +415,5 @@ def listener_limits(args: argparse.Namespace) -> dict[str, Any]:
         "max_connections_per_peer": args.max_connections_per_peer,
         "idle_timeout_s": args.idle_timeout,
         "max_message_bytes": args.max_message_bytes,
+        "proxy_protocol_from": tuple(args.proxy_protocol_from),
     }

@@ -192,6 +192,7 @@ def test_hs256_refuses_a_short_secret(tmp_path: Path) -> None:
         ["add-user", "x", "--password-stdin"],  # no --data-dir
         ["serve"],
         ["frobnicate"],
+        ["serve", "--data-dir", "d", "--proxy-protocol-from", "haproxy.example"],
     ],
 )
 def test_usage_errors_exit_2(args: list[str]) -> None:

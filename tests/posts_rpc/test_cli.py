@@ -325,6 +325,10 @@ BASE = ["serve", "--data-dir", "/nonexistent", "--port", "0", "--issuer", "https
         (["--verify", "thrift", "--auth-addr", "h:1", "--tls-client-ca", "ca.pem"],
          "--tls-client-ca needs"),
         (["--verify", "ldap"], "invalid choice"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--proxy-protocol-from", "haproxy"],
+         "'haproxy' is not an IP address or network"),
+        (["--verify", "thrift", "--auth-addr", "h:1", "--proxy-protocol-from", "10.0.0.0/33"],
+         "'10.0.0.0/33' is not an IP address or network"),
     ],
 )
 def test_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

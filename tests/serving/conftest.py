@@ -68,6 +68,12 @@ class EchoHandler:
     def bad_reply(self) -> Any:
         return 12345  # not a string: the reply cannot be encoded
 
+    def peer(self) -> str:
+        """The call's peer as ``host port`` (the client a PROXY header named, if any)."""
+        ctx = current_call()
+        assert ctx is not None and ctx.peer is not None
+        return f"{ctx.peer[0]} {ctx.peer[1]}"
+
 
 @pytest.fixture
 def handler() -> EchoHandler:

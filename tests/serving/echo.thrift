@@ -21,4 +21,5 @@ service Echo {
   string whoami()
   Item item(1: Item item)
   string bad_reply()
+  string peer()
 }
