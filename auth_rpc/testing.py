@@ -773,12 +773,16 @@ def key_encryption_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def make_haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Any]]:
-    """``make_haproxy(servers, *, kinds=None, start=True) -> HAProxy``: HAProxy (TCP mode, the
+    """``make_haproxy(servers, *, kinds=None, proxy_protocol=(), start=True) -> HAProxy``:
+    HAProxy (TCP mode, the
     configuration of ``deploy/haproxy.cfg``, Thrift-level health checks) on free ports of
     127.0.0.1 in front of ``servers`` (``{listener: [(host, port), ...]}``), started and
     polled until every server has passed its health check; stopped at teardown.
 
     ``kinds`` gives a listener's kind (``thrift``, the default; ``thrift-framed``; ``http``).
+    ``proxy_protocol`` names the Thrift listeners that send a PROXY v2 header naming the
+    client (``send-proxy-v2``): their servers must trust 127.0.0.1
+    (``ServerSettings(proxy_protocol_from=("127.0.0.1",))``, ``--proxy-protocol-from``).
     With ``start=False`` the listening ports are reserved (``.port(name)``, ``.address(name)``)
     and ``.start(servers)`` is called later: e.g. an Auth issuer URL naming the balancer
     before the replicas start. Skipped when HAProxy is not installed.
@@ -795,10 +799,12 @@ def make_haproxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         servers: dict[str, list[Any]],
         *,
         kinds: dict[str, str] | None = None,
+        proxy_protocol: Iterable[str] = (),
         start: bool = True,
     ) -> HAProxy:
         kinds = kinds or {}
-        listeners = [Listener(name, len(addrs), kinds.get(name, "thrift"))
+        proxied = set(proxy_protocol)
+        listeners = [Listener(name, len(addrs), kinds.get(name, "thrift"), name in proxied)
                      for name, addrs in servers.items()]
         proxy = HAProxy(listeners, program=program,
                         work_dir=tmp_path_factory.mktemp("haproxy"))

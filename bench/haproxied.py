@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgresql:
             database = _seeded_postgresql()
             serve_args = [*serve_args, "--database-url", database.url("bench")]
+        if not args.no_haproxy:  # the repository's configuration tells each client's address
+            serve_args = [*serve_args, "--proxy-protocol-from", "127.0.0.1"]
         replicas = [
             ServerProcess(
                 f"posts{n}",
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.no_haproxy:
             port = ports[0]
         else:
-            proxy = HAProxy([Listener("posts", args.replicas)], work_dir=work)
+            proxy = HAProxy([Listener("posts", args.replicas, proxy_protocol=True)],
+                            work_dir=work)
             proxy.start({"posts": [("127.0.0.1", port) for port in ports]})
             port = proxy.port("posts")
 

@@ -97,11 +97,15 @@ def health_check_reply() -> bytes:
 class Listener:
     """One listener of the configuration: ``name`` (a HAProxy section name),
     ``servers`` (how many replicas), ``kind``: ``thrift``, ``thrift-framed`` or
-    ``http`` (checked with ``GET /healthz``)."""
+    ``http`` (checked with ``GET /healthz``). ``proxy_protocol`` (Thrift
+    only): each connection to a server, the checks' too, begins with a PROXY
+    protocol v2 header naming the client (``send-proxy-v2``); the servers must
+    be started with ``--proxy-protocol-from`` HAProxy's address."""
 
     name: str
     servers: int
     kind: str = "thrift"
+    proxy_protocol: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.replace("_", "").isalnum() or not self.name.isascii():
@@ -110,6 +114,8 @@ class Listener:
             raise ValueError(f"listener kind {self.kind!r}: thrift, thrift-framed or http")
         if self.servers < 1:
             raise ValueError("a listener needs at least one server")
+        if self.proxy_protocol and self.kind == "http":
+            raise ValueError("the PROXY protocol is for Thrift listeners (the HTTP one reads none)")
 
     @property
     def bind_var(self) -> str:
@@ -123,11 +129,12 @@ class Listener:
 
 
 #: The repository's topology (``deploy/haproxy.cfg``): Auth's Thrift and HTTP
-#: listeners and Posts, two replicas each.
+#: listeners and Posts, two replicas each; the Thrift listeners tell the
+#: replicas each client's address (PROXY protocol v2).
 DEPLOY_LISTENERS = (
-    Listener("auth", 2, "thrift"),
+    Listener("auth", 2, "thrift", proxy_protocol=True),
     Listener("auth_http", 2, "http"),
-    Listener("posts", 2, "thrift"),
+    Listener("posts", 2, "thrift", proxy_protocol=True),
 )
 
 
@@ -177,15 +184,29 @@ def render_config(listeners: Sequence[Listener] = DEPLOY_LISTENERS) -> str:
                 f"    # service declares ({HEALTH_CHECK_METHOD}); a live server answers it with",
                 "    # an EXCEPTION message, a hung one not at all.",
                 "    option tcp-check",
-                "    tcp-check connect",
+                *(
+                    [
+                        "    # The servers read a PROXY header first: the check sends one",
+                        "    # too (LOCAL: it names no client).",
+                        "    tcp-check connect default",
+                    ]
+                    if listener.proxy_protocol
+                    else ["    tcp-check connect"]
+                ),
                 "    tcp-check send-binary "
                 + (framed_request if listener.kind == "thrift-framed" else request),
                 f"    tcp-check expect binary {reply}",
+            ]
+        if listener.proxy_protocol:
+            lines += [
+                "    # Each connection begins with a PROXY v2 header naming the client, so the",
+                "    # servers (started with --proxy-protocol-from HAProxy's address) see it.",
             ]
         for number in range(1, listener.servers + 1):
             lines.append(
                 f"    server {listener.server_name(number)}"
                 f' "${{{listener.server_var(number)}}}" check'
+                + (" send-proxy-v2" if listener.proxy_protocol else "")
             )
     return "\n".join(lines) + "\n"
 

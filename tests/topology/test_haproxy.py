@@ -147,3 +147,43 @@ def test_a_hung_replica_is_taken_out_of_rotation_and_comes_back(
           f"UP again {up_s:.2f} s after SIGCONT")
     for _ in range(4):
         _call_through(proxy)
+
+
+def test_behind_haproxy_the_auth_service_sees_each_client_not_haproxy(
+    make_auth_server: Callable[..., Any], make_haproxy: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The Thrift listeners get the PROXY protocol from HAProxy (``send-proxy-v2``), so the
+    Auth service admits password hashing per client: before, every login through the
+    balancer came from HAProxy's address and all clients shared one source's allowance
+    (2 hashes running or waiting per replica; the excess refused with ``RateLimited``)."""
+    from thriftpy2.protocol import TCyBinaryProtocolFactory
+    from thriftpy2.thrift import TClient
+    from thriftpy2.transport import TCyBufferedTransportFactory, TSocket
+
+    from auth_rpc.idl import auth_thrift
+    from auth_rpc.serving.rpc import ServerSettings
+
+    auth = make_auth_server(settings=ServerSettings(proxy_protocol_from=("127.0.0.1",)))
+    auth.service.add_user("alice", "alice's long password", ["posts:read"])
+    sources: list[str | None] = []
+    real_login = auth.service.login
+
+    def spy(*args: Any, source: str | None = None, **kwargs: Any) -> Any:
+        sources.append(source)
+        return real_login(*args, source=source, **kwargs)
+
+    monkeypatch.setattr(auth.service, "login", spy)
+    # Ready once HAProxy's health check, which now begins with a LOCAL header, passed.
+    proxy = make_haproxy({"auth": [("127.0.0.1", auth.port)]}, proxy_protocol=["auth"])
+    assert "send-proxy-v2" in proxy.config_path.read_text()
+    for client_address in ("127.0.0.2", "127.0.0.3"):
+        sock = socket.create_connection(("127.0.0.1", proxy.port("auth")), timeout=30,
+                                        source_address=(client_address, 0))
+        trans = TCyBufferedTransportFactory().get_transport(TSocket(sock=sock))
+        client = TClient(auth_thrift.Auth, TCyBinaryProtocolFactory().get_protocol(trans))
+        try:
+            assert client.login("alice", "alice's long password").access_token
+        finally:
+            client.close()
+    assert sources == ["127.0.0.2", "127.0.0.3"]

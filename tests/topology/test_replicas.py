@@ -67,8 +67,10 @@ def topology(
     postgresql_url: str, key_encryption_key_file: Path,
 ) -> Topology:
     kinds = {listener.name: listener.kind for listener in DEPLOY_LISTENERS}
+    proxied = [listener.name for listener in DEPLOY_LISTENERS if listener.proxy_protocol]
     proxy = make_haproxy({"auth": [None] * 2, "auth_http": [None] * 2, "posts": [None] * 2},
-                         kinds=kinds, start=False)
+                         kinds=kinds, proxy_protocol=proxied, start=False)
+    behind = ["--proxy-protocol-from", "127.0.0.1"]  # HAProxy's address
     # The balancer's ports exist before anything starts: the issuer names it.
     issuer = f"http://{proxy.address('auth_http')}"
     auth_dir = tmp_path / "auth-data"
@@ -76,10 +78,10 @@ def topology(
         _add_user(auth_dir, postgresql_url, name)
     auth = [spawn("auth", "--data-dir", str(tmp_path / f"auth{n}-data"), "--database-url",
                   postgresql_url, "--key-encryption-key-file", str(key_encryption_key_file),
-                  "--issuer", issuer) for n in (1, 2)]
+                  "--issuer", issuer, *behind) for n in (1, 2)]
     posts = [
         spawn("posts", "--database-url", postgresql_url, "--verify", "jwks", "--issuer", issuer,
-              "--jwks-url", f"{issuer}/.well-known/jwks.json")
+              "--jwks-url", f"{issuer}/.well-known/jwks.json", *behind)
         for _ in range(2)
     ]
     proxy.start({
