@@ -253,7 +253,9 @@ def test_silent_new_connection_is_cut_at_the_first_message_deadline(
         # A connection that has spoken waits for its next call under the idle
         # timeout: older than ``silent``, it is still open.
         assert talker.add(2, 2) == 4
-        assert server.connection_count == 1
+        # The server closes the socket before it forgets the connection: the client
+        # can see the close a moment before the count drops (seen once, busy cores).
+        assert wire.wait_for(lambda: server.connection_count == 1)
     finally:
         silent.close()
         talker.close()
