@@ -401,8 +401,13 @@ class HttpServer:
             sock.close()
         server = self._server
         server.task_dispatcher.shutdown(cancel_pending=False, timeout=5)
-        # waitress keeps no public list of its channels.
+        # waitress keeps no public list of its channels. A connection's channel is
+        # closed by handle_close, which also closes its output buffers (a response
+        # over outbuf_overflow sits in a temporary file: close() alone leaked it).
         for channel in list(server._map.values()):
             with contextlib.suppress(OSError):
-                channel.close()
+                if isinstance(channel, HTTPChannel):
+                    channel.handle_close()
+                else:
+                    channel.close()
         server.close()
