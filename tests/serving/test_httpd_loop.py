@@ -47,8 +47,8 @@ def turns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return count
 
 
-@pytest.fixture
-def server(turns: list[int]) -> Iterator[tuple[HttpServer, int]]:
+def _start() -> tuple[HttpServer, int, threading.Thread]:
+    """An HttpServer of ``_app`` on a free port, its loop running: (server, port, loop thread)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
@@ -56,6 +56,12 @@ def server(turns: list[int]) -> Iterator[tuple[HttpServer, int]]:
     srv = HttpServer(_app, sock=sock, public=("127.0.0.1", port), limits=HttpLimits())
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
+    return srv, port, thread
+
+
+@pytest.fixture
+def server(turns: list[int]) -> Iterator[tuple[HttpServer, int]]:
+    srv, port, thread = _start()
     try:
         yield srv, port
     finally:
@@ -142,13 +148,7 @@ def test_closing_the_server_closes_the_buffers_of_open_connections(
     import gc
     import warnings
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(64)
-    port = sock.getsockname()[1]
-    srv = HttpServer(_app, sock=sock, public=("127.0.0.1", port), limits=HttpLimits())
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
+    srv, port, thread = _start()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request("GET", "/big")
